@@ -1,0 +1,3 @@
+from runex.cli import main
+
+main()

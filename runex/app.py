@@ -1,0 +1,162 @@
+"""`Runex`: one object over a project, its extensions, ledger and queue. The CLI is a thin
+layer over it, and so can a user's own script be."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from runex import extensions, tasks, trace, worker
+from runex.errors import PipelineError
+from runex.ledger import Ledger, new_run_id
+from runex.pipeline import Pipeline, Plan, check, load
+from runex.project import Project, chdir, cpu_count, load_profile, open_project
+from runex.registry import Registry
+
+TERMINAL_RUN = ("succeeded", "failed", "cancelled")
+
+
+class Runex:
+    """A project seen from the current folder (or `root`), with its data folder `home`."""
+
+    def __init__(self, home: str | os.PathLike | None = None,
+                 extensions: Sequence[str | os.PathLike] = (),
+                 root: str | os.PathLike | None = None):
+        self.project: Project = open_project(home, extensions, root)
+        self._registry: Registry | None = None
+        self._ledger: Ledger | None = None
+        self._huey: Any = None
+        self._extra_extensions: list[Path] = []
+
+    # -- parts, opened on first use ------------------------------------------------------
+
+    @property
+    def registry(self) -> Registry:
+        if self._registry is None:
+            self._registry = extensions.load(self.project.extension_dirs + self._extra_extensions)
+        return self._registry
+
+    @property
+    def ledger(self) -> Ledger:
+        if self._ledger is None:
+            self.project.ensure_home()
+            self._ledger = Ledger(self.project.ledger_path)
+        return self._ledger
+
+    @property
+    def huey(self) -> Any:
+        if self._huey is None:
+            self.project.ensure_home()
+            self._huey = tasks.make_huey(self.project.queue_path)
+        return self._huey
+
+    def trace_to_home(self, console: bool | None = None, verbose: bool = False) -> None:
+        self.project.ensure_home()
+        trace.configure(self.project.traces_dir, console=console, verbose=verbose)
+
+    # -- pipelines and runs -------------------------------------------------------------
+
+    def plan(self, pipeline: str | os.PathLike | Pipeline, params: Sequence[str] = ()) -> Plan:
+        """Load (when given a path) and check a pipeline against the loaded extensions."""
+        if not isinstance(pipeline, Pipeline):
+            pipeline = load(pipeline, params)
+        return check(pipeline, self.registry)
+
+    def submit(self, pipeline: str | os.PathLike | Pipeline, params: Sequence[str] = ()) -> str:
+        """Check the pipeline, list its partitions, record the run and queue its partitions."""
+        plan = self.plan(pipeline, params)
+        pipe = plan.pipeline
+        keys = self._partition_keys(plan)
+        run_id = new_run_id()
+        trace.logger(run_id=run_id, pipeline=pipe.name).info(
+            "run.submitted", partitions=len(keys), source=pipe.source.use, sink=pipe.sink.use)
+        self.ledger.create_run(run_id, pipe.name, pipe.to_dict(), str(self.project.root),
+                               pipe.options.priority, keys, events=trace.drain())
+        if keys:
+            tasks.enqueue(self.huey, run_id, range(len(keys)), pipe.options.priority)
+        else:
+            self.ledger.finish_run(run_id, "succeeded")
+        return run_id
+
+    def _partition_keys(self, plan: Plan) -> list[Any]:
+        where = plan.pipeline.path or plan.pipeline.name
+        if plan.source_partitions is None:
+            return [None]
+        try:
+            with chdir(self.project.root):
+                keys = list(plan.source_partitions(**plan.source_partitions_params))
+        except Exception as exc:  # noqa: BLE001 - user code: report, store nothing
+            raise PipelineError(f"{where}: source {plan.pipeline.source.use!r} could not list "
+                                f"its partitions: {type(exc).__name__}: {exc}") from exc
+        for key in keys:
+            try:
+                json.dumps(key)
+            except (TypeError, ValueError):
+                raise PipelineError(
+                    f"{where}: source {plan.pipeline.source.use!r} returned a partition key "
+                    f"that is not JSON-able: {key!r}; use strings, numbers, lists or dicts"
+                ) from None
+        return keys
+
+    def work(self, workers: int | None = None, profile: str | None = None, burst: bool = False,
+             until: Callable[[], bool] | None = None) -> worker.RunexConsumer:
+        """Process the queue with `workers` processes until stopped by a signal, or (`burst`)
+        until nothing is queued or running, or until `until()` is true. Blocks."""
+        settings = load_profile(self.project, profile)
+        extra = list(settings.get("extensions", []))
+        if extra != self._extra_extensions:
+            self._extra_extensions, self._registry = extra, None
+        count = workers or settings.get("workers") or cpu_count()
+        state = worker.setup(self.registry, self.ledger, self.huey)
+        stops = [f for f in (until, self._nothing_left if burst else None) if f]
+        consumer = worker.consumer(state, count, float(settings.get("max_delay", 0.5)),
+                                   stop_when=(lambda: any(f() for f in stops)) if stops else None)
+        consumer.run()
+        return consumer
+
+    def _nothing_left(self) -> bool:
+        return self.ledger.unfinished_partitions() == 0
+
+    def run(self, pipeline: str | os.PathLike | Pipeline, params: Sequence[str] = (),
+            workers: int | None = None, profile: str | None = None,
+            on_progress: Callable[[dict[str, int]], None] | None = None) -> dict[str, Any]:
+        """Submit a pipeline and work the queue until its run ends; returns the run."""
+        run_id = self.submit(pipeline, params)
+
+        def finished() -> bool:
+            if on_progress is not None:
+                on_progress(self.ledger.progress(run_id))
+            return self.ledger.run(run_id)["status"] in TERMINAL_RUN
+
+        if not finished():
+            self.work(workers, profile, until=finished)
+        return self.ledger.run(run_id)
+
+    def show(self, ref: str) -> dict[str, Any]:
+        """A run with its partitions and their attempts, as `runex show --json` prints it."""
+        run = self.ledger.run(self.ledger.resolve_run_id(ref))
+        attempts: dict[int, list[dict[str, Any]]] = {}
+        for a in self.ledger.attempts(run["id"]):
+            attempts.setdefault(a.pop("idx"), []).append(_with_seconds(a))
+            del a["run_id"]
+        partitions = []
+        for p in self.ledger.partitions(run["id"]):
+            partitions.append({
+                "index": p["idx"], "key": json.loads(p["key"]), "status": p["status"],
+                "attempts": attempts.get(p["idx"], []), "records_in": p["records_in"],
+                "records_out": p["records_out"], "error": p["error"],
+                "seconds": _with_seconds(dict(p))["seconds"],
+            })
+        spec = json.loads(run.pop("spec"))
+        run.pop("finalizer")
+        return {**_with_seconds(run), "spec": spec, "partitions": partitions}
+
+
+def _with_seconds(row: dict[str, Any]) -> dict[str, Any]:
+    start, end = row.get("started_at"), row.get("finished_at")
+    row["seconds"] = round((end or time.time()) - start, 3) if start else None
+    return row

@@ -1,0 +1,212 @@
+"""Built-in `sqlite` source and sink.
+
+Source: rows of `table` in the SQLite file `path`, partitioned by rowid ranges of `rows` rows;
+optional `columns` (default all) and a `where` condition. Or a `query`, read as one partition.
+
+Sink: rows into `table` of the SQLite file `path`, the table created from the records' keys
+(and widened when new keys appear). Each partition commits its rows and a marker row
+`(run_id, partition_index)` in `_runex_commits` in one transaction; a partition whose marker is
+already there writes nothing, so a repeated partition never duplicates rows. Rows are held in
+memory up to `spill_rows`, then staged in a temporary file beside the database, so memory does
+not grow with the partition and the write lock is held only for the final copy.
+"""
+
+import json
+import os
+import sqlite3
+import time
+
+from runex import DataSourceSpec, SinkSpec
+
+BUSY_TIMEOUT = 60.0
+
+
+def quote(name):
+    return '"' + str(name).replace('"', '""') + '"'
+
+
+# -- source --------------------------------------------------------------------------------
+
+def open_readonly(path):
+    if not os.path.isfile(path):
+        raise ValueError(f"no SQLite file {path!r} (looked from {os.getcwd()})")
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT)
+
+
+def sqlite_partitions(path, table=None, query=None, rows=10_000):
+    if (table is None) == (query is None):
+        raise ValueError("give either table (partitioned by rowid) or query (one partition)")
+    if query is not None:
+        return [None]
+    with open_readonly(path) as conn:
+        low, high = conn.execute(f"SELECT MIN(rowid), MAX(rowid) FROM {quote(table)}").fetchone()
+    if low is None:
+        return []
+    return [[start, start + rows] for start in range(low, high + 1, rows)]
+
+
+def read_sqlite(partition, path, table=None, query=None, columns="*", where=None):
+    conn = open_readonly(path)
+    try:
+        if partition is None:
+            cursor = conn.execute(query)
+        else:
+            sql = (f"SELECT {columns} FROM {quote(table)} WHERE rowid >= ? AND rowid < ?"
+                   + (f" AND ({where})" if where else "") + " ORDER BY rowid")
+            cursor = conn.execute(sql, partition)
+        names = [d[0] for d in cursor.description]
+        while rows := cursor.fetchmany(1000):
+            for row in rows:
+                yield dict(zip(names, row, strict=True))
+    finally:
+        conn.close()
+
+
+sqlite_source = DataSourceSpec(name="sqlite", partitions=sqlite_partitions, read=read_sqlite)
+
+
+# -- sink ----------------------------------------------------------------------------------
+
+MARKERS = """CREATE TABLE IF NOT EXISTS _runex_commits (
+    run_id TEXT NOT NULL,
+    partition_index INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    rows INTEGER NOT NULL,
+    committed_at REAL NOT NULL,
+    PRIMARY KEY (run_id, partition_index))"""
+
+_connections = {}  # (pid, path) -> connection, one per worker process and database
+
+
+def connect(path):
+    key = (os.getpid(), os.path.abspath(path))
+    conn = _connections.get(key)
+    if conn is None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute(MARKERS)
+        _connections[key] = conn
+    return conn
+
+
+def configure_sqlite(path, table, spill_rows=50_000):
+    if not isinstance(table, str) or not table or table.startswith("_runex"):
+        raise ValueError(f"table must be a name (not starting with _runex), not {table!r}")
+    if not isinstance(spill_rows, int) or spill_rows < 1:
+        raise ValueError("spill_rows must be a whole number >= 1")
+    return {"path": path, "table": table, "spill_rows": spill_rows}
+
+
+def committed(conn, ctx):
+    return conn.execute(
+        "SELECT 1 FROM _runex_commits WHERE run_id = ? AND partition_index = ?",
+        (ctx.run_id, ctx.index)).fetchone() is not None
+
+
+def write_sqlite(ctx, records):
+    path, table, spill_rows = ctx.params["path"], ctx.params["table"], ctx.params["spill_rows"]
+    conn = connect(path)
+    if committed(conn, ctx):
+        for _ in records:  # committed by an earlier attempt: keep the counts, write nothing
+            pass
+        return
+    columns, rows, stage = {}, [], None
+    for record in records:
+        for name in record:
+            if name not in columns:
+                columns[name] = len(columns)
+        rows.append(record)
+        if len(rows) >= spill_rows:
+            stage = stage or Stage(path)
+            stage.add(rows)
+            rows = []
+    if stage is not None:
+        stage.attach(conn)  # SQLite cannot attach inside a transaction
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if committed(conn, ctx):  # another attempt got there while this one computed
+                conn.execute("ROLLBACK")
+                return
+            count = 0
+            if columns:
+                ensure_table(conn, table, list(columns))
+                names = ", ".join(quote(c) for c in columns)
+                if stage is not None:
+                    count += stage.copy_into(conn, table, list(columns))
+                conn.executemany(
+                    f"INSERT INTO {quote(table)} ({names}) VALUES "
+                    f"({', '.join('?' * len(columns))})",
+                    [tuple(r.get(c) for c in columns) for r in rows])
+                count += len(rows)
+            conn.execute(
+                "INSERT INTO _runex_commits (run_id, partition_index, attempt, rows, "
+                "committed_at) VALUES (?, ?, ?, ?, ?)",
+                (ctx.run_id, ctx.index, ctx.attempt, count, time.time()))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    finally:
+        if stage is not None:
+            stage.close(conn)
+
+
+def ensure_table(conn, table, columns):
+    conn.execute(f"CREATE TABLE IF NOT EXISTS {quote(table)} "
+                 f"({', '.join(quote(c) for c in columns)})")
+    have = {row[1] for row in conn.execute(f"PRAGMA table_info({quote(table)})")}
+    for name in columns:
+        if name not in have:
+            conn.execute(f"ALTER TABLE {quote(table)} ADD COLUMN {quote(name)}")
+
+
+class Stage:
+    """Rows of a large partition, as JSON, in a scratch SQLite file beside the database."""
+
+    def __init__(self, path):
+        self.path = f"{os.path.abspath(path)}.stage-{os.getpid()}"
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+        self.conn = sqlite3.connect(self.path, isolation_level=None)
+        self.conn.execute("PRAGMA journal_mode=OFF")
+        self.conn.execute("PRAGMA synchronous=OFF")
+        self.conn.execute("CREATE TABLE rows (data TEXT NOT NULL)")
+
+    def add(self, rows):
+        dumps = json.dumps
+        self.conn.execute("BEGIN")
+        self.conn.executemany("INSERT INTO rows VALUES (?)",
+                              [(dumps(r, default=str),) for r in rows])
+        self.conn.execute("COMMIT")
+
+    def attach(self, conn):
+        self.conn.close()
+        conn.execute("ATTACH DATABASE ? AS stage", (self.path,))
+
+    def copy_into(self, conn, table, columns):
+        extract = ", ".join(f"json_extract(data, '$.' || {quote_literal(c)})" for c in columns)
+        cursor = conn.execute(
+            f"INSERT INTO {quote(table)} ({', '.join(quote(c) for c in columns)}) "
+            f"SELECT {extract} FROM stage.rows ORDER BY rowid")
+        return cursor.rowcount
+
+    def close(self, conn):
+        try:
+            self.conn.close()
+            if any(row[1] == "stage" for row in conn.execute("PRAGMA database_list")):
+                conn.execute("DETACH DATABASE stage")
+        finally:
+            if os.path.exists(self.path):
+                os.unlink(self.path)
+
+
+def quote_literal(name):
+    """A JSON path member for `name`, as an SQL string literal: '"name"'."""
+    return "'" + json.dumps(str(name)).replace("'", "''") + "'"
+
+
+sqlite_sink = SinkSpec(name="sqlite", write=write_sqlite, configure=configure_sqlite)

@@ -1,0 +1,330 @@
+"""The `runex` command: parse, call one `Runex` method, print. Errors become messages here."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from runex import errors
+from runex.app import TERMINAL_RUN, Runex
+
+
+class Group(click.Group):
+    """Turns runex's own errors into a one-line message and a named exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except errors.RunexError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+
+
+def project_options(fn: Callable) -> Callable:
+    fn = click.option("--home", envvar="RUNEX_HOME", type=click.Path(file_okay=False),
+                      help="The data folder (queue, ledger, traces). Env: RUNEX_HOME. "
+                           "Default: .runex in the project folder.")(fn)
+    fn = click.option("-e", "--extensions", "extension_dirs", multiple=True,
+                      type=click.Path(file_okay=False),
+                      help="Another extension folder to load (repeatable). "
+                           "Env: RUNEX_EXTENSIONS, separated by ':'.")(fn)
+    return fn
+
+
+def open_runex(home: str | None, extension_dirs: tuple[str, ...]) -> Runex:
+    # RUNEX_HOME is read by click into `home`; RUNEX_EXTENSIONS by open_project.
+    return Runex(home=home, extensions=extension_dirs)
+
+
+def dump(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def when(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def table(rows: list[list[Any]], headers: list[str]) -> None:
+    cells = [headers] + [["-" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for row in cells:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def report_load_errors(rx: Runex, verbose: bool) -> None:
+    for error in rx.registry.errors:
+        click.secho(f"warning: {error}", fg="yellow", err=True)
+        if verbose and getattr(error, "traceback", None):
+            click.echo(error.traceback, err=True)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="runex")
+@click.option("-v", "--verbose", is_flag=True, help="Full tracebacks and debug traces.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool) -> None:
+    """runex runs data pipelines on this machine: a source, kernels, a sink, split into
+    partitions that worker processes take from a SQLite queue.
+
+    Exit codes: 0 ok; 1 the run failed or was cancelled; 2 bad command line; 3 invalid
+    pipeline, extension or config; 4 no such run; 130 interrupted.
+    """
+    ctx.obj = {"verbose": verbose}
+
+
+PARAM_HELP = "Override a pipeline value: key.path=value, e.g. source.path=data/x.csv (repeatable)."
+
+
+@cli.command()
+@click.argument("folder", default=".", type=click.Path(file_okay=False, path_type=Path))
+def init(folder: Path) -> None:
+    """Scaffold a project in FOLDER: runex.toml, extensions/, pipelines/, data/, workers/."""
+    from runex.project import init_project
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = init_project(folder)
+    for path in written:
+        click.echo(f"created {path}")
+    if not written:
+        click.echo(f"{folder} already has every file of a project; nothing written")
+    click.echo(f"next: cd {folder} && runex run pipelines/example.toml")
+
+
+@cli.command()
+@click.argument("pipeline", type=click.Path(dir_okay=False))
+@click.option("-p", "--param", "params", multiple=True, help=PARAM_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print the run id as JSON.")
+@project_options
+@click.pass_context
+def submit(ctx: click.Context, pipeline: str, params: tuple[str, ...], as_json: bool,
+           home: str | None, extension_dirs: tuple[str, ...]) -> None:
+    """Check PIPELINE and queue a run of it; print the run id. `runex worker` runs it."""
+    rx = open_runex(home, extension_dirs)
+    rx.trace_to_home(console=False)
+    report_load_errors(rx, ctx.obj["verbose"])
+    run_id = rx.submit(pipeline, params)
+    dump({"run_id": run_id}) if as_json else click.echo(run_id)
+
+
+@cli.command()
+@click.argument("pipeline", type=click.Path(dir_okay=False))
+@click.option("-p", "--param", "params", multiple=True, help=PARAM_HELP)
+@click.option("-w", "--workers", type=click.IntRange(1), help="Worker processes. Default: every core.")
+@click.option("--profile", help="A worker profile: workers/NAME.toml, or built-in "
+                                "'default' and 'raspberry-pi'.")
+@project_options
+@click.pass_context
+def run(ctx: click.Context, pipeline: str, params: tuple[str, ...], workers: int | None,
+        profile: str | None, home: str | None, extension_dirs: tuple[str, ...]) -> None:
+    """Submit PIPELINE and process it here with worker processes until the run ends.
+
+    Exits 0 when the run succeeded, 1 when it failed or was cancelled."""
+    rx = open_runex(home, extension_dirs)
+    rx.trace_to_home(console=False, verbose=ctx.obj["verbose"])
+    report_load_errors(rx, ctx.obj["verbose"])
+    started = time.monotonic()
+    progress = Progress() if sys.stderr.isatty() else None
+    result = rx.run(pipeline, params, workers=workers, profile=profile, on_progress=progress)
+    if progress:
+        progress.done()
+    print_summary(rx, result, time.monotonic() - started)
+    if result["status"] not in TERMINAL_RUN:
+        click.echo(f"interrupted: the run goes on with `runex worker`; "
+                   f"`runex show {result['id']}` tells how far it got", err=True)
+        ctx.exit(errors.EXIT_INTERRUPTED)
+    ctx.exit(errors.EXIT_OK if result["status"] == "succeeded" else errors.EXIT_RUN_FAILED)
+
+
+class Progress:
+    """One line on the terminal: a bar of finished partitions and counts by status."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+        self.shown = False
+
+    def __call__(self, counts: dict[str, int]) -> None:
+        total = sum(counts.values())
+        done = sum(counts.get(s, 0) for s in ("succeeded", "failed", "cancelled"))
+        width = 30
+        filled = width * done // total if total else width
+        extra = "".join(f"  {counts[s]} {s}" for s in ("running", "failed") if counts.get(s))
+        line = (f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} partitions"
+                f"{extra}  {time.monotonic() - self.start:.1f}s")
+        click.echo(line, nl=False, err=True)
+        self.shown = True
+
+    def done(self) -> None:
+        if self.shown:
+            click.echo("", err=True)
+
+
+def print_summary(rx: Runex, run: dict[str, Any], seconds: float) -> None:
+    parts = rx.ledger.progress(run["id"])
+    color = {"succeeded": "green", "failed": "red"}.get(run["status"], "yellow")
+    click.echo(f"run {run['id']} ({run['pipeline']}): "
+               + click.style(run["status"], fg=color) + f" in {seconds:.2f}s")
+    click.echo(f"  partitions: {sum(parts.values())} ("
+               + ", ".join(f"{n} {s}" for s, n in sorted(parts.items())) + ")")
+    if run["status"] in TERMINAL_RUN:
+        click.echo(f"  records: {run['records_in'] or 0} in, {run['records_out'] or 0} out")
+    sink = json.loads(run["spec"])["sink"]
+    where = ", ".join(f"{k}={v}" for k, v in sink["params"].items() if v is not None)
+    click.echo(f"  output: sink {sink['use']!r}" + (f" ({where})" if where else ""))
+    if run["error"]:
+        click.echo(f"  error: {run['error']}")
+    click.echo(f"  details: runex show {run['id']}")
+
+
+@cli.command()
+@click.option("-w", "--workers", type=click.IntRange(1), help="Worker processes. Default: every core.")
+@click.option("--profile", help="A worker profile: workers/NAME.toml, or built-in "
+                                "'default' and 'raspberry-pi'.")
+@click.option("--burst", is_flag=True, help="Stop when nothing is queued or running.")
+@project_options
+@click.pass_context
+def worker(ctx: click.Context, workers: int | None, profile: str | None, burst: bool,
+           home: str | None, extension_dirs: tuple[str, ...]) -> None:
+    """Process the queue with worker processes, until Ctrl-C (or, with --burst, until it
+    is empty). Several `runex worker` commands on one home share the work."""
+    rx = open_runex(home, extension_dirs)
+    rx.trace_to_home(verbose=ctx.obj["verbose"])
+    report_load_errors(rx, ctx.obj["verbose"])
+    consumer = rx.work(workers, profile, burst=burst)
+    if consumer.interrupted and not burst:
+        ctx.exit(errors.EXIT_OK)
+
+
+@cli.command()
+@click.option("-n", "--limit", default=20, show_default=True, help="How many runs, newest first.")
+@click.option("--status", type=click.Choice(["queued", "running", "succeeded", "failed",
+                                             "cancelled"]), help="Only runs in this status.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@project_options
+def runs(limit: int, status: str | None, as_json: bool, home: str | None,
+         extension_dirs: tuple[str, ...]) -> None:
+    """List runs, newest first."""
+    rx = open_runex(home, extension_dirs)
+    rows = rx.ledger.runs(limit, status)
+    if as_json:
+        for row in rows:
+            row.pop("spec")
+            row.pop("finalizer")
+        dump(rows)
+        return
+    table([[r["id"], r["pipeline"], r["status"], r["partition_count"], r["records_out"],
+            when(r["created_at"]),
+            f"{r['finished_at'] - r['started_at']:.2f}s" if r["finished_at"] and r["started_at"]
+            else None] for r in rows],
+          ["RUN", "PIPELINE", "STATUS", "PARTITIONS", "RECORDS OUT", "CREATED", "TOOK"])
+
+
+@cli.command()
+@click.argument("run_ref", metavar="RUN")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@project_options
+@click.pass_context
+def show(ctx: click.Context, run_ref: str, as_json: bool, home: str | None,
+         extension_dirs: tuple[str, ...]) -> None:
+    """Show a run: status, partitions with their attempts, errors with tracebacks.
+
+    RUN is a run id, a unique prefix of one, or `last`."""
+    rx = open_runex(home, extension_dirs)
+    data = rx.show(run_ref)
+    if as_json:
+        dump(data)
+        return
+    click.echo(f"run {data['id']}  pipeline {data['pipeline']}  status {data['status']}")
+    click.echo(f"created {when(data['created_at'])}  started {when(data['started_at'])}  "
+               f"finished {when(data['finished_at'])}  took {data['seconds']}s")
+    click.echo(f"records {data['records_in']} in, {data['records_out']} out")
+    if data["error"]:
+        click.echo(f"error: {data['error']}")
+    click.echo("")
+    table([[p["index"], json.dumps(p["key"]), p["status"], len(p["attempts"]), p["records_in"],
+            p["records_out"], p["seconds"]] for p in data["partitions"]],
+          ["#", "KEY", "STATUS", "ATTEMPTS", "IN", "OUT", "SECONDS"])
+    for p in data["partitions"]:
+        for a in p["attempts"]:
+            if a["error"]:
+                click.echo(f"\npartition {p['index']} attempt {a['attempt']} ({a['status']}, "
+                           f"pid {a['pid']} on {a['host']}): {a['error']}")
+                if ctx.obj["verbose"] or a is p["attempts"][-1]:
+                    click.echo(a["traceback"].rstrip())
+
+
+@cli.command()
+@click.argument("run_ref", metavar="RUN")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@project_options
+def trace(run_ref: str, as_json: bool, home: str | None, extension_dirs: tuple[str, ...]) -> None:
+    """The trace events of a run, in time order. RUN: a run id, a prefix, or `last`."""
+    rx = open_runex(home, extension_dirs)
+    events = rx.ledger.events(rx.ledger.resolve_run_id(run_ref))
+    data = [json.loads(e["data"]) for e in events]
+    if as_json:
+        dump(data)
+        return
+    skip = {"ts", "event", "run_id", "level", "pipeline", "host"}
+    for e in data:
+        stamp = datetime.datetime.fromtimestamp(e["ts"]).strftime("%H:%M:%S.%f")[:-3]
+        rest = " ".join(f"{k}={json.dumps(v)}" for k, v in e.items() if k not in skip)
+        click.echo(f"{stamp} {e['event']:<20} {rest}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@project_options
+@click.pass_context
+def extensions(ctx: click.Context, as_json: bool, home: str | None,
+               extension_dirs: tuple[str, ...]) -> None:
+    """List every kernel, source and sink with the file and line it comes from, and the
+    extension files that failed to load."""
+    rx = open_runex(home, extension_dirs)
+    reg = rx.registry
+    items = ([{"kind": "kernel", "name": k.name, "origin": k.origin, "batch": k.batch}
+              for k in reg.kernels.values()]
+             + [{"kind": "source", "name": s.name, "origin": s.origin}
+                for s in reg.sources.values()]
+             + [{"kind": "sink", "name": s.name, "origin": s.origin} for s in reg.sinks.values()])
+    items.sort(key=lambda i: (i["kind"], i["name"]))
+    if as_json:
+        dump({"extensions": items, "errors": [str(e) for e in reg.errors],
+              "folders": [str(d) for d in rx.project.extension_dirs]})
+        return
+    table([[i["kind"], i["name"] + (" (batch)" if i.get("batch") else ""), i["origin"]]
+           for i in items], ["KIND", "NAME", "DEFINED AT"])
+    for error in reg.errors:
+        click.secho(f"error: {error}", fg="red", err=True)
+        if ctx.obj["verbose"] and getattr(error, "traceback", None):
+            click.echo(error.traceback, err=True)
+    if reg.errors:
+        ctx.exit(errors.EXIT_INVALID)
+
+
+@cli.command()
+@click.argument("pipeline", type=click.Path(dir_okay=False))
+@click.option("-p", "--param", "params", multiple=True, help=PARAM_HELP)
+@project_options
+@click.pass_context
+def validate(ctx: click.Context, pipeline: str, params: tuple[str, ...], home: str | None,
+             extension_dirs: tuple[str, ...]) -> None:
+    """Check PIPELINE against the loaded extensions without running it."""
+    rx = open_runex(home, extension_dirs)
+    report_load_errors(rx, ctx.obj["verbose"])
+    plan = rx.plan(pipeline, params)
+    p = plan.pipeline
+    steps = " -> ".join(s.use for s in p.steps) or "no steps"
+    click.echo(f"ok: {pipeline}: source {p.source.use!r} -> {steps} -> sink {p.sink.use!r}")
+
+
+def main() -> None:
+    cli(prog_name="runex")

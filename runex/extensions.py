@@ -1,0 +1,160 @@
+"""Load extension folders: plain `.py` files that register kernels, sources and sinks.
+
+Each file is imported under its real path, so tracebacks name the user's file and line. A
+file that fails to import is reported as `path:line: ErrorType: message` and the others still
+load. Loading always builds a fresh `Registry`.
+"""
+
+from __future__ import annotations
+
+import grp
+import hashlib
+import importlib.util
+import os
+import pwd
+import stat
+import sys
+import traceback
+from collections.abc import Iterable
+from pathlib import Path
+from types import ModuleType
+
+from runex.errors import ExtensionError
+from runex.registry import (
+    DataSourceSpec,
+    Kernel,
+    Registry,
+    SinkSpec,
+    _loading,
+    display_path,
+)
+
+BUILTINS_DIR = Path(__file__).parent / "builtins"
+
+
+def load(dirs: Iterable[str | os.PathLike], *, builtins: bool = True) -> Registry:
+    """Import the built-in extensions and every `*.py` file in `dirs`, in that order.
+
+    A folder that does not exist is skipped. Problems are collected in `registry.errors`.
+    """
+    registry = Registry()
+    folders = ([BUILTINS_DIR] if builtins else []) + [Path(d) for d in dirs]
+    seen: set[Path] = set()
+    for folder in folders:
+        folder = folder.resolve()
+        if folder in seen or not folder.is_dir():
+            continue
+        seen.add(folder)
+        trusted = folder == BUILTINS_DIR.resolve()
+        if not trusted:
+            problem = unsafe_permissions(folder)
+            if problem:
+                registry.errors.append(ExtensionError(display_path(str(folder)), None,
+                                                      "PermissionError", problem))
+                continue
+        for path in sorted(folder.glob("*.py")):
+            if path.name.startswith(("_", ".")):
+                continue
+            load_file(registry, path, check_permissions=not trusted)
+    return registry
+
+
+def load_file(registry: Registry, path: Path, *, check_permissions: bool = True) -> None:
+    shown = display_path(str(path))
+    if check_permissions:
+        problem = unsafe_permissions(path)
+        if problem:
+            registry.errors.append(ExtensionError(shown, None, "PermissionError", problem))
+            registry._failed_files.append(shown)
+            return
+    digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
+    module_name = f"runex_ext_{path.stem}_{digest}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    _loading.append(registry)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException as exc:  # noqa: BLE001 - any failure of user code is reported
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        del sys.modules[module_name]
+        error = ExtensionError(shown, _error_line(exc, str(path)), type(exc).__name__, str(exc))
+        error.traceback = "".join(traceback.format_exception(exc))
+        registry.errors.append(error)
+        registry._failed_files.append(shown)
+        return
+    finally:
+        _loading.pop()
+    _discover(registry, module, path)
+
+
+def _error_line(exc: BaseException, filename: str) -> int | None:
+    if isinstance(exc, SyntaxError) and exc.filename == filename:
+        return exc.lineno
+    line = None
+    for frame, lineno in traceback.walk_tb(exc.__traceback__):
+        if frame.f_code.co_filename == filename:
+            line = lineno
+    return line
+
+
+def _discover(registry: Registry, module: ModuleType, path: Path) -> None:
+    """Register a module's `KERNELS` dict and its module-level source and sink specs."""
+    shown = display_path(str(path))
+    kernels = getattr(module, "KERNELS", None)
+    if kernels is not None:
+        if not isinstance(kernels, dict):
+            registry.errors.append(ExtensionError(
+                shown, None, "TypeError",
+                f"KERNELS must be a dict of name to callable, not {type(kernels).__name__}"))
+        else:
+            for name, fn in kernels.items():
+                if not callable(fn):
+                    registry.errors.append(ExtensionError(
+                        shown, None, "TypeError", f"KERNELS[{name!r}] is not callable"))
+                    continue
+                code = getattr(fn, "__code__", None)
+                line = code.co_firstlineno if code and code.co_filename == str(path) else None
+                origin = f"{shown}:{line}" if line else shown
+                registry.add("kernel", name, Kernel(name, fn, False, origin))
+    seen: set[int] = set()
+    for value in list(vars(module).values()):
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if isinstance(value, DataSourceSpec):
+            registry.add("source", value.name, value)
+        elif isinstance(value, SinkSpec):
+            registry.add("sink", value.name, value)
+
+
+def unsafe_permissions(path: Path) -> str | None:
+    """Why `path` is unsafe to import code from, or None. Extensions are code: a file or
+    folder that another user can write would let that user run code as the worker."""
+    st = path.stat()
+    kind = "folder" if path.is_dir() else "file"
+    if st.st_mode & stat.S_IWOTH:
+        return (f"{kind} is writable by every user; refusing to load code from it "
+                f"(fix: chmod o-w {path})")
+    if st.st_mode & stat.S_IWGRP and _group_is_shared(st.st_gid, st.st_uid):
+        return (f"{kind} is writable by group members other than its owner; refusing to load "
+                f"code from it (fix: chmod g-w {path})")
+    if st.st_uid not in (os.getuid(), 0):
+        return (f"{kind} belongs to another user (uid {st.st_uid}); refusing to load code "
+                f"from it (fix: chown it to yourself)")
+    return None
+
+
+def _group_is_shared(gid: int, owner_uid: int) -> bool:
+    """A group-writable file is fine when the group is its owner's private group."""
+    try:
+        group = grp.getgrgid(gid)
+    except KeyError:
+        return True
+    try:
+        owner = pwd.getpwuid(owner_uid)
+    except KeyError:
+        return True
+    return not (owner.pw_gid == gid and set(group.gr_mem) <= {owner.pw_name})

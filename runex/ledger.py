@@ -1,0 +1,337 @@
+"""The ledger: the SQLite database of record for runs, partitions, attempts and trace events.
+
+All of runex's SQL lives here. The schema is versioned with `PRAGMA user_version`, and the
+SQL is kept to what PostgreSQL also accepts. Every write is one short `BEGIN IMMEDIATE`
+transaction; each process keeps one connection (re-opened after a fork).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from runex.errors import NotFound
+
+RUN_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+TERMINAL_PARTITION = ("succeeded", "failed", "cancelled")
+BUSY_TIMEOUT = 60.0  # seconds a writer waits for the lock before SQLite gives up
+
+SCHEMA = [
+    # version 1
+    [
+        """CREATE TABLE runs (
+            id TEXT PRIMARY KEY,
+            pipeline TEXT NOT NULL,
+            spec TEXT NOT NULL,
+            project_dir TEXT NOT NULL,
+            status TEXT NOT NULL,
+            priority INTEGER NOT NULL DEFAULT 0,
+            scheduled_for TEXT,
+            partition_count INTEGER NOT NULL,
+            records_in INTEGER,
+            records_out INTEGER,
+            error TEXT,
+            finalizer TEXT,
+            created_at REAL NOT NULL,
+            started_at REAL,
+            finished_at REAL)""",
+        "CREATE INDEX runs_created ON runs (created_at)",
+        """CREATE TABLE partitions (
+            run_id TEXT NOT NULL REFERENCES runs (id),
+            idx INTEGER NOT NULL,
+            key TEXT NOT NULL,
+            status TEXT NOT NULL,
+            attempt INTEGER NOT NULL DEFAULT 0,
+            records_in INTEGER,
+            records_out INTEGER,
+            error TEXT,
+            started_at REAL,
+            finished_at REAL,
+            PRIMARY KEY (run_id, idx))""",
+        "CREATE INDEX partitions_status ON partitions (status)",
+        """CREATE TABLE attempts (
+            run_id TEXT NOT NULL,
+            idx INTEGER NOT NULL,
+            attempt INTEGER NOT NULL,
+            status TEXT NOT NULL,
+            host TEXT NOT NULL,
+            pid INTEGER NOT NULL,
+            started_at REAL NOT NULL,
+            finished_at REAL,
+            records_in INTEGER,
+            records_out INTEGER,
+            error TEXT,
+            traceback TEXT,
+            PRIMARY KEY (run_id, idx, attempt))""",
+        """CREATE TABLE events (
+            ts REAL NOT NULL,
+            run_id TEXT,
+            idx INTEGER,
+            attempt INTEGER,
+            event TEXT NOT NULL,
+            data TEXT NOT NULL)""",
+        "CREATE INDEX events_run ON events (run_id, ts)",
+    ],
+]
+
+
+def new_run_id() -> str:
+    """Sortable by creation time and short enough to type: `20261127-174502-3fa9c1d0`."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(4)
+
+
+@dataclass
+class Claim:
+    run_id: str
+    index: int
+    key: Any
+    attempt: int
+    pipeline: str
+    spec: dict[str, Any]
+    project_dir: str
+    partition_count: int
+
+
+class Ledger:
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._conn: sqlite3.Connection | None = None
+        self._pid = 0
+        self._abandoned: list[sqlite3.Connection] = []
+
+    # -- connection --------------------------------------------------------------------
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        if self._conn is None or self._pid != os.getpid():
+            if self._conn is not None:
+                # Inherited through fork: never use or close it here; the parent owns it.
+                self._abandoned.append(self._conn)
+            self._conn = self._connect()
+            self._pid = os.getpid()
+        return self._conn
+
+    def _connect(self) -> sqlite3.Connection:
+        if not self.path.exists():
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None,
+                               check_same_thread=False)
+        _retry_locked(lambda: conn.execute("PRAGMA journal_mode=WAL"))
+        conn.execute("PRAGMA synchronous=NORMAL")
+        self._migrate(conn)
+        return conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        if conn.execute("PRAGMA user_version").fetchone()[0] >= len(SCHEMA):
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            for statements in SCHEMA[version:]:
+                for sql in statements:
+                    conn.execute(sql)
+            conn.execute(f"PRAGMA user_version = {len(SCHEMA)}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        if self._conn is not None and self._pid == os.getpid():
+            self._conn.close()
+        self._conn = None
+
+    @contextlib.contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """One short write transaction."""
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def _rows(self, sql: str, params: tuple = ()) -> list[dict[str, Any]]:
+        cur = self.conn.execute(sql, params)
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+    # -- writes ----------------------------------------------------------------------
+
+    def create_run(self, run_id: str, pipeline: str, spec: dict[str, Any], project_dir: str,
+                   priority: int, keys: list[Any], events: list[dict[str, Any]] = ()) -> None:
+        """The run and all its partitions, `queued`, in one transaction."""
+        now = time.time()
+        encoded = [json.dumps(k) for k in keys]
+        with self.tx() as conn:
+            conn.execute(
+                "INSERT INTO runs (id, pipeline, spec, project_dir, status, priority, "
+                "partition_count, created_at) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?)",
+                (run_id, pipeline, json.dumps(spec), project_dir, priority,
+                 len(keys), now))
+            conn.executemany(
+                "INSERT INTO partitions (run_id, idx, key, status) "
+                "VALUES (?, ?, ?, 'queued')",
+                [(run_id, i, k) for i, k in enumerate(encoded)])
+            self._insert_events(conn, events)
+
+    def claim(self, run_id: str, index: int, host: str, pid: int,
+              events: list[dict[str, Any]] = ()) -> Claim | None:
+        """Take a queued partition, bumping its attempt number (the fencing token). None when
+        it is running elsewhere, done, or its run was cancelled."""
+        now = time.time()
+        with self.tx() as conn:
+            row = conn.execute(
+                "UPDATE partitions SET status = 'running', attempt = attempt + 1, "
+                "started_at = ? WHERE run_id = ? AND idx = ? AND status = 'queued' "
+                "RETURNING attempt, key", (now, run_id, index)).fetchone()
+            if row is None:
+                self._insert_events(conn, events)
+                return None
+            attempt, key = row
+            conn.execute(
+                "INSERT INTO attempts (run_id, idx, attempt, status, host, pid, started_at) "
+                "VALUES (?, ?, ?, 'running', ?, ?, ?)", (run_id, index, attempt, host, pid, now))
+            run = conn.execute(
+                "UPDATE runs SET status = 'running', started_at = COALESCE(started_at, ?) "
+                "WHERE id = ? RETURNING pipeline, spec, project_dir, partition_count",
+                (now, run_id)).fetchone()
+            self._insert_events(conn, events)
+        return Claim(run_id, index, json.loads(key), attempt, run[0], json.loads(run[1]),
+                     run[2], run[3])
+
+    def finish_attempt(self, claim: Claim, status: str, *, records_in: int = 0,
+                       records_out: int = 0, error: str | None = None,
+                       traceback: str | None = None, requeue: bool = False,
+                       events: list[dict[str, Any]] = ()) -> tuple[bool, bool]:
+        """Record how an attempt ended. The partition moves only if this attempt still holds
+        it (a fenced, stale attempt changes nothing). `requeue` puts it back to `queued` for a
+        retry. Returns (applied, run_complete)."""
+        now = time.time()
+        part_status = "queued" if requeue else status
+        key = (claim.run_id, claim.index, claim.attempt)
+        with self.tx() as conn:
+            cur = conn.execute(
+                "UPDATE partitions SET status = ?, records_in = ?, records_out = ?, error = ?, "
+                "finished_at = ? WHERE run_id = ? AND idx = ? AND attempt = ? "
+                "AND status = 'running'",
+                (part_status, records_in, records_out, error, None if requeue else now, *key))
+            applied = cur.rowcount == 1
+            conn.execute(
+                "UPDATE attempts SET status = ?, finished_at = ?, records_in = ?, "
+                "records_out = ?, error = ?, traceback = ? WHERE run_id = ? AND idx = ? "
+                "AND attempt = ? AND status = 'running'",
+                (status if applied else "fenced", now, records_in, records_out, error,
+                 traceback, *key))
+            self._insert_events(conn, events)
+            complete = applied and not requeue and conn.execute(
+                "SELECT COUNT(*) FROM partitions WHERE run_id = ? AND status NOT IN "
+                "('succeeded', 'failed', 'cancelled')", (claim.run_id,)).fetchone()[0] == 0
+        return applied, complete
+
+    def claim_finalize(self, run_id: str, worker: str) -> bool:
+        """Exactly one caller wins the right to finalize a run whose partitions are all done."""
+        with self.tx() as conn:
+            cur = conn.execute(
+                "UPDATE runs SET finalizer = ? WHERE id = ? AND finalizer IS NULL "
+                "AND status IN ('queued', 'running')", (worker, run_id))
+            return cur.rowcount == 1
+
+    def finish_run(self, run_id: str, status: str, error: str | None = None,
+                   events: list[dict[str, Any]] = ()) -> None:
+        """Set the run's final status, and its totals from its partitions."""
+        with self.tx() as conn:
+            conn.execute(
+                "UPDATE runs SET status = ?, error = ?, finished_at = ?, "
+                "records_in = (SELECT SUM(records_in) FROM partitions WHERE run_id = ?), "
+                "records_out = (SELECT SUM(records_out) FROM partitions WHERE run_id = ?) "
+                "WHERE id = ?", (status, error, time.time(), run_id, run_id, run_id))
+            self._insert_events(conn, events)
+
+    def add_events(self, events: list[dict[str, Any]]) -> None:
+        if events:
+            with self.tx() as conn:
+                self._insert_events(conn, events)
+
+    @staticmethod
+    def _insert_events(conn: sqlite3.Connection, events: list[dict[str, Any]],
+                       run_id: str | None = None) -> None:
+        if not events:
+            return
+        conn.executemany(
+            "INSERT INTO events (ts, run_id, idx, attempt, event, data) VALUES (?, ?, ?, ?, ?, ?)",
+            [(e["ts"], e.get("run_id", run_id), e.get("partition_index"), e.get("attempt"),
+              e["event"], json.dumps(e, default=str)) for e in events])
+
+    # -- reads -----------------------------------------------------------------------
+
+    def resolve_run_id(self, ref: str) -> str:
+        """A run id, a unique prefix of one, or `last` for the newest run."""
+        if ref == "last":
+            rows = self.conn.execute(
+                "SELECT id FROM runs ORDER BY created_at DESC LIMIT 1").fetchall()
+        else:
+            rows = self.conn.execute(
+                "SELECT id FROM runs WHERE id >= ? AND id < ? ORDER BY id LIMIT 2",
+                (ref, ref + "\uffff")).fetchall()
+        if not rows:
+            raise NotFound(f"no run {ref!r} in {self.path}; `runex runs` lists the runs")
+        if len(rows) > 1 and rows[0][0] != ref:
+            raise NotFound(f"{ref!r} matches more than one run; give more of the id")
+        return rows[0][0]
+
+    def run(self, run_id: str) -> dict[str, Any]:
+        rows = self._rows("SELECT * FROM runs WHERE id = ?", (run_id,))
+        if not rows:
+            raise NotFound(f"no run {run_id!r} in {self.path}; `runex runs` lists the runs")
+        return rows[0]
+
+    def runs(self, limit: int = 20, status: str | None = None) -> list[dict[str, Any]]:
+        where, params = ("WHERE status = ?", (status,)) if status else ("", ())
+        return self._rows(f"SELECT * FROM runs {where} ORDER BY created_at DESC LIMIT ?",
+                          (*params, limit))
+
+    def partitions(self, run_id: str) -> list[dict[str, Any]]:
+        return self._rows("SELECT * FROM partitions WHERE run_id = ? ORDER BY idx", (run_id,))
+
+    def attempts(self, run_id: str) -> list[dict[str, Any]]:
+        return self._rows("SELECT * FROM attempts WHERE run_id = ? ORDER BY idx, attempt",
+                          (run_id,))
+
+    def events(self, run_id: str) -> list[dict[str, Any]]:
+        return self._rows("SELECT * FROM events WHERE run_id = ? ORDER BY ts, rowid", (run_id,))
+
+    def progress(self, run_id: str) -> dict[str, int]:
+        """Partition counts by status."""
+        return dict(self.conn.execute(
+            "SELECT status, COUNT(*) FROM partitions WHERE run_id = ? GROUP BY status",
+            (run_id,)).fetchall())
+
+    def unfinished_partitions(self) -> int:
+        """Partitions queued or running in any run: zero means a burst worker may stop."""
+        return self.conn.execute(
+            "SELECT COUNT(*) FROM partitions WHERE status IN ('queued', 'running')").fetchone()[0]
+
+
+def _retry_locked(fn: Any, timeout: float = BUSY_TIMEOUT) -> Any:
+    """Retry a statement that SQLite refuses with 'database is locked' without waiting on its
+    busy handler (switching a new file to WAL is one)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return fn()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)

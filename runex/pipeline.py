@@ -1,0 +1,283 @@
+"""Pipeline files: parse the TOML, apply `-p` overrides, and check every name and parameter
+against the registry, so that a typo fails at `submit` with the file and key, not in a worker."""
+
+from __future__ import annotations
+
+import inspect
+import re
+import tomllib
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runex.errors import PipelineError, RunexError, suggest
+from runex.registry import Kernel, Registry, display_path
+
+SECTIONS = ("source", "steps", "sink", "options")
+
+
+@dataclass
+class Step:
+    use: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Options:
+    retries: int = 0  # further attempts after the first fails
+    retry_delay: float = 1.0  # seconds before the first retry; doubles each time, with jitter
+    max_retry_delay: float = 300.0
+    timeout: float | None = None  # seconds per attempt
+    batch_size: int = 1000
+    priority: int = 0  # higher runs first
+
+
+OPTION_TYPES = {"retries": int, "retry_delay": "duration", "max_retry_delay": "duration",
+                "timeout": "duration", "batch_size": int, "priority": int}
+
+
+@dataclass
+class Pipeline:
+    name: str
+    source: Step
+    sink: Step
+    steps: list[Step] = field(default_factory=list)
+    options: Options = field(default_factory=Options)
+    path: str | None = None  # the file it came from, for messages
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        del data["path"]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Pipeline:
+        return cls(
+            name=data["name"],
+            source=Step(**data["source"]),
+            sink=Step(**data["sink"]),
+            steps=[Step(**s) for s in data.get("steps", [])],
+            options=Options(**data.get("options", {})),
+        )
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: Any, where: str) -> float:
+    """`90`, `"90s"`, `"10m"`, `"1h30m"`, `"250ms"` to seconds."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    if isinstance(value, str) and value and _DURATION.sub("", value.replace(" ", "")) == "":
+        return sum(float(n) * _UNITS[u] for n, u in _DURATION.findall(value))
+    raise PipelineError(f"{where}: {value!r} is not a duration; write seconds (30) "
+                        'or a string such as "500ms", "30s", "10m", "1h30m"')
+
+
+def load(path: str | Path, overrides: Iterable[str] = ()) -> Pipeline:
+    """Read a pipeline file and apply `key.path=value` overrides. Names are not checked here:
+    see `check`."""
+    path = Path(path)
+    shown = display_path(str(path))
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise PipelineError(f"{shown}: invalid TOML: {exc}") from None
+    except OSError as exc:
+        raise PipelineError(f"{shown}: cannot read the pipeline: {exc.strerror}") from None
+    for item in overrides:
+        apply_override(data, item, shown)
+    return from_mapping(data, name=path.stem, where=shown)
+
+
+def apply_override(data: dict[str, Any], item: str, where: str) -> None:
+    """`source.path=data/x.csv` or `steps.0.threshold=3`; the value is read as TOML when it
+    parses as a TOML value (numbers, booleans, quoted strings, lists), else as a string."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise PipelineError(f"-p {item!r}: write key.path=value, for example source.path=data.csv")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    parts = key.split(".")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise PipelineError(f"-p {item!r}: {'.'.join(parts[:i])} has no item {part} "
+                                    f"in {where} (it has {len(node)})")
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+    if isinstance(node, list):
+        raise PipelineError(f"-p {item!r}: name an item of the list, such as steps.0.{parts[-1]}")
+    node[parts[-1]] = value
+
+
+def from_mapping(data: dict[str, Any], name: str, where: str = "<pipeline>") -> Pipeline:
+    unknown = set(data) - set(SECTIONS)
+    if unknown:
+        raise PipelineError(f"{where}: unknown section(s) {', '.join(sorted(unknown))}; "
+                            f"a pipeline has: {', '.join(SECTIONS)}")
+
+    def step(section: Any, label: str) -> Step:
+        if not isinstance(section, dict):
+            raise PipelineError(f"{where}: {label} must be a table with a 'use' key")
+        params = dict(section)
+        use = params.pop("use", None)
+        if not isinstance(use, str) or not use:
+            raise PipelineError(f"{where}: {label}.use is missing: name the "
+                                f"{'kernel' if label.startswith('steps') else label} to use")
+        return Step(use, params)
+
+    for required in ("source", "sink"):
+        if required not in data:
+            raise PipelineError(f"{where}: the [{required}] section is missing")
+    steps = data.get("steps", [])
+    if not isinstance(steps, list):
+        raise PipelineError(f"{where}: steps must be an array of tables: write [[steps]]")
+    raw_options = data.get("options", {})
+    if not isinstance(raw_options, dict):
+        raise PipelineError(f"{where}: options must be a table: write [options]")
+    options = Options()
+    for key, value in raw_options.items():
+        kind = OPTION_TYPES.get(key)
+        if kind is None:
+            raise PipelineError(f"{where}: {suggest(key, OPTION_TYPES, 'option')} "
+                                "(in [options])")
+        if kind == "duration":
+            value = parse_duration(value, f"{where}: options.{key}")
+        elif not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise PipelineError(f"{where}: options.{key} must be a whole number >= 0, "
+                                f"not {value!r}")
+        setattr(options, key, value)
+    if options.batch_size < 1:
+        raise PipelineError(f"{where}: options.batch_size must be at least 1")
+    return Pipeline(
+        name=name,
+        source=step(data["source"], "source"),
+        sink=step(data["sink"], "sink"),
+        steps=[step(s, f"steps[{i}]") for i, s in enumerate(steps)],
+        options=options,
+        path=where,
+    )
+
+
+# -- checking against the registry ---------------------------------------------------------
+
+@dataclass
+class Signature:
+    """The parameters a callable takes after its first `skip` positional ones."""
+
+    accepted: list[str]
+    required: list[str]
+    any_keyword: bool
+
+    @classmethod
+    def of(cls, fn: Callable, skip: int) -> Signature:
+        try:
+            params = list(inspect.signature(fn).parameters.values())[skip:]
+        except (TypeError, ValueError):  # builtins without a signature: accept anything
+            return cls([], [], True)
+        named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        return cls(
+            accepted=[p.name for p in named],
+            required=[p.name for p in named if p.default is p.empty],
+            any_keyword=any(p.kind == p.VAR_KEYWORD for p in params),
+        )
+
+    def select(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The parameters this callable takes, out of a section's parameters."""
+        if self.any_keyword:
+            return params
+        return {k: v for k, v in params.items() if k in self.accepted}
+
+
+def _check_params(params: dict[str, Any], sigs: list[Signature], label: str) -> list[str]:
+    problems = []
+    any_keyword = any(s.any_keyword for s in sigs)
+    accepted = sorted({a for s in sigs for a in s.accepted})
+    takes = ", ".join(accepted) if accepted else "no parameters"
+    for key in params:
+        if not any_keyword and key not in accepted:
+            problems.append(f"{label}: {suggest(key, accepted, 'parameter')}" if accepted
+                            else f"{label}: unknown parameter {key!r}; it takes no parameters")
+    for key in sorted({r for s in sigs for r in s.required}):
+        if key not in params:
+            problems.append(f"{label}: missing required parameter {key!r}; it takes: {takes}")
+    return problems
+
+
+@dataclass
+class Plan:
+    """A checked pipeline with its callables looked up: what a worker runs."""
+
+    pipeline: Pipeline
+    source_read: Callable
+    source_read_params: dict[str, Any]
+    source_partitions: Callable | None
+    source_partitions_params: dict[str, Any]
+    kernels: list[tuple[Kernel, dict[str, Any]]]
+    sink_write: Callable
+    sink_finalize: Callable | None
+    sink_params: dict[str, Any]
+
+
+def check(pipeline: Pipeline, registry: Registry) -> Plan:
+    """Look up every name and check every parameter; raise one `PipelineError` listing all
+    the problems, each with the file and key."""
+    where = pipeline.path or pipeline.name
+    problems: list[str] = []
+
+    def lookup(kind: str, name: str, label: str) -> Any:
+        try:
+            return registry.get(kind, name)
+        except RunexError as exc:
+            problems.append(f"{label}: {exc}")
+            return None
+
+    source = lookup("source", pipeline.source.use, "source.use")
+    if source is not None:
+        sigs = [Signature.of(source.read, 1)]
+        if source.partitions is not None:
+            sigs.append(Signature.of(source.partitions, 0))
+        problems += _check_params(pipeline.source.params, sigs,
+                                  f"[source] (source {source.name!r}, {source.origin})")
+    kernels = []
+    for i, step in enumerate(pipeline.steps):
+        kernel = lookup("kernel", step.use, f"steps[{i}].use")
+        if kernel is not None:
+            problems += _check_params(step.params, [Signature.of(kernel.fn, 1)],
+                                      f"steps[{i}] (kernel {kernel.name!r}, {kernel.origin})")
+            kernels.append((kernel, step.params))
+    sink = lookup("sink", pipeline.sink.use, "sink.use")
+    sink_params = pipeline.sink.params
+    if sink is not None and sink.configure is not None:
+        label = f"[sink] (sink {sink.name!r}, {sink.origin})"
+        before = len(problems)
+        problems += _check_params(sink_params, [Signature.of(sink.configure, 0)], label)
+        if len(problems) == before:
+            try:
+                sink_params = sink.configure(**sink_params)
+            except (ValueError, TypeError) as exc:
+                problems.append(f"{label}: {exc}")
+    if problems:
+        raise PipelineError(f"{where}: " + (problems[0] if len(problems) == 1 else
+                            f"{len(problems)} problems:\n  " + "\n  ".join(problems)))
+    read_sig = Signature.of(source.read, 1)
+    part_sig = Signature.of(source.partitions, 0) if source.partitions else None
+    return Plan(
+        pipeline=pipeline,
+        source_read=source.read,
+        source_read_params=read_sig.select(pipeline.source.params),
+        source_partitions=source.partitions,
+        source_partitions_params=part_sig.select(pipeline.source.params) if part_sig else {},
+        kernels=kernels,
+        sink_write=sink.write,
+        sink_finalize=sink.finalize,
+        sink_params=sink_params,
+    )

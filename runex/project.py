@@ -1,0 +1,148 @@
+"""The project folder, its `runex.toml`, the data folder (`RUNEX_HOME`) and worker profiles.
+
+The project folder is the nearest folder, from the current one upwards, that holds a
+`runex.toml`; without one, the current folder. Relative paths in pipeline parameters and in
+`runex.toml` are relative to the project folder, for the submitter and every worker alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tomllib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runex.errors import ConfigError
+
+CONFIG_FILE = "runex.toml"
+PACKAGE_DIR = Path(__file__).parent
+PROFILE_KEYS = {"workers", "max_delay", "extensions", "batch_size"}
+
+
+@dataclass
+class Project:
+    root: Path
+    home: Path
+    extension_dirs: list[Path]
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.home / "ledger.db"
+
+    @property
+    def queue_path(self) -> Path:
+        return self.home / "queue.db"
+
+    @property
+    def traces_dir(self) -> Path:
+        return self.home / "traces"
+
+    def ensure_home(self) -> None:
+        """Create the data folder (0700) and its traces folder."""
+        for folder in (self.home, self.traces_dir):
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+def find_root(start: Path | None = None) -> Path:
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / CONFIG_FILE).is_file():
+            return folder
+    return here
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Parse a TOML file; a syntax error names the file and line."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+
+
+def open_project(
+    home: str | os.PathLike | None = None,
+    extensions: Sequence[str | os.PathLike] = (),
+    root: str | os.PathLike | None = None,
+) -> Project:
+    """The project seen from the current folder, with flags over environment over config."""
+    root_path = Path(root).resolve() if root else find_root()
+    config_path = root_path / CONFIG_FILE
+    config = read_toml(config_path) if config_path.is_file() else {}
+    home = home or os.environ.get("RUNEX_HOME") or config.get("home", ".runex")
+    conf_ext = config.get("extensions", ["extensions"])
+    if isinstance(conf_ext, str) or not all(isinstance(e, str) for e in conf_ext):
+        raise ConfigError(f"{config_path}: key 'extensions' must be a list of folder names")
+    env_ext = [e for e in os.environ.get("RUNEX_EXTENSIONS", "").split(os.pathsep) if e]
+    dirs = [root_path / e for e in conf_ext] + [Path(e).resolve() for e in (*env_ext, *extensions)]
+    return Project(root_path, (root_path / home).resolve(), dirs, config)
+
+
+@contextlib.contextmanager
+def chdir(path: Path) -> Iterator[None]:
+    """Run user code from the project folder, so relative paths mean the same everywhere."""
+    before = os.getcwd()
+    if before == str(path):
+        yield
+        return
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+def load_profile(project: Project, name: str | None) -> dict[str, Any]:
+    """A worker profile: `workers/NAME.toml` in the project, else a built-in one."""
+    name = name or "default"
+    candidates = [project.root / "workers" / f"{name}.toml", PACKAGE_DIR / "profiles" / f"{name}.toml"]
+    for path in candidates:
+        if path.is_file():
+            profile = read_toml(path)
+            unknown = set(profile) - PROFILE_KEYS
+            if unknown:
+                raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; "
+                                  f"a profile accepts: {', '.join(sorted(PROFILE_KEYS))}")
+            profile["extensions"] = [project.root / e for e in profile.get("extensions", [])]
+            return profile
+    known = sorted({p.stem for folder in (project.root / "workers", PACKAGE_DIR / "profiles")
+                    if folder.is_dir() for p in folder.glob("*.toml")})
+    raise ConfigError(f"no worker profile {name!r}; known profiles: {', '.join(known)} "
+                      f"(add one as workers/{name}.toml)")
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def init_project(folder: Path) -> list[Path]:
+    """Scaffold a project: runex.toml, an extension, a pipeline, its data, worker profiles.
+    Existing files are kept; returns the files written."""
+    template = PACKAGE_DIR / "templates" / "project"
+    written = []
+    for src in sorted(template.rglob("*")):
+        if src.is_dir() or "__pycache__" in src.parts:
+            continue
+        dest = folder / src.relative_to(template)
+        if dest.exists():
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest)
+        written.append(dest)
+    for profile in sorted((PACKAGE_DIR / "profiles").glob("*.toml")):
+        dest = folder / "workers" / profile.name
+        if not dest.exists():
+            dest.parent.mkdir(exist_ok=True)
+            shutil.copyfile(profile, dest)
+            written.append(dest)
+    return written

@@ -1,0 +1,80 @@
+"""Execution traces: structlog, configured here and only here.
+
+Every event is written as one JSON line to `RUNEX_HOME/traces/YYYY-MM-DD.jsonl` (UTC), kept
+for the ledger (written in the same transaction as the partition or run it belongs to, see
+`drain`), and, on a terminal, shown by a readable console renderer. Events are dotted verbs
+(`partition.claimed`, `step.finished`, ...), traced per partition and per step, never per record.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+HOST = socket.gethostname()
+_pending: list[dict[str, Any]] = []  # events not yet in the ledger
+_state: dict[str, Any] = {"dir": None, "fd": None, "day": None, "pid": None}
+
+
+def _stamp(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+    event["ts"] = time.time()
+    event["level"] = method
+    event.setdefault("pid", os.getpid())
+    event.setdefault("host", HOST)
+    return event
+
+
+def _write(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+    """Append the event to today's JSON lines file and keep it for the ledger."""
+    _pending.append(dict(event))
+    folder = _state["dir"]
+    if folder is not None:
+        day = time.strftime("%Y-%m-%d", time.gmtime(event["ts"]))
+        if _state["fd"] is None or _state["day"] != day or _state["pid"] != os.getpid():
+            if _state["fd"] is not None and _state["pid"] == os.getpid():
+                os.close(_state["fd"])
+            _state["fd"] = os.open(Path(folder) / f"{day}.jsonl",
+                                   os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            _state["day"], _state["pid"] = day, os.getpid()
+        os.write(_state["fd"], (json.dumps(event, default=str) + "\n").encode())
+    return event
+
+
+def _drop(logger: Any, method: str, event: dict[str, Any]) -> Any:
+    raise structlog.DropEvent
+
+
+def configure(traces_dir: str | os.PathLike | None, console: bool | None = None,
+              verbose: bool = False) -> None:
+    """Route events to `traces_dir` (None: nowhere but the ledger) and, when `console` (by
+    default: when stderr is a terminal), to stderr for people to read."""
+    if console is None:
+        console = sys.stderr.isatty()
+    _state["dir"] = traces_dir
+    last = (structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()) if console else _drop)
+    structlog.configure(
+        processors=[structlog.contextvars.merge_contextvars, _stamp, _write, last],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.DEBUG if verbose else logging.INFO),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def logger(**bound: Any) -> Any:
+    return structlog.get_logger("runex").bind(**bound)
+
+
+def drain() -> list[dict[str, Any]]:
+    """Take the events not yet written to the ledger."""
+    events = _pending[:]
+    _pending.clear()
+    return events

@@ -1,0 +1,268 @@
+"""Worker processes: claim a partition, stream it through the steps into the sink, commit.
+
+A consumer (`work`) is huey's consumer with process workers. The extensions are loaded once,
+in the consumer, before it forks its workers, so every worker starts with them imported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from huey.consumer import Consumer, ConsumerStopped
+
+from runex import tasks, trace
+from runex.errors import PartitionTimeout
+from runex.ledger import Claim, Ledger
+from runex.pipeline import Pipeline, Plan, check
+from runex.project import chdir
+from runex.registry import Registry, SinkContext
+
+
+@dataclass
+class WorkerState:
+    """What every worker process of a consumer shares, set up before the fork."""
+
+    registry: Registry
+    ledger: Ledger
+    huey: Any
+    plans: dict[str, Plan] = field(default_factory=dict)
+
+    def plan(self, claim: Claim) -> Plan:
+        plan = self.plans.get(claim.run_id)
+        if plan is None:
+            plan = check(Pipeline.from_dict(claim.spec), self.registry)
+            self.plans = {claim.run_id: plan}  # one run at a time is the common case
+        return plan
+
+
+_state: WorkerState | None = None
+
+
+def setup(registry: Registry, ledger: Ledger, huey: Any) -> WorkerState:
+    global _state
+    _state = WorkerState(registry, ledger, huey)
+    return _state
+
+
+@dataclass
+class StepStats:
+    name: str
+    records_in: int = 0
+    records_out: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class Stats:
+    records_in: int = 0
+    records_out: int = 0
+    steps: list[StepStats] = field(default_factory=list)
+
+
+def execute(run_id: str, index: int) -> None:
+    """Run one partition: the body of runex's huey task."""
+    state = _state
+    assert state is not None, "runex.worker.setup() was not called in this process"
+    claim = state.ledger.claim(run_id, index, trace.HOST, os.getpid(), events=trace.drain())
+    if claim is None:
+        return  # running elsewhere, done, or cancelled: a duplicate message is harmless
+    log = trace.logger(run_id=run_id, pipeline=claim.pipeline, partition=claim.key,
+                       partition_index=index, attempt=claim.attempt)
+    log.info("partition.claimed")
+    options = Pipeline.from_dict(claim.spec).options
+    stats = Stats()
+    started = time.perf_counter()
+    try:
+        plan = state.plan(claim)
+        with chdir(Path(claim.project_dir)), deadline(options.timeout):
+            process(plan, claim, stats)
+    except Exception as exc:  # noqa: BLE001 - a partition's failure must not stop the worker
+        status = "timeout" if isinstance(exc, PartitionTimeout) else "failed"
+        retry = claim.attempt <= options.retries
+        delay = backoff(claim.attempt, options.retry_delay, options.max_retry_delay)
+        error = f"{type(exc).__name__}: {exc}"
+        _log_steps(log, stats)
+        log.error("partition.failed", status=status, error=error,
+                  retry_in=round(delay, 3) if retry else None,
+                  seconds=round(time.perf_counter() - started, 4))
+        applied, complete = state.ledger.finish_attempt(
+            claim, status, records_in=stats.records_in, records_out=stats.records_out,
+            error=error, traceback="".join(traceback.format_exception(exc)),
+            requeue=retry, events=trace.drain())
+        if applied and retry:
+            tasks.enqueue(state.huey, run_id, [index], options.priority, delay=delay)
+    else:
+        _log_steps(log, stats)
+        log.info("partition.committed", records_in=stats.records_in,
+                 records_out=stats.records_out, seconds=round(time.perf_counter() - started, 4))
+        applied, complete = state.ledger.finish_attempt(
+            claim, "succeeded", records_in=stats.records_in, records_out=stats.records_out,
+            events=trace.drain())
+    if not applied:
+        log.warning("partition.fenced", reason="a newer attempt holds this partition")
+        state.ledger.add_events(trace.drain())
+    if complete:
+        finalize(state, claim)
+
+
+def _log_steps(log: Any, stats: Stats) -> None:
+    for i, step in enumerate(stats.steps):
+        log.info("step.finished", step=i, kernel=step.name, records_in=step.records_in,
+                 records_out=step.records_out, seconds=round(step.seconds, 4))
+
+
+def process(plan: Plan, claim: Claim, stats: Stats) -> None:
+    """Read the partition, run the steps batch by batch, and hand the stream to the sink."""
+    records = plan.source_read(claim.key, **plan.source_read_params)
+    ctx = SinkContext(run_id=claim.run_id, pipeline=claim.pipeline, params=plan.sink_params,
+                      partition=claim.key, index=claim.index, attempt=claim.attempt,
+                      partition_count=claim.partition_count)
+    plan.sink_write(ctx, stream(records, plan, stats))
+
+
+def stream(records: Iterable[dict], plan: Plan, stats: Stats) -> Iterator[dict]:
+    """Batches of `batch_size` records through every step; memory stays one batch deep."""
+    steps = []
+    for kernel, params in plan.kernels:
+        fn = partial(kernel.fn, **params) if params else kernel.fn
+        step = StepStats(kernel.name)
+        stats.steps.append(step)
+        steps.append((fn, kernel.batch, step))
+    size = plan.pipeline.options.batch_size
+    source = iter(records)
+    clock = time.perf_counter
+    while batch := list(islice(source, size)):
+        stats.records_in += len(batch)
+        for fn, is_batch, step in steps:
+            step.records_in += len(batch)
+            t0 = clock()
+            if is_batch:
+                batch = list(fn(batch))
+            else:
+                batch = [out for record in batch if (out := fn(record)) is not None]
+            step.seconds += clock() - t0
+            step.records_out += len(batch)
+            if not batch:
+                break
+        stats.records_out += len(batch)
+        yield from batch
+
+
+def finalize(state: WorkerState, claim: Claim) -> None:
+    """Called when the last partition of a run is terminal; exactly one caller proceeds."""
+    run_id = claim.run_id
+    if not state.ledger.claim_finalize(run_id, f"{trace.HOST}:{os.getpid()}"):
+        return
+    log = trace.logger(run_id=run_id, pipeline=claim.pipeline)
+    parts = state.ledger.partitions(run_id)
+    bad = [p for p in parts if p["status"] != "succeeded"]
+    error = None
+    if bad:
+        shown = ", ".join(f"{p['idx']} ({p['key']}): {p['status']}" for p in bad[:10])
+        more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+        error = f"{len(bad)} of {len(parts)} partitions did not succeed: {shown}{more}"
+    else:
+        try:
+            plan = state.plan(claim)
+            if plan.sink_finalize is not None:
+                ctx = SinkContext(run_id=run_id, pipeline=claim.pipeline,
+                                  params=plan.sink_params, partition_count=len(parts))
+                with chdir(Path(claim.project_dir)):
+                    plan.sink_finalize(ctx)
+        except Exception as exc:  # noqa: BLE001 - reported as the run's error
+            error = f"the sink's finalize step failed: {type(exc).__name__}: {exc}"
+            log.error("run.finalize_failed", error=error,
+                      traceback="".join(traceback.format_exception(exc)))
+    status = ("cancelled" if bad and all(p["status"] == "cancelled" for p in bad)
+              else "failed" if error else "succeeded")
+    log.info("run.finished", status=status, partitions=len(parts),
+             records_in=sum(p["records_in"] or 0 for p in parts),
+             records_out=sum(p["records_out"] or 0 for p in parts), error=error)
+    state.ledger.finish_run(run_id, status, error, events=trace.drain())
+
+
+def backoff(attempt: int, base: float, cap: float) -> float:
+    """Exponential backoff with full jitter in its upper half: base * 2**(attempt-1),
+    at most `cap`, then a random point between half of it and all of it."""
+    delay = min(cap, base * 2 ** (attempt - 1))
+    return delay / 2 + random.random() * delay / 2
+
+
+@contextlib.contextmanager
+def deadline(seconds: float | None) -> Iterator[None]:
+    """Raise PartitionTimeout in this (main) thread after `seconds`."""
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum: int, frame: Any) -> None:
+        raise PartitionTimeout(f"the attempt ran past its timeout of {seconds:g}s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+_fork_hook = False
+
+
+def _after_fork() -> None:
+    """A worker must not use the queue connection of the process it was forked from (the
+    ledger re-opens its own by itself, see `Ledger.conn`)."""
+    if _state is not None:
+        _state.huey.storage._conn = None
+
+
+class RunexConsumer(Consumer):
+    """huey's consumer, plus a check in its main loop that can end it (burst mode, `run`)."""
+
+    def __init__(self, huey: Any, stop_when: Callable[[], bool] | None = None,
+                 check_every: float = 0.2, **options: Any):
+        super().__init__(huey, **options)
+        self.stop_when = stop_when
+        self.check_every = check_every
+        self._next_check = 0.0
+
+    def loop(self, health_check_ts: float | None = None) -> float | None:
+        health_check_ts = super().loop(health_check_ts)
+        now = time.monotonic()
+        if self.stop_when is not None and now >= self._next_check:
+            self._next_check = now + self.check_every
+            if self.stop_when():
+                self.stop(graceful=True)
+                raise ConsumerStopped
+        return health_check_ts
+
+    @property
+    def interrupted(self) -> bool:
+        return self._signum is not None
+
+
+def consumer(state: WorkerState, workers: int, max_delay: float,
+             stop_when: Callable[[], bool] | None = None) -> RunexConsumer:
+    """A consumer of `workers` processes over the queue of `state`, not yet started."""
+    global _fork_hook
+    if not _fork_hook:
+        os.register_at_fork(after_in_child=_after_fork)
+        _fork_hook = True
+    state.ledger.close()
+    return RunexConsumer(state.huey, stop_when=stop_when, workers=workers, worker_type="process",
+                         periodic=False, initial_delay=min(0.05, max_delay),
+                         max_delay=max_delay, backoff=1.15, scheduler_interval=1,
+                         check_worker_health=True, health_check_interval=2)
