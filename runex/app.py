@@ -70,6 +70,8 @@ class Runex:
         """Check the pipeline, list its partitions, record the run and queue its partitions."""
         plan = self.plan(pipeline, params)
         pipe = plan.pipeline
+        if not trace.configured():
+            self.trace_to_home(console=False)
         keys = self._partition_keys(plan)
         run_id = new_run_id()
         trace.logger(run_id=run_id, pipeline=pipe.name).info(
@@ -111,6 +113,8 @@ class Runex:
         if extra != self._extra_extensions:
             self._extra_extensions, self._registry = extra, None
         count = workers or settings.get("workers") or cpu_count()
+        if not trace.configured():
+            self.trace_to_home()
         state = worker.setup(self.registry, self.ledger, self.huey)
         stops = [f for f in (until, self._nothing_left if burst else None) if f]
         consumer = worker.consumer(state, count, float(settings.get("max_delay", 0.5)),

@@ -73,21 +73,25 @@ def load_file(registry: Registry, path: Path, *, check_permissions: bool = True)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
-    _loading.append(registry)
+    scratch = Registry()  # what this file registers; merged only if the whole file loads
+    _loading.append(scratch)
     try:
         spec.loader.exec_module(module)
-    except BaseException as exc:  # noqa: BLE001 - any failure of user code is reported
-        if isinstance(exc, KeyboardInterrupt):
-            raise
+    except Exception as exc:  # noqa: BLE001 - any failure of user code is reported
         del sys.modules[module_name]
-        error = ExtensionError(shown, _error_line(exc, str(path)), type(exc).__name__, str(exc))
+        message = exc.msg if isinstance(exc, SyntaxError) else str(exc)
+        error = ExtensionError(shown, _error_line(exc, str(path)), type(exc).__name__, message)
         error.traceback = "".join(traceback.format_exception(exc))
         registry.errors.append(error)
         registry._failed_files.append(shown)
         return
     finally:
         _loading.pop()
-    _discover(registry, module, path)
+    _discover(scratch, module, path)
+    registry.errors += scratch.errors
+    for kind in ("kernel", "source", "sink"):
+        for name, item in scratch._table(kind).items():
+            registry.add(kind, name, item)
 
 
 def _error_line(exc: BaseException, filename: str) -> int | None:

@@ -21,7 +21,8 @@ import structlog
 
 HOST = socket.gethostname()
 _pending: list[dict[str, Any]] = []  # events not yet in the ledger
-_state: dict[str, Any] = {"dir": None, "fd": None, "day": None, "pid": None}
+_state: dict[str, Any] = {"dir": None, "fd": None, "day": None, "pid": None,
+                         "configured": False}
 
 
 def _stamp(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
@@ -59,6 +60,7 @@ def configure(traces_dir: str | os.PathLike | None, console: bool | None = None,
     if console is None:
         console = sys.stderr.isatty()
     _state["dir"] = traces_dir
+    _state["configured"] = True
     last = (structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()) if console else _drop)
     structlog.configure(
         processors=[structlog.contextvars.merge_contextvars, _stamp, _write, last],
@@ -67,6 +69,19 @@ def configure(traces_dir: str | os.PathLike | None, console: bool | None = None,
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=False,
     )
+
+
+def reset() -> None:
+    """Forget the configuration and pending events (for tests)."""
+    if _state["fd"] is not None and _state["pid"] == os.getpid():
+        os.close(_state["fd"])
+    _state.update(dir=None, fd=None, day=None, pid=None, configured=False)
+    _pending.clear()
+    structlog.reset_defaults()
+
+
+def configured() -> bool:
+    return _state["configured"]
 
 
 def logger(**bound: Any) -> Any:

@@ -106,53 +106,57 @@ def committed(conn, ctx):
 
 
 def write_sqlite(ctx, records):
-    path, table, spill_rows = ctx.params["path"], ctx.params["table"], ctx.params["spill_rows"]
+    path, spill_rows = ctx.params["path"], ctx.params["spill_rows"]
     conn = connect(path)
     if committed(conn, ctx):
         for _ in records:  # committed by an earlier attempt: keep the counts, write nothing
             pass
         return
     columns, rows, stage = {}, [], None
-    for record in records:
-        for name in record:
-            if name not in columns:
-                columns[name] = len(columns)
-        rows.append(record)
-        if len(rows) >= spill_rows:
-            stage = stage or Stage(path)
-            stage.add(rows)
-            rows = []
-    if stage is not None:
-        stage.attach(conn)  # SQLite cannot attach inside a transaction
     try:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            if committed(conn, ctx):  # another attempt got there while this one computed
-                conn.execute("ROLLBACK")
-                return
-            count = 0
-            if columns:
-                ensure_table(conn, table, list(columns))
-                names = ", ".join(quote(c) for c in columns)
-                if stage is not None:
-                    count += stage.copy_into(conn, table, list(columns))
-                conn.executemany(
-                    f"INSERT INTO {quote(table)} ({names}) VALUES "
-                    f"({', '.join('?' * len(columns))})",
-                    [tuple(r.get(c) for c in columns) for r in rows])
-                count += len(rows)
-            conn.execute(
-                "INSERT INTO _runex_commits (run_id, partition_index, attempt, rows, "
-                "committed_at) VALUES (?, ?, ?, ?, ?)",
-                (ctx.run_id, ctx.index, ctx.attempt, count, time.time()))
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+        for record in records:
+            for name in record:
+                if name not in columns:
+                    columns[name] = len(columns)
+            rows.append(record)
+            if len(rows) >= spill_rows:
+                stage = stage or Stage(path)
+                stage.add(rows)
+                rows = []
+        if stage is not None:
+            stage.attach(conn)  # SQLite cannot attach inside a transaction
+        commit(conn, ctx, list(columns), rows, stage)
     finally:
         if stage is not None:
             stage.close(conn)
+
+
+def commit(conn, ctx, columns, rows, stage):
+    """The rows and the partition's marker, in one transaction, unless a marker is there."""
+    table = ctx.params["table"]
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if committed(conn, ctx):  # another attempt got there while this one computed
+            conn.execute("ROLLBACK")
+            return
+        count = 0
+        if columns:
+            ensure_table(conn, table, columns)
+            if stage is not None:
+                count += stage.copy_into(conn, table, columns)
+            conn.executemany(
+                f"INSERT INTO {quote(table)} ({', '.join(quote(c) for c in columns)}) "
+                f"VALUES ({', '.join('?' * len(columns))})",
+                [tuple(r.get(c) for c in columns) for r in rows])
+            count += len(rows)
+        conn.execute(
+            "INSERT INTO _runex_commits (run_id, partition_index, attempt, rows, committed_at) "
+            "VALUES (?, ?, ?, ?, ?)", (ctx.run_id, ctx.index, ctx.attempt, count, time.time()))
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 def ensure_table(conn, table, columns):

@@ -1,0 +1,5 @@
+from runex import register_kernel
+
+
+def broken(record)
+    return record

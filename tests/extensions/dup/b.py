@@ -1,0 +1,9 @@
+from runex import register_kernel
+
+
+def tidy(record):
+    return record
+
+
+register_kernel("unique_here", tidy)
+register_kernel("clean", tidy)

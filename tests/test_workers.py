@@ -1,0 +1,190 @@
+"""The real command line with real worker processes on a temporary home."""
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import ROOT, runex_cli, write
+
+EXT = """
+    import time
+    from runex import register_kernel
+
+    @register_kernel("work")
+    def work(record, pause=0.0, fail_on=-1):
+        if record["n"] == fail_on:
+            raise ZeroDivisionError("boom")
+        time.sleep(pause)
+        return {**record, "sq": record["n"] * record["n"]}
+"""
+
+
+def make(project, stop=300, size=10, pause=0.0, fail_on=-1, extra_options=""):
+    write(project / "extensions" / "k.py", EXT)
+    return write(project / "pipelines" / "p.toml", f"""
+        [source]
+        use = "range"
+        stop = {stop}
+        size = {size}
+
+        [[steps]]
+        use = "work"
+        pause = {pause}
+        fail_on = {fail_on}
+
+        [sink]
+        use = "sqlite"
+        path = "out/sq.db"
+        table = "sq"
+
+        [options]
+        retries = 0
+        {extra_options}
+    """)
+
+
+def test_two_burst_consumers_share_a_run_and_commit_each_partition_once(project):
+    make(project, stop=600, size=10, pause=0.002)
+    submitted = runex_cli("submit", "pipelines/p.toml", "--json", cwd=project, check=True)
+    run_id = json.loads(submitted.stdout)["run_id"]
+    consumers = [subprocess.Popen([sys.executable, "-m", "runex", "worker", "--burst", "-w", "2"],
+                                  cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for _ in range(2)]
+    for c in consumers:
+        assert c.wait(timeout=120) == 0, c.stderr.read().decode()
+    with sqlite3.connect(project / "out" / "sq.db") as conn:
+        assert conn.execute("SELECT COUNT(*), COUNT(DISTINCT n), SUM(sq) FROM sq").fetchone() == (
+            600, 600, sum(n * n for n in range(600)))
+    data = json.loads(runex_cli("show", run_id, "--json", cwd=project, check=True).stdout)
+    assert data["status"] == "succeeded"
+    assert {p["status"] for p in data["partitions"]} == {"succeeded"}
+    assert all(len(p["attempts"]) == 1 for p in data["partitions"])
+    pids = {p["attempts"][0]["pid"] for p in data["partitions"]}
+    assert len(pids) >= 2  # more than one worker process took partitions
+    with sqlite3.connect(project / ".runex" / "ledger.db") as conn:
+        assert conn.execute("SELECT status, COUNT(*) FROM attempts GROUP BY 1").fetchall() == [
+            ("succeeded", 60)]
+
+
+def test_run_exits_0_on_success_and_prints_where_the_output_is(project):
+    make(project, stop=50)
+    result = runex_cli("run", "pipelines/p.toml", "-w", "2", cwd=project)
+    assert result.returncode == 0, result.stderr
+    assert "): succeeded in " in result.stdout
+    assert "records: 50 in, 50 out" in result.stdout
+    assert "output: sink 'sqlite' (path=out/sq.db, table=sq" in result.stdout
+    runs = json.loads(runex_cli("runs", "--json", cwd=project, check=True).stdout)
+    assert [(r["pipeline"], r["status"], r["partition_count"]) for r in runs] == [
+        ("p", "succeeded", 5)]
+
+
+def test_run_exits_1_when_a_partition_fails_and_show_has_the_traceback(project):
+    make(project, stop=50, fail_on=23)
+    result = runex_cli("run", "pipelines/p.toml", "-w", "2", cwd=project)
+    assert result.returncode == 1
+    assert "failed in" in result.stdout
+    assert "error: 1 of 5 partitions did not succeed: 2 ([20, 30]): failed" in result.stdout
+    shown = runex_cli("show", "last", cwd=project)
+    assert "partition 2 attempt 1 (failed, pid" in shown.stdout
+    assert "ZeroDivisionError: boom" in shown.stdout
+    assert 'raise ZeroDivisionError("boom")' in shown.stdout
+    with sqlite3.connect(project / "out" / "sq.db") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM sq").fetchone() == (40,)
+
+
+def test_show_json_shape(project):
+    make(project, stop=20)
+    runex_cli("run", "pipelines/p.toml", "-w", "1", cwd=project, check=True)
+    data = json.loads(runex_cli("show", "last", "--json", cwd=project, check=True).stdout)
+    assert {"id", "pipeline", "status", "partitions"} <= set(data)
+    assert data["pipeline"] == "p" and data["status"] == "succeeded"
+    part = data["partitions"][0]
+    assert {"key", "status", "attempts", "records_in", "records_out"} <= set(part)
+    assert part["key"] == [0, 10] and part["records_in"] == part["records_out"] == 10
+    assert part["attempts"][0]["status"] == "succeeded"
+    events = json.loads(runex_cli("trace", "last", "--json", cwd=project, check=True).stdout)
+    assert [e["event"] for e in events][0] == "run.submitted"
+    assert [e["event"] for e in events][-1] == "run.finished"
+
+
+def test_invalid_pipeline_exits_3_with_the_key_and_stores_nothing(project):
+    path = make(project)
+    path.write_text(path.read_text().replace("pause = 0.0", "pasue = 0.0"))
+    result = runex_cli("submit", "pipelines/p.toml", cwd=project)
+    assert result.returncode == 3
+    assert result.stderr.startswith("Error: pipelines/p.toml: steps[0] (kernel 'work', "
+                                    "extensions/k.py:4): unknown parameter 'pasue' (did you "
+                                    "mean 'pause'?)")
+    assert json.loads(runex_cli("runs", "--json", cwd=project, check=True).stdout) == []
+    bad_toml = write(project / "pipelines" / "bad.toml", "[source\nuse = 1\n")
+    result = runex_cli("validate", str(bad_toml), cwd=project)
+    assert result.returncode == 3 and "invalid TOML" in result.stderr and "line 1" in result.stderr
+
+
+def test_a_broken_extension_is_reported_and_the_others_still_work(project):
+    make(project, stop=20)
+    write(project / "extensions" / "broken.py", "import nope_not_installed\n")
+    result = runex_cli("run", "pipelines/p.toml", "-w", "1", cwd=project)
+    assert result.returncode == 0
+    assert ("warning: extensions/broken.py:1: ModuleNotFoundError: "
+            "No module named 'nope_not_installed'") in result.stderr
+    listing = runex_cli("extensions", cwd=project)
+    assert listing.returncode == 3
+    assert "kernel  work" in listing.stdout and "extensions/k.py:4" in listing.stdout
+
+
+def test_an_unknown_run_exits_4(project):
+    result = runex_cli("show", "nope", cwd=project)
+    assert result.returncode == 4 and "no run 'nope'" in result.stderr
+
+
+def test_a_worker_stops_on_sigint_and_leaves_queued_work_for_later(project):
+    make(project, stop=40, size=10)
+    runex_cli("submit", "pipelines/p.toml", cwd=project, check=True)
+    proc = subprocess.Popen([sys.executable, "-m", "runex", "worker", "-w", "1"], cwd=project,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # A forever worker drains the run, then idles; SIGINT stops it cleanly.
+    import time
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        runs = json.loads(runex_cli("runs", "--json", cwd=project, check=True).stdout)
+        if runs[0]["status"] == "succeeded":
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 0
+    assert runs[0]["status"] == "succeeded"
+
+
+def test_init_scaffolds_a_project_that_runs(tmp_path):
+    result = runex_cli("init", "demo", cwd=tmp_path, check=True)
+    assert "created demo/runex.toml" in result.stdout
+    project = tmp_path / "demo"
+    result = runex_cli("run", "pipelines/example.toml", "-w", "2", cwd=project)
+    assert result.returncode == 0, result.stderr
+    with sqlite3.connect(project / "out" / "words.db") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM words WHERE word = 'partition'").fetchone()[0] == 3
+    assert (project / "workers" / "raspberry-pi.toml").is_file()
+
+
+def test_the_bundled_example_runs(tmp_path):
+    result = runex_cli("run", "examples/readings.toml", "-w", "2", "--home", str(tmp_path / "h"),
+                       "-p", f"sink.path={tmp_path / 'readings.db'}", cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "16 succeeded" in result.stdout and "records: 8000 in, 7927 out" in result.stdout
+    with sqlite3.connect(tmp_path / "readings.db") as conn:
+        assert conn.execute("SELECT COUNT(*), COUNT(DISTINCT station) FROM readings").fetchone() \
+            == (7927, 40)
+
+
+@pytest.mark.parametrize("command", ["init", "run", "submit", "worker", "runs", "show", "trace",
+                                     "extensions", "validate"])
+def test_every_command_has_help(command, tmp_path):
+    result = runex_cli(command, "--help", cwd=tmp_path, check=True)
+    assert "Usage: runex " + command in result.stdout
+    summary = result.stdout.split("\n\n")[1].strip()
+    assert len(summary) > 20
