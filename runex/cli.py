@@ -118,7 +118,8 @@ def submit(ctx: click.Context, pipeline: str, params: tuple[str, ...], as_json: 
 @cli.command()
 @click.argument("pipeline", type=click.Path(dir_okay=False))
 @click.option("-p", "--param", "params", multiple=True, help=PARAM_HELP)
-@click.option("-w", "--workers", type=click.IntRange(1), help="Worker processes. Default: every core.")
+@click.option("-w", "--workers", type=click.IntRange(1),
+              help="Worker processes. Default: every core.")
 @click.option("--profile", help="A worker profile: workers/NAME.toml, or built-in "
                                 "'default' and 'raspberry-pi'.")
 @project_options
@@ -185,7 +186,8 @@ def print_summary(rx: Runex, run: dict[str, Any], seconds: float) -> None:
 
 
 @cli.command()
-@click.option("-w", "--workers", type=click.IntRange(1), help="Worker processes. Default: every core.")
+@click.option("-w", "--workers", type=click.IntRange(1),
+              help="Worker processes. Default: every core.")
 @click.option("--profile", help="A worker profile: workers/NAME.toml, or built-in "
                                 "'default' and 'raspberry-pi'.")
 @click.option("--burst", is_flag=True, help="Stop when nothing is queued or running.")

@@ -102,7 +102,8 @@ def chdir(path: Path) -> Iterator[None]:
 def load_profile(project: Project, name: str | None) -> dict[str, Any]:
     """A worker profile: `workers/NAME.toml` in the project, else a built-in one."""
     name = name or "default"
-    candidates = [project.root / "workers" / f"{name}.toml", PACKAGE_DIR / "profiles" / f"{name}.toml"]
+    candidates = [project.root / "workers" / f"{name}.toml",
+                  PACKAGE_DIR / "profiles" / f"{name}.toml"]
     for path in candidates:
         if path.is_file():
             profile = read_toml(path)

@@ -59,7 +59,8 @@ def test_missing_required_parameter_and_several_problems_at_once(rx, project):
     assert text.startswith("pipelines/p.toml: 3 problems:")
     assert "[source] (source 'range', " in text
     assert "missing required parameter 'stop'; it takes: field, size, start, stop" in text
-    assert "steps[0] (kernel 'scale', extensions/k.py:3): missing required parameter 'factor'" in text
+    assert ("steps[0] (kernel 'scale', extensions/k.py:3): "
+            "missing required parameter 'factor'") in text
     assert "[sink] (sink 'sqlite', " in text and "missing required parameter 'table'" in text
 
 
@@ -93,7 +94,8 @@ def test_malformed_toml_names_file_and_line(project):
 def test_missing_sections_and_unknown_options(project):
     with pytest.raises(PipelineError, match=r"p.toml: the \[sink\] section is missing"):
         load(pipeline(project, '[source]\nuse = "range"\n'))
-    with pytest.raises(PipelineError, match="unknown option 'retrys' \\(did you mean 'retries'\\?\\)"):
+    retrys = r"unknown option 'retrys' \(did you mean 'retries'\?\)"
+    with pytest.raises(PipelineError, match=retrys):
         load(pipeline(project, '[source]\nuse="range"\n[sink]\nuse="null"\n[options]\nretrys=1\n'))
     with pytest.raises(PipelineError, match="options.timeout: 'soon' is not a duration"):
         load(pipeline(project, '[source]\nuse="range"\n[sink]\nuse="null"\n'

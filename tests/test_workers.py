@@ -167,7 +167,8 @@ def test_init_scaffolds_a_project_that_runs(tmp_path):
     result = runex_cli("run", "pipelines/example.toml", "-w", "2", cwd=project)
     assert result.returncode == 0, result.stderr
     with sqlite3.connect(project / "out" / "words.db") as conn:
-        assert conn.execute("SELECT COUNT(*) FROM words WHERE word = 'partition'").fetchone()[0] == 3
+        count = conn.execute("SELECT COUNT(*) FROM words WHERE word = 'partition'").fetchone()
+    assert count == (3,)
     assert (project / "workers" / "raspberry-pi.toml").is_file()
 
 
