@@ -12,12 +12,10 @@ from typing import Any
 
 from runex import extensions, tasks, trace, worker
 from runex.errors import PipelineError
-from runex.ledger import Ledger, new_run_id
+from runex.ledger import TERMINAL_RUN, Ledger, new_run_id
 from runex.pipeline import Pipeline, Plan, check, load
 from runex.project import Project, chdir, cpu_count, load_profile, open_project
 from runex.registry import Registry
-
-TERMINAL_RUN = ("succeeded", "failed", "cancelled")
 
 
 class Runex:

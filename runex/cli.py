@@ -13,7 +13,8 @@ from typing import Any
 import click
 
 from runex import errors
-from runex.app import TERMINAL_RUN, Runex
+from runex.app import Runex
+from runex.ledger import TERMINAL_RUN
 
 
 class Group(click.Group):
@@ -200,9 +201,7 @@ def worker(ctx: click.Context, workers: int | None, profile: str | None, burst: 
     rx = open_runex(home, extension_dirs)
     rx.trace_to_home(verbose=ctx.obj["verbose"])
     report_load_errors(rx, ctx.obj["verbose"])
-    consumer = rx.work(workers, profile, burst=burst)
-    if consumer.interrupted and not burst:
-        ctx.exit(errors.EXIT_OK)
+    rx.work(workers, profile, burst=burst)
 
 
 @cli.command()

@@ -65,7 +65,7 @@ def load_file(registry: Registry, path: Path, *, check_permissions: bool = True)
         problem = unsafe_permissions(path)
         if problem:
             registry.errors.append(ExtensionError(shown, None, "PermissionError", problem))
-            registry._failed_files.append(shown)
+            registry.failed_files.append(shown)
             return
     digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
     module_name = f"runex_ext_{path.stem}_{digest}"
@@ -83,7 +83,7 @@ def load_file(registry: Registry, path: Path, *, check_permissions: bool = True)
         error = ExtensionError(shown, _error_line(exc, str(path)), type(exc).__name__, message)
         error.traceback = "".join(traceback.format_exception(exc))
         registry.errors.append(error)
-        registry._failed_files.append(shown)
+        registry.failed_files.append(shown)
         return
     finally:
         _loading.pop()

@@ -20,8 +20,7 @@ from typing import Any
 
 from runex.errors import NotFound
 
-RUN_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-TERMINAL_PARTITION = ("succeeded", "failed", "cancelled")
+TERMINAL_RUN = ("succeeded", "failed", "cancelled")  # a run in one of these is over
 BUSY_TIMEOUT = 60.0  # seconds a writer waits for the lock before SQLite gives up
 
 SCHEMA = [

@@ -94,8 +94,8 @@ class Registry:
         self.sources: dict[str, DataSourceSpec] = {}
         self.sinks: dict[str, SinkSpec] = {}
         self.errors: list[Exception] = []  # load problems, reported but not fatal
+        self.failed_files: list[str] = []  # extension files that failed to load
         self._ambiguous: dict[tuple[str, str], DuplicateName] = {}
-        self._failed_files: list[str] = []
 
     def _table(self, kind: str) -> dict[str, Any]:
         return {"kernel": self.kernels, "source": self.sources, "sink": self.sinks}[kind]
@@ -120,8 +120,8 @@ class Registry:
         if name in table:
             return table[name]
         message = suggest(name, table.keys(), kind)
-        if self._failed_files:
-            message += "; these extension files failed to load: " + ", ".join(self._failed_files)
+        if self.failed_files:
+            message += "; these extension files failed to load: " + ", ".join(self.failed_files)
         raise UnknownName(message)
 
     def kernel(self, name: str) -> Kernel:

@@ -249,10 +249,6 @@ class RunexConsumer(Consumer):
                 raise ConsumerStopped
         return health_check_ts
 
-    @property
-    def interrupted(self) -> bool:
-        return self._signum is not None
-
 
 def consumer(state: WorkerState, workers: int, max_delay: float,
              stop_when: Callable[[], bool] | None = None) -> RunexConsumer:
