@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from runex import extensions, tasks, trace, worker
-from runex.errors import PipelineError
+from runex.errors import NotFound, PipelineError
 from runex.ledger import TERMINAL_RUN, Ledger, new_run_id
 from runex.pipeline import Pipeline, Plan, check, load
 from runex.project import Project, chdir, cpu_count, load_profile, open_project
@@ -116,6 +116,8 @@ class Runex:
         state = worker.setup(self.registry, self.ledger, self.huey)
         stops = [f for f in (until, self._nothing_left if burst else None) if f]
         consumer = worker.consumer(state, count, float(settings.get("max_delay", 0.5)),
+                                   grace=float(settings.get("grace", 60)),
+                                   reap_every=float(settings.get("reap_every", 10)),
                                    stop_when=(lambda: any(f() for f in stops)) if stops else None)
         consumer.run()
         return consumer
@@ -137,6 +139,29 @@ class Runex:
         if not finished():
             self.work(workers, profile, until=finished)
         return self.ledger.run(run_id)
+
+    def cancel(self, ref: str) -> dict[str, Any]:
+        """Cancel a run: queued partitions never start, running ones stop at their next
+        batch, and the run ends `cancelled`."""
+        run_id = self.ledger.resolve_run_id(ref)
+        trace.logger(run_id=run_id).info("run.cancel_requested")
+        cancelled, running, complete = self.ledger.cancel(run_id, events=trace.drain())
+        if complete:
+            worker.finalize_run(worker.setup(self.registry, self.ledger, self.huey), run_id)
+        return {"run_id": run_id, "cancelled": cancelled, "running": running,
+                "status": self.ledger.run(run_id)["status"]}
+
+    def retry(self, ref: str, partition: int | None = None) -> list[int]:
+        """Queue again the failed, quarantined or cancelled partitions of a run (or one of
+        them), with a fresh retry budget; the earlier attempts are kept."""
+        run = self.ledger.run(self.ledger.resolve_run_id(ref))
+        trace.logger(run_id=run["id"]).info("run.retried", partition=partition)
+        indexes = self.ledger.retry(run["id"], partition, events=trace.drain())
+        if not indexes:
+            raise NotFound(f"run {run['id']} has no failed, quarantined or cancelled partition"
+                           + ("" if partition is None else f" with index {partition}"))
+        tasks.enqueue(self.huey, run["id"], indexes, run["priority"])
+        return indexes
 
     def show(self, ref: str) -> dict[str, Any]:
         """A run with its partitions and their attempts, as `runex show --json` prints it."""

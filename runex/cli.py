@@ -282,6 +282,42 @@ def trace(run_ref: str, as_json: bool, home: str | None, extension_dirs: tuple[s
 
 
 @cli.command()
+@click.argument("run_ref", metavar="RUN")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@project_options
+def cancel(run_ref: str, as_json: bool, home: str | None, extension_dirs: tuple[str, ...]) -> None:
+    """Cancel a run: queued partitions never start, running ones stop at their next batch.
+    RUN: a run id, a prefix, or `last`."""
+    rx = open_runex(home, extension_dirs)
+    rx.trace_to_home(console=False)
+    result = rx.cancel(run_ref)
+    if as_json:
+        dump(result)
+        return
+    click.echo(f"run {result['run_id']}: {result['cancelled']} queued partitions cancelled, "
+               f"{result['running']} running will stop at their next batch; "
+               f"status {result['status']}")
+
+
+@cli.command()
+@click.argument("run_ref", metavar="RUN")
+@click.option("--partition", type=int, help="Only this partition (its index, from `show`).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@project_options
+def retry(run_ref: str, partition: int | None, as_json: bool, home: str | None,
+          extension_dirs: tuple[str, ...]) -> None:
+    """Queue again the failed, quarantined or cancelled partitions of a run, with a fresh
+    retry budget (earlier attempts are kept). `runex worker` then runs them."""
+    rx = open_runex(home, extension_dirs)
+    rx.trace_to_home(console=False)
+    indexes = rx.retry(run_ref, partition)
+    if as_json:
+        dump({"requeued": indexes})
+        return
+    click.echo(f"re-queued {len(indexes)} partitions: {', '.join(map(str, indexes))}")
+
+
+@cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @project_options
 @click.pass_context

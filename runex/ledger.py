@@ -21,6 +21,9 @@ from typing import Any
 from runex.errors import NotFound
 
 TERMINAL_RUN = ("succeeded", "failed", "cancelled")  # a run in one of these is over
+TERMINAL_PARTITION = ("succeeded", "failed", "cancelled", "quarantined")
+_TERMINAL_SQL = "(" + ", ".join(f"'{s}'" for s in TERMINAL_PARTITION) + ")"
+LEASE_SECONDS = 60.0  # a claim not renewed for this long is lost (workers on other hosts)
 BUSY_TIMEOUT = 60.0  # seconds a writer waits for the lock before SQLite gives up
 
 SCHEMA = [
@@ -39,6 +42,7 @@ SCHEMA = [
             records_out INTEGER,
             error TEXT,
             finalizer TEXT,
+            cancel_requested INTEGER NOT NULL DEFAULT 0,
             created_at REAL NOT NULL,
             started_at REAL,
             finished_at REAL)""",
@@ -49,9 +53,11 @@ SCHEMA = [
             key TEXT NOT NULL,
             status TEXT NOT NULL,
             attempt INTEGER NOT NULL DEFAULT 0,
+            attempt_base INTEGER NOT NULL DEFAULT 0,
             records_in INTEGER,
             records_out INTEGER,
             error TEXT,
+            queued_at REAL NOT NULL,
             started_at REAL,
             finished_at REAL,
             PRIMARY KEY (run_id, idx))""",
@@ -63,6 +69,8 @@ SCHEMA = [
             status TEXT NOT NULL,
             host TEXT NOT NULL,
             pid INTEGER NOT NULL,
+            pid_started TEXT,
+            lease_until REAL,
             started_at REAL NOT NULL,
             finished_at REAL,
             records_in INTEGER,
@@ -93,6 +101,7 @@ class Claim:
     index: int
     key: Any
     attempt: int
+    attempt_base: int  # the attempt number when `runex retry` last re-queued it
     pipeline: str
     spec: dict[str, Any]
     project_dir: str
@@ -180,12 +189,12 @@ class Ledger:
                 (run_id, pipeline, json.dumps(spec), project_dir, priority,
                  len(keys), now))
             conn.executemany(
-                "INSERT INTO partitions (run_id, idx, key, status) "
-                "VALUES (?, ?, ?, 'queued')",
-                [(run_id, i, k) for i, k in enumerate(encoded)])
+                "INSERT INTO partitions (run_id, idx, key, status, queued_at) "
+                "VALUES (?, ?, ?, 'queued', ?)",
+                [(run_id, i, k, now) for i, k in enumerate(encoded)])
             self._insert_events(conn, events)
 
-    def claim(self, run_id: str, index: int, host: str, pid: int,
+    def claim(self, run_id: str, index: int, host: str, pid: int, pid_started: str | None,
               events: list[dict[str, Any]] = ()) -> Claim | None:
         """Take a queued partition, bumping its attempt number (the fencing token). None when
         it is running elsewhere, done, or its run was cancelled."""
@@ -194,20 +203,21 @@ class Ledger:
             row = conn.execute(
                 "UPDATE partitions SET status = 'running', attempt = attempt + 1, "
                 "started_at = ? WHERE run_id = ? AND idx = ? AND status = 'queued' "
-                "RETURNING attempt, key", (now, run_id, index)).fetchone()
+                "RETURNING attempt, attempt_base, key", (now, run_id, index)).fetchone()
             if row is None:
                 self._insert_events(conn, events)
                 return None
-            attempt, key = row
+            attempt, base, key = row
             conn.execute(
-                "INSERT INTO attempts (run_id, idx, attempt, status, host, pid, started_at) "
-                "VALUES (?, ?, ?, 'running', ?, ?, ?)", (run_id, index, attempt, host, pid, now))
+                "INSERT INTO attempts (run_id, idx, attempt, status, host, pid, pid_started, "
+                "lease_until, started_at) VALUES (?, ?, ?, 'running', ?, ?, ?, ?, ?)",
+                (run_id, index, attempt, host, pid, pid_started, now + LEASE_SECONDS, now))
             run = conn.execute(
                 "UPDATE runs SET status = 'running', started_at = COALESCE(started_at, ?) "
                 "WHERE id = ? RETURNING pipeline, spec, project_dir, partition_count",
                 (now, run_id)).fetchone()
             self._insert_events(conn, events)
-        return Claim(run_id, index, json.loads(key), attempt, run[0], json.loads(run[1]),
+        return Claim(run_id, index, json.loads(key), attempt, base, run[0], json.loads(run[1]),
                      run[2], run[3])
 
     def finish_attempt(self, claim: Claim, status: str, *, records_in: int = 0,
@@ -223,9 +233,10 @@ class Ledger:
         with self.tx() as conn:
             cur = conn.execute(
                 "UPDATE partitions SET status = ?, records_in = ?, records_out = ?, error = ?, "
-                "finished_at = ? WHERE run_id = ? AND idx = ? AND attempt = ? "
+                "finished_at = ?, queued_at = ? WHERE run_id = ? AND idx = ? AND attempt = ? "
                 "AND status = 'running'",
-                (part_status, records_in, records_out, error, None if requeue else now, *key))
+                (part_status, records_in, records_out, error, None if requeue else now, now,
+                 *key))
             applied = cur.rowcount == 1
             conn.execute(
                 "UPDATE attempts SET status = ?, finished_at = ?, records_in = ?, "
@@ -234,10 +245,123 @@ class Ledger:
                 (status if applied else "fenced", now, records_in, records_out, error,
                  traceback, *key))
             self._insert_events(conn, events)
-            complete = applied and not requeue and conn.execute(
-                "SELECT COUNT(*) FROM partitions WHERE run_id = ? AND status NOT IN "
-                "('succeeded', 'failed', 'cancelled')", (claim.run_id,)).fetchone()[0] == 0
+            complete = applied and not requeue and self._complete(conn, claim.run_id)
         return applied, complete
+
+    @staticmethod
+    def _complete(conn: sqlite3.Connection, run_id: str) -> bool:
+        return conn.execute(
+            f"SELECT COUNT(*) FROM partitions WHERE run_id = ? AND status NOT IN {_TERMINAL_SQL}",
+            (run_id,)).fetchone()[0] == 0
+
+    def renew_lease(self, claim: Claim) -> bool:
+        """Extend a running attempt's lease; False once it is no longer running."""
+        with self.tx() as conn:
+            return conn.execute(
+                "UPDATE attempts SET lease_until = ? WHERE run_id = ? AND idx = ? "
+                "AND attempt = ? AND status = 'running'",
+                (time.time() + LEASE_SECONDS, claim.run_id, claim.index, claim.attempt)
+            ).rowcount == 1
+
+    def running_attempts(self) -> list[dict[str, Any]]:
+        return self._rows("SELECT run_id, idx, attempt, host, pid, pid_started, lease_until "
+                          "FROM attempts WHERE status = 'running'")
+
+    def lose_attempt(self, run_id: str, index: int, attempt: int, reason: str,
+                     quarantine_after: int, events: list[dict[str, Any]] = ()
+                     ) -> tuple[str | None, bool]:
+        """Declare a running attempt lost (its worker died). The partition goes back to the
+        queue, or, lost `quarantine_after` times, to `quarantined`. Returns (the partition's
+        new status or None if the attempt had already ended, run_complete)."""
+        now = time.time()
+        with self.tx() as conn:
+            cur = conn.execute(
+                "UPDATE attempts SET status = 'lost', finished_at = ?, error = ? "
+                "WHERE run_id = ? AND idx = ? AND attempt = ? AND status = 'running'",
+                (now, reason, run_id, index, attempt))
+            if cur.rowcount != 1:
+                return None, False
+            lost = conn.execute(
+                "SELECT COUNT(*) FROM attempts a JOIN partitions p ON p.run_id = a.run_id "
+                "AND p.idx = a.idx WHERE a.run_id = ? AND a.idx = ? AND a.status = 'lost' "
+                "AND a.attempt > p.attempt_base", (run_id, index)).fetchone()[0]
+            if lost >= quarantine_after:
+                status = "quarantined"
+                error = (f"quarantined: lost {lost} times, its worker died each time (killed, "
+                         "or out of memory?); fix the cause, then `runex retry`")
+            else:
+                status, error = "queued", None
+            cur = conn.execute(
+                "UPDATE partitions SET status = ?, error = ?, queued_at = ?, finished_at = ? "
+                "WHERE run_id = ? AND idx = ? AND attempt = ? AND status = 'running'",
+                (status, error, now, now if status == "quarantined" else None,
+                 run_id, index, attempt))
+            self._insert_events(conn, events)
+            complete = status == "quarantined" and self._complete(conn, run_id)
+        return status, complete
+
+    def queued_before(self, cutoff: float) -> list[tuple[str, int, int]]:
+        """(run id, index, priority) of partitions queued since before `cutoff`."""
+        return self.conn.execute(
+            "SELECT p.run_id, p.idx, r.priority FROM partitions p JOIN runs r ON r.id = p.run_id "
+            "WHERE p.status = 'queued' AND p.queued_at < ?", (cutoff,)).fetchall()
+
+    def unfinalized_runs(self) -> list[tuple[str, str | None]]:
+        """(id, finalizer) of runs whose partitions are all over but that are not finished:
+        nobody finalized them, or their finalizer died."""
+        return self.conn.execute(
+            f"SELECT id, finalizer FROM runs r WHERE status IN ('queued', 'running') AND NOT "
+            f"EXISTS (SELECT 1 FROM partitions p WHERE p.run_id = r.id AND p.status NOT IN "
+            f"{_TERMINAL_SQL})").fetchall()
+
+    def release_finalizer(self, run_id: str, finalizer: str) -> None:
+        with self.tx() as conn:
+            conn.execute("UPDATE runs SET finalizer = NULL WHERE id = ? AND finalizer = ? "
+                         "AND status IN ('queued', 'running')", (run_id, finalizer))
+
+    def cancel(self, run_id: str, events: list[dict[str, Any]] = ()) -> tuple[int, int, bool]:
+        """Cancel a run: queued partitions never start, running ones stop at their next batch.
+        Returns (partitions cancelled now, partitions still running, run_complete)."""
+        now = time.time()
+        with self.tx() as conn:
+            conn.execute("UPDATE runs SET cancel_requested = 1 WHERE id = ? "
+                         "AND status IN ('queued', 'running')", (run_id,))
+            cancelled = conn.execute(
+                "UPDATE partitions SET status = 'cancelled', finished_at = ?, "
+                "error = 'cancelled before it started' WHERE run_id = ? AND status = 'queued'",
+                (now, run_id)).rowcount
+            running = conn.execute(
+                "SELECT COUNT(*) FROM partitions WHERE run_id = ? AND status = 'running'",
+                (run_id,)).fetchone()[0]
+            self._insert_events(conn, events)
+            complete = self._complete(conn, run_id)
+        return cancelled, running, complete
+
+    def cancel_requested(self, run_id: str) -> bool:
+        row = self.conn.execute("SELECT cancel_requested FROM runs WHERE id = ?",
+                                (run_id,)).fetchone()
+        return bool(row and row[0])
+
+    def retry(self, run_id: str, index: int | None = None,
+              events: list[dict[str, Any]] = ()) -> list[int]:
+        """Re-queue the failed, quarantined and cancelled partitions of a run (or only
+        `index`), with a fresh retry budget; their earlier attempts are kept. Returns the
+        indexes re-queued."""
+        now = time.time()
+        only = "" if index is None else " AND idx = ?"
+        with self.tx() as conn:
+            rows = conn.execute(
+                "UPDATE partitions SET status = 'queued', attempt_base = attempt, error = NULL, "
+                "finished_at = NULL, queued_at = ? WHERE run_id = ? AND status IN "
+                f"('failed', 'quarantined', 'cancelled'){only} RETURNING idx",
+                (now, run_id) + (() if index is None else (index,))).fetchall()
+            if rows:
+                conn.execute(
+                    "UPDATE runs SET status = CASE WHEN started_at IS NULL THEN 'queued' "
+                    "ELSE 'running' END, finalizer = NULL, finished_at = NULL, error = NULL, "
+                    "cancel_requested = 0 WHERE id = ?", (run_id,))
+                self._insert_events(conn, events)
+        return sorted(r[0] for r in rows)
 
     def claim_finalize(self, run_id: str, worker: str) -> bool:
         """Exactly one caller wins the right to finalize a run whose partitions are all done."""
@@ -320,7 +444,8 @@ class Ledger:
     def unfinished_partitions(self) -> int:
         """Partitions queued or running in any run: zero means a burst worker may stop."""
         return self.conn.execute(
-            "SELECT COUNT(*) FROM partitions WHERE status IN ('queued', 'running')").fetchone()[0]
+            "SELECT COUNT(*) FROM partitions WHERE status IN ('queued', 'running')"
+        ).fetchone()[0]
 
 
 def _retry_locked(fn: Any, timeout: float = BUSY_TIMEOUT) -> Any:

@@ -31,10 +31,12 @@ class Options:
     timeout: float | None = None  # seconds per attempt
     batch_size: int = 1000
     priority: int = 0  # higher runs first
+    quarantine_after: int = 3  # a partition whose worker died this many times is quarantined
 
 
 OPTION_TYPES = {"retries": int, "retry_delay": "duration", "max_retry_delay": "duration",
-                "timeout": "duration", "batch_size": int, "priority": int}
+                "timeout": "duration", "batch_size": int, "priority": int,
+                "quarantine_after": int}
 
 
 @dataclass

@@ -20,7 +20,7 @@ from runex.errors import ConfigError
 
 CONFIG_FILE = "runex.toml"
 PACKAGE_DIR = Path(__file__).parent
-PROFILE_KEYS = {"workers", "max_delay", "extensions", "batch_size"}
+PROFILE_KEYS = {"workers", "max_delay", "grace", "reap_every", "extensions"}
 
 
 @dataclass

@@ -7,9 +7,11 @@ in the consumer, before it forks its workers, so every worker starts with them i
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -22,11 +24,12 @@ from typing import Any
 
 from huey.consumer import Consumer, ConsumerStopped
 
-from runex import tasks, trace
+from runex import reaper, tasks, trace
 from runex.errors import PartitionTimeout
-from runex.ledger import Claim, Ledger
+from runex.ledger import LEASE_SECONDS, Claim, Ledger
 from runex.pipeline import Pipeline, Plan, check
 from runex.project import chdir
+from runex.reaper import process_start
 from runex.registry import Registry, SinkContext
 
 
@@ -39,15 +42,16 @@ class WorkerState:
     huey: Any
     plans: dict[str, Plan] = field(default_factory=dict)
 
-    def plan(self, claim: Claim) -> Plan:
-        plan = self.plans.get(claim.run_id)
+    def plan(self, run_id: str, spec: dict[str, Any]) -> Plan:
+        plan = self.plans.get(run_id)
         if plan is None:
-            plan = check(Pipeline.from_dict(claim.spec), self.registry)
-            self.plans = {claim.run_id: plan}  # one run at a time is the common case
+            plan = check(Pipeline.from_dict(spec), self.registry)
+            self.plans = {run_id: plan}  # one run at a time is the common case
         return plan
 
 
 _state: WorkerState | None = None
+_START = process_start(os.getpid())  # this process's start time, reset after a fork
 
 
 def setup(registry: Registry, ledger: Ledger, huey: Any) -> WorkerState:
@@ -75,7 +79,8 @@ def execute(run_id: str, index: int) -> None:
     """Run one partition: the body of runex's huey task."""
     state = _state
     assert state is not None, "runex.worker.setup() was not called in this process"
-    claim = state.ledger.claim(run_id, index, trace.HOST, os.getpid(), events=trace.drain())
+    claim = state.ledger.claim(run_id, index, trace.HOST, os.getpid(), _START,
+                               events=trace.drain())
     if claim is None:
         return  # running elsewhere, done, or cancelled: a duplicate message is harmless
     log = trace.logger(run_id=run_id, pipeline=claim.pipeline, partition=claim.key,
@@ -85,12 +90,22 @@ def execute(run_id: str, index: int) -> None:
     stats = Stats()
     started = time.perf_counter()
     try:
-        plan = state.plan(claim)
-        with chdir(Path(claim.project_dir)), deadline(options.timeout):
-            process(plan, claim, stats)
+        plan = state.plan(claim.run_id, claim.spec)
+        with chdir(Path(claim.project_dir)), deadline(options.timeout), Lease(state, claim):
+            process(plan, claim, stats, Cancellation(state.ledger, run_id))
+    except KeyboardInterrupt:
+        # The consumer stopped this worker mid-partition: give the partition back.
+        log.warning("partition.interrupted", records_in=stats.records_in)
+        applied, _ = state.ledger.finish_attempt(
+            claim, "interrupted", error="the worker was stopped", requeue=True,
+            events=trace.drain())
+        if applied:
+            tasks.enqueue(state.huey, run_id, [index], options.priority)
+        raise
     except Exception as exc:  # noqa: BLE001 - a partition's failure must not stop the worker
-        status = "timeout" if isinstance(exc, PartitionTimeout) else "failed"
-        retry = claim.attempt <= options.retries
+        status = ("timeout" if isinstance(exc, PartitionTimeout)
+                  else "cancelled" if isinstance(exc, RunCancelled) else "failed")
+        retry = status != "cancelled" and claim.attempt - claim.attempt_base <= options.retries
         delay = backoff(claim.attempt, options.retry_delay, options.max_retry_delay)
         error = f"{type(exc).__name__}: {exc}"
         _log_steps(log, stats)
@@ -114,7 +129,7 @@ def execute(run_id: str, index: int) -> None:
         log.warning("partition.fenced", reason="a newer attempt holds this partition")
         state.ledger.add_events(trace.drain())
     if complete:
-        finalize(state, claim)
+        finalize_run(state, run_id)
 
 
 def _log_steps(log: Any, stats: Stats) -> None:
@@ -123,16 +138,61 @@ def _log_steps(log: Any, stats: Stats) -> None:
                  records_out=step.records_out, seconds=round(step.seconds, 4))
 
 
-def process(plan: Plan, claim: Claim, stats: Stats) -> None:
+class RunCancelled(Exception):
+    """`runex cancel` was asked for the run of the partition being processed."""
+
+
+class Cancellation:
+    """Tells, at most every `every` seconds (a ledger read), whether the run was cancelled."""
+
+    def __init__(self, ledger: Ledger, run_id: str, every: float = 0.5):
+        self.ledger, self.run_id, self.every = ledger, run_id, every
+        self.next_check = time.monotonic() + every
+
+    def check(self) -> None:
+        now = time.monotonic()
+        if now >= self.next_check:
+            self.next_check = now + self.every
+            if self.ledger.cancel_requested(self.run_id):
+                raise RunCancelled("the run was cancelled")
+
+
+class Lease:
+    """Renews the claim's lease from a thread while the partition is processed (and only
+    then, so an idle worker writes nothing). Uses its own ledger connection."""
+
+    def __init__(self, state: WorkerState, claim: Claim):
+        self.claim = claim
+        self.ledger = Ledger(state.ledger.path)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._renew, daemon=True, name="runex-lease")
+
+    def _renew(self) -> None:
+        while not self.stop.wait(LEASE_SECONDS / 3):
+            if not self.ledger.renew_lease(self.claim):
+                return
+
+    def __enter__(self) -> Lease:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.ledger.close()
+
+
+def process(plan: Plan, claim: Claim, stats: Stats, cancel: Cancellation | None = None) -> None:
     """Read the partition, run the steps batch by batch, and hand the stream to the sink."""
     records = plan.source_read(claim.key, **plan.source_read_params)
     ctx = SinkContext(run_id=claim.run_id, pipeline=claim.pipeline, params=plan.sink_params,
                       partition=claim.key, index=claim.index, attempt=claim.attempt,
                       partition_count=claim.partition_count)
-    plan.sink_write(ctx, stream(records, plan, stats))
+    plan.sink_write(ctx, stream(records, plan, stats, cancel))
 
 
-def stream(records: Iterable[dict], plan: Plan, stats: Stats) -> Iterator[dict]:
+def stream(records: Iterable[dict], plan: Plan, stats: Stats,
+           cancel: Cancellation | None = None) -> Iterator[dict]:
     """Batches of `batch_size` records through every step; memory stays one batch deep."""
     steps = []
     for kernel, params in plan.kernels:
@@ -144,6 +204,8 @@ def stream(records: Iterable[dict], plan: Plan, stats: Stats) -> Iterator[dict]:
     source = iter(records)
     clock = time.perf_counter
     while batch := list(islice(source, size)):
+        if cancel is not None:
+            cancel.check()
         stats.records_in += len(batch)
         for fn, is_batch, step in steps:
             step.records_in += len(batch)
@@ -160,12 +222,12 @@ def stream(records: Iterable[dict], plan: Plan, stats: Stats) -> Iterator[dict]:
         yield from batch
 
 
-def finalize(state: WorkerState, claim: Claim) -> None:
-    """Called when the last partition of a run is terminal; exactly one caller proceeds."""
-    run_id = claim.run_id
+def finalize_run(state: WorkerState, run_id: str) -> None:
+    """Called when the last partition of a run is over; exactly one caller proceeds."""
     if not state.ledger.claim_finalize(run_id, f"{trace.HOST}:{os.getpid()}"):
         return
-    log = trace.logger(run_id=run_id, pipeline=claim.pipeline)
+    run = state.ledger.run(run_id)
+    log = trace.logger(run_id=run_id, pipeline=run["pipeline"])
     parts = state.ledger.partitions(run_id)
     bad = [p for p in parts if p["status"] != "succeeded"]
     error = None
@@ -175,18 +237,17 @@ def finalize(state: WorkerState, claim: Claim) -> None:
         error = f"{len(bad)} of {len(parts)} partitions did not succeed: {shown}{more}"
     else:
         try:
-            plan = state.plan(claim)
+            plan = state.plan(run_id, json.loads(run["spec"]))
             if plan.sink_finalize is not None:
-                ctx = SinkContext(run_id=run_id, pipeline=claim.pipeline,
+                ctx = SinkContext(run_id=run_id, pipeline=run["pipeline"],
                                   params=plan.sink_params, partition_count=len(parts))
-                with chdir(Path(claim.project_dir)):
+                with chdir(Path(run["project_dir"])):
                     plan.sink_finalize(ctx)
         except Exception as exc:  # noqa: BLE001 - reported as the run's error
             error = f"the sink's finalize step failed: {type(exc).__name__}: {exc}"
             log.error("run.finalize_failed", error=error,
                       traceback="".join(traceback.format_exception(exc)))
-    status = ("cancelled" if bad and all(p["status"] == "cancelled" for p in bad)
-              else "failed" if error else "succeeded")
+    status = ("cancelled" if run["cancel_requested"] else "failed" if error else "succeeded")
     log.info("run.finished", status=status, partitions=len(parts),
              records_in=sum(p["records_in"] or 0 for p in parts),
              records_out=sum(p["records_out"] or 0 for p in parts), error=error)
@@ -225,23 +286,49 @@ _fork_hook = False
 def _after_fork() -> None:
     """A worker must not use the queue connection of the process it was forked from (the
     ledger re-opens its own by itself, see `Ledger.conn`)."""
+    global _START
+    _START = process_start(os.getpid())
     if _state is not None:
         _state.huey.storage._conn = None
+    die_with_parent()
+
+
+def die_with_parent() -> None:
+    """On Linux, have the kernel SIGKILL this worker when its consumer dies, so that a killed
+    consumer leaves no orphan consuming the queue (the reaper recovers what it held)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 class RunexConsumer(Consumer):
     """huey's consumer, plus a check in its main loop that can end it (burst mode, `run`)."""
 
     def __init__(self, huey: Any, stop_when: Callable[[], bool] | None = None,
-                 check_every: float = 0.2, **options: Any):
+                 check_every: float = 0.2, reap_every: float = 10.0, **options: Any):
         super().__init__(huey, **options)
+        # SIGTERM drains like SIGINT: no new partitions, running ones finish within the
+        # grace period (shutdown_timeout); a second signal stops at once.
+        self._signal_actions[signal.SIGTERM] = (False, True)
         self.stop_when = stop_when
         self.check_every = check_every
-        self._next_check = 0.0
+        self.reap_every = reap_every
+        self._next_check = self._next_reap = 0.0
 
     def loop(self, health_check_ts: float | None = None) -> float | None:
         health_check_ts = super().loop(health_check_ts)
         now = time.monotonic()
+        if _state is not None and now >= self._next_reap:
+            self._next_reap = now + self.reap_every
+            try:
+                reaper.reap(_state)
+            except Exception:  # noqa: BLE001 - the next round tries again
+                trace.logger().exception("reaper.failed")
         if self.stop_when is not None and now >= self._next_check:
             self._next_check = now + self.check_every
             if self.stop_when():
@@ -250,7 +337,8 @@ class RunexConsumer(Consumer):
         return health_check_ts
 
 
-def consumer(state: WorkerState, workers: int, max_delay: float,
+def consumer(state: WorkerState, workers: int, max_delay: float, grace: float | None = None,
+             reap_every: float = 10.0,
              stop_when: Callable[[], bool] | None = None) -> RunexConsumer:
     """A consumer of `workers` processes over the queue of `state`, not yet started."""
     global _fork_hook
@@ -258,7 +346,9 @@ def consumer(state: WorkerState, workers: int, max_delay: float,
         os.register_at_fork(after_in_child=_after_fork)
         _fork_hook = True
     state.ledger.close()
-    return RunexConsumer(state.huey, stop_when=stop_when, workers=workers, worker_type="process",
+    return RunexConsumer(state.huey, stop_when=stop_when, reap_every=reap_every,
+                         workers=workers, worker_type="process",
                          periodic=False, initial_delay=min(0.05, max_delay),
                          max_delay=max_delay, backoff=1.15, scheduler_interval=1,
-                         check_worker_health=True, health_check_interval=2)
+                         check_worker_health=True, health_check_interval=2,
+                         shutdown_timeout=grace)

@@ -1,0 +1,114 @@
+"""Recovery of work whose worker died: runs in every consumer, at start and periodically.
+
+huey deletes a message before running it, so a worker killed mid-partition takes its message
+with it. The ledger still says `running`; the reaper finds such attempts (their process gone,
+or replaced by another with the same pid, or, for other hosts, their lease expired), records
+them as `lost` and queues the partition again, or quarantines a partition that was lost too
+often. It also re-queues queued partitions whose message vanished, and finalizes runs whose
+finalizing worker died. It only reads unless it finds something to mend.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from runex import tasks, trace
+from runex.pipeline import Pipeline
+
+
+def process_start(pid: int) -> str | None:
+    """The start time of process `pid` in clock ticks since boot (Linux), which tells a pid
+    reused by a new process from the one that claimed a partition; None where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def alive(pid: int, started: str | None) -> bool:
+    if started is not None and os.path.exists("/proc/self/stat"):
+        return process_start(pid) == started
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_lost(state: Any, now: float | None = None) -> int:
+    """Declare lost the running attempts whose worker is gone; returns how many."""
+    from runex.worker import finalize_run
+
+    now = now or time.time()
+    found = 0
+    for a in state.ledger.running_attempts():
+        local = a["host"] == trace.HOST
+        if local and alive(a["pid"], a["pid_started"]):
+            continue
+        if not local and (a["lease_until"] or 0) > now:
+            continue
+        run = state.ledger.run(a["run_id"])
+        options = Pipeline.from_dict(json.loads(run["spec"])).options
+        reason = (f"worker pid {a['pid']} on {a['host']} is gone" if local
+                  else f"lease of worker pid {a['pid']} on {a['host']} expired")
+        trace.logger(run_id=a["run_id"], pipeline=run["pipeline"], partition_index=a["idx"],
+                     attempt=a["attempt"]).warning("partition.lost", reason=reason)
+        status, complete = state.ledger.lose_attempt(
+            a["run_id"], a["idx"], a["attempt"], reason, options.quarantine_after,
+            events=trace.drain())
+        if status is None:
+            continue
+        found += 1
+        if status == "queued":
+            tasks.enqueue(state.huey, a["run_id"], [a["idx"]], options.priority)
+        if complete:
+            finalize_run(state, a["run_id"])
+    return found
+
+
+def requeue_vanished(state: Any, older_than: float = 30.0) -> int:
+    """Queue again the partitions queued for a while that have no message on the queue."""
+    waiting = state.ledger.queued_before(time.time() - older_than)
+    if not waiting:
+        return 0
+    present = set()
+    storage = state.huey.storage
+    for raw in storage.enqueued_items() + storage.scheduled_items():
+        try:
+            args = json.loads(bytes(raw))["message"]["args"]
+            present.add((args[0], args[1]))
+        except (ValueError, KeyError, IndexError, TypeError):
+            continue  # not ours, or unreadable: huey drops it when a worker takes it
+    missing = [(run_id, idx, prio) for run_id, idx, prio in waiting
+               if (run_id, idx) not in present]
+    for run_id, idx, priority in missing:
+        trace.logger(run_id=run_id, partition_index=idx).warning(
+            "partition.requeued", reason="its queue message vanished")
+        tasks.enqueue(state.huey, run_id, [idx], priority)
+    state.ledger.add_events(trace.drain())
+    return len(missing)
+
+
+def reap_unfinalized(state: Any) -> int:
+    from runex.worker import finalize_run
+
+    runs = state.ledger.unfinalized_runs()
+    for run_id, finalizer in runs:
+        if finalizer:
+            host, _, pid = finalizer.rpartition(":")
+            if host != trace.HOST or alive(int(pid), None):
+                continue  # being finalized right now, or by another host
+            state.ledger.release_finalizer(run_id, finalizer)
+        finalize_run(state, run_id)
+    return len(runs)
+
+
+def reap(state: Any) -> dict[str, int]:
+    return {"lost": reap_lost(state), "vanished": requeue_vanished(state),
+            "finalized": reap_unfinalized(state)}
