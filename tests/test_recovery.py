@@ -1,0 +1,204 @@
+"""Crash recovery, fencing, cancel and retry, with real processes where it matters."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from runex import Runex, reaper, trace, worker
+
+from .conftest import drain, runex_cli, show, write
+
+EXT = """
+    import os, signal, time
+    from runex import register_kernel
+
+    @register_kernel("work")
+    def work(record, pause=0.0, die_on=-1, fail_unless=""):
+        if record["n"] == die_on:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if fail_unless and not os.path.exists(fail_unless):
+            raise RuntimeError("not yet")
+        time.sleep(pause)
+        return {**record, "sq": record["n"] ** 2}
+"""
+
+
+def make(project, stop=40, size=10, pause=0.0, die_on=-1, fail_unless="", options=""):
+    write(project / "extensions" / "k.py", EXT)
+    write(project / "workers" / "fast.toml", "reap_every = 0.3\nmax_delay = 0.1\ngrace = 20\n")
+    return write(project / "pipelines" / "p.toml", f"""
+        [source]
+        use = "range"
+        stop = {stop}
+        size = {size}
+        [[steps]]
+        use = "work"
+        pause = {pause}
+        die_on = {die_on}
+        fail_unless = "{fail_unless}"
+        [sink]
+        use = "sqlite"
+        path = "out/sq.db"
+        table = "sq"
+        [options]
+        batch_size = 1
+        {options}
+    """)
+
+
+def consumer(project, workers=1, profile="fast"):
+    return subprocess.Popen([sys.executable, "-m", "runex", "worker", "-w", str(workers),
+                             "--profile", profile], cwd=project, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+
+
+def wait_for(predicate, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def ledger(project, sql, args=()):
+    with sqlite3.connect(project / ".runex" / "ledger.db") as conn:
+        return conn.execute(sql, args).fetchall()
+
+
+def running_pid(project):
+    rows = ledger(project, "SELECT pid FROM attempts WHERE status = 'running'")
+    return rows[0][0] if rows else None
+
+
+def stop(proc):
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def test_a_killed_worker_loses_nothing_and_doubles_nothing(project):
+    make(project, stop=40, size=10, pause=0.05)
+    run_id = runex_cli("submit", "pipelines/p.toml", cwd=project, check=True).stdout.strip()
+    proc = consumer(project)
+    try:
+        os.kill(wait_for(lambda: running_pid(project)), signal.SIGKILL)  # mid-partition
+        wait_for(lambda: ledger(project, "SELECT status FROM runs")[0][0] == "succeeded")
+    finally:
+        stop(proc)
+    with sqlite3.connect(project / "out" / "sq.db") as conn:
+        assert conn.execute("SELECT COUNT(*), COUNT(DISTINCT n) FROM sq").fetchone() == (40, 40)
+    data = json.loads(runex_cli("show", run_id, "--json", cwd=project, check=True).stdout)
+    statuses = [[a["status"] for a in p["attempts"]] for p in data["partitions"]]
+    assert ["lost", "succeeded"] in statuses
+    lost = next(a for p in data["partitions"] for a in p["attempts"] if a["status"] == "lost")
+    assert lost["error"].startswith(f"worker pid {lost['pid']} on ")
+
+
+def test_a_partition_that_kills_its_worker_is_quarantined(project):
+    make(project, stop=30, size=10, die_on=15, options="quarantine_after = 2")
+    runex_cli("submit", "pipelines/p.toml", cwd=project, check=True)
+    proc = consumer(project)
+    try:
+        wait_for(lambda: ledger(project, "SELECT status FROM runs")[0][0] == "failed")
+    finally:
+        stop(proc)
+    parts = ledger(project, "SELECT idx, status, error FROM partitions ORDER BY idx")
+    assert [p[1] for p in parts] == ["succeeded", "quarantined", "succeeded"]
+    assert parts[1][2].startswith("quarantined: lost 2 times")
+    assert ledger(project, "SELECT status FROM attempts WHERE idx = 1") == [("lost",), ("lost",)]
+
+
+def test_killing_the_consumer_leaves_no_orphan_worker(project):
+    make(project, stop=10, size=10, pause=1.0)
+    runex_cli("submit", "pipelines/p.toml", cwd=project, check=True)
+    proc = consumer(project, workers=2)
+    child = wait_for(lambda: running_pid(project))
+    os.kill(proc.pid, signal.SIGKILL)  # only the parent
+    proc.wait(timeout=10)
+    wait_for(lambda: not reaper.alive(child, None), timeout=10)
+
+
+def test_sigterm_drains_running_partitions(project):
+    make(project, stop=30, size=10, pause=0.05)
+    runex_cli("submit", "pipelines/p.toml", cwd=project, check=True)
+    proc = consumer(project)
+    wait_for(lambda: running_pid(project))
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    statuses = sorted(s for (s,) in ledger(project, "SELECT status FROM partitions"))
+    assert statuses == ["queued", "queued", "succeeded"]  # the running one finished
+    assert ledger(project, "SELECT status FROM attempts") == [("succeeded",)]
+
+
+def test_a_stale_attempt_is_fenced(project):
+    make(project, stop=10, size=10)
+    rx = Runex()
+    run_id = rx.submit("pipelines/p.toml")
+    first = rx.ledger.claim(run_id, 0, trace.HOST, 1, None)
+    assert rx.ledger.lose_attempt(run_id, 0, 1, "test", 3) == ("queued", False)
+    second = rx.ledger.claim(run_id, 0, trace.HOST, 2, None)
+    assert (first.attempt, second.attempt) == (1, 2)
+    assert rx.ledger.finish_attempt(first, "succeeded") == (False, False)  # fenced
+    assert rx.ledger.finish_attempt(second, "succeeded") == (True, True)
+    assert [a["status"] for a in show(rx, run_id)["partitions"][0]["attempts"]] == [
+        "lost", "succeeded"]
+
+
+def test_a_vanished_message_is_requeued(project):
+    make(project, stop=20, size=10)
+    rx = Runex()
+    run_id = rx.submit("pipelines/p.toml")
+    rx.huey.storage.flush_queue()  # as if a worker died between dequeue and claim
+    state = worker.setup(rx.registry, rx.ledger, rx.huey)
+    assert reaper.requeue_vanished(state, older_than=0) == 2
+    assert reaper.requeue_vanished(state, older_than=0) == 0  # messages are back
+    drain(rx)
+    assert show(rx, run_id)["status"] == "succeeded"
+
+
+def test_cancel_before_start_and_retry_with_a_fresh_budget(project):
+    make(project, stop=20, size=10, fail_unless="go", options='retries = 1\nretry_delay = "10ms"')
+    rx = Runex()
+    run_id = rx.submit("pipelines/p.toml")
+    assert rx.cancel(run_id) == {"run_id": run_id, "cancelled": 2, "running": 0,
+                                 "status": "cancelled"}
+    assert rx.huey.dequeue() is not None  # the message is still there, but claims nothing
+    drain(rx)
+    assert show(rx, run_id)["status"] == "cancelled"
+    assert rx.retry(run_id) == [0, 1]
+    drain(rx)
+    data = show(rx, run_id)
+    assert data["status"] == "failed"  # the kernel fails until "go" exists
+    assert [a["status"] for a in data["partitions"][0]["attempts"]] == ["failed", "failed"]
+    (project / "go").touch()
+    assert rx.retry(run_id, partition=1) == [1]
+    drain(rx)
+    assert [a["status"] for a in show(rx, run_id)["partitions"][1]["attempts"]] == [
+        "failed", "failed", "succeeded"]
+    assert rx.retry(run_id) == [0]
+    drain(rx)
+    assert show(rx, run_id)["status"] == "succeeded"
+    with pytest.raises(Exception, match="has no failed, quarantined or cancelled partition"):
+        rx.retry(run_id)
+
+
+def test_cancel_stops_a_running_partition_at_its_next_batch(project):
+    make(project, stop=200, size=100, pause=0.02)
+    run_id = runex_cli("submit", "pipelines/p.toml", cwd=project, check=True).stdout.strip()
+    proc = consumer(project)
+    try:
+        wait_for(lambda: running_pid(project))
+        result = runex_cli("cancel", run_id, cwd=project, check=True)
+        assert "1 queued partitions cancelled, 1 running will stop" in result.stdout
+        wait_for(lambda: ledger(project, "SELECT status FROM runs")[0][0] == "cancelled")
+    finally:
+        stop(proc)
+    (status, records_in), = ledger(project, "SELECT status, records_in FROM attempts")
+    assert status == "cancelled" and records_in < 100
