@@ -133,7 +133,7 @@ class Ledger:
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
         conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None,
                                check_same_thread=False)
-        _retry_locked(lambda: conn.execute("PRAGMA journal_mode=WAL"))
+        retry_locked(lambda: conn.execute("PRAGMA journal_mode=WAL"))
         conn.execute("PRAGMA synchronous=NORMAL")
         self._migrate(conn)
         return conn
@@ -448,7 +448,7 @@ class Ledger:
         ).fetchone()[0]
 
 
-def _retry_locked(fn: Any, timeout: float = BUSY_TIMEOUT) -> Any:
+def retry_locked(fn: Any, timeout: float = BUSY_TIMEOUT) -> Any:
     """Retry a statement that SQLite refuses with 'database is locked' without waiting on its
     busy handler (switching a new file to WAL is one)."""
     deadline = time.monotonic() + timeout

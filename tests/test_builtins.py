@@ -121,3 +121,4 @@ def test_file_sinks_replace_their_part_and_merge_in_order(registry, tmp_path, ki
         assert [json.loads(line)["n"] for line in text.splitlines()] == [1, 2, 3]
     else:
         assert text.splitlines() == ["n", "1", "2", "3"]
+

@@ -17,6 +17,7 @@ import sqlite3
 import time
 
 from runex import DataSourceSpec, SinkSpec
+from runex.ledger import retry_locked
 
 BUSY_TIMEOUT = 60.0
 
@@ -84,7 +85,9 @@ def connect(path):
     if conn is None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None)
-        conn.execute("PRAGMA journal_mode=WAL")
+        # Switching a new file to WAL fails at once, not after the busy timeout, while
+        # another process holds it: retried.
+        retry_locked(lambda: conn.execute("PRAGMA journal_mode=WAL"))
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute(MARKERS)
         _connections[key] = conn
