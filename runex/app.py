@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from runex import extensions, tasks, trace, worker
+from runex import consumer, extensions, tasks, trace, worker
 from runex.errors import NotFound, PipelineError
 from runex.ledger import TERMINAL_RUN, Ledger, new_run_id
 from runex.pipeline import Pipeline, Plan, check, load
@@ -103,7 +103,7 @@ class Runex:
         return keys
 
     def work(self, workers: int | None = None, profile: str | None = None, burst: bool = False,
-             until: Callable[[], bool] | None = None) -> worker.RunexConsumer:
+             until: Callable[[], bool] | None = None) -> consumer.RunexConsumer:
         """Process the queue with `workers` processes until stopped by a signal, or (`burst`)
         until nothing is queued or running, or until `until()` is true. Blocks."""
         settings = load_profile(self.project, profile)
@@ -115,12 +115,12 @@ class Runex:
             self.trace_to_home()
         state = worker.setup(self.registry, self.ledger, self.huey)
         stops = [f for f in (until, self._nothing_left if burst else None) if f]
-        consumer = worker.consumer(state, count, float(settings.get("max_delay", 0.5)),
-                                   grace=float(settings.get("grace", 60)),
-                                   reap_every=float(settings.get("reap_every", 10)),
-                                   stop_when=(lambda: any(f() for f in stops)) if stops else None)
-        consumer.run()
-        return consumer
+        runner = consumer.make(state, count, float(settings.get("max_delay", 0.5)),
+                               grace=float(settings.get("grace", 60)),
+                               reap_every=float(settings.get("reap_every", 10)),
+                               stop_when=(lambda: any(f() for f in stops)) if stops else None)
+        runner.run()
+        return runner
 
     def _nothing_left(self) -> bool:
         return self.ledger.unfinished_partitions() == 0

@@ -11,40 +11,15 @@ finalizing worker died. It only reads unless it finds something to mend.
 from __future__ import annotations
 
 import json
-import os
 import time
-from typing import Any
 
 from runex import tasks, trace
 from runex.pipeline import Pipeline
+from runex.worker import WorkerState, alive, finalize_run
 
 
-def process_start(pid: int) -> str | None:
-    """The start time of process `pid` in clock ticks since boot (Linux), which tells a pid
-    reused by a new process from the one that claimed a partition; None where unknown."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def alive(pid: int, started: str | None) -> bool:
-    if started is not None and os.path.exists("/proc/self/stat"):
-        return process_start(pid) == started
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def reap_lost(state: Any, now: float | None = None) -> int:
+def reap_lost(state: WorkerState, now: float | None = None) -> int:
     """Declare lost the running attempts whose worker is gone; returns how many."""
-    from runex.worker import finalize_run
-
     now = now or time.time()
     found = 0
     for a in state.ledger.running_attempts():
@@ -72,7 +47,7 @@ def reap_lost(state: Any, now: float | None = None) -> int:
     return found
 
 
-def requeue_vanished(state: Any, older_than: float = 30.0) -> int:
+def requeue_vanished(state: WorkerState, older_than: float = 30.0) -> int:
     """Queue again the partitions queued for a while that have no message on the queue."""
     waiting = state.ledger.queued_before(time.time() - older_than)
     if not waiting:
@@ -95,9 +70,7 @@ def requeue_vanished(state: Any, older_than: float = 30.0) -> int:
     return len(missing)
 
 
-def reap_unfinalized(state: Any) -> int:
-    from runex.worker import finalize_run
-
+def reap_unfinalized(state: WorkerState) -> int:
     runs = state.ledger.unfinalized_runs()
     for run_id, finalizer in runs:
         if finalizer:
@@ -109,6 +82,6 @@ def reap_unfinalized(state: Any) -> int:
     return len(runs)
 
 
-def reap(state: Any) -> dict[str, int]:
+def reap(state: WorkerState) -> dict[str, int]:
     return {"lost": reap_lost(state), "vanished": requeue_vanished(state),
             "finalized": reap_unfinalized(state)}

@@ -1,7 +1,6 @@
 """Worker processes: claim a partition, stream it through the steps into the sink, commit.
 
-A consumer (`work`) is huey's consumer with process workers. The extensions are loaded once,
-in the consumer, before it forks its workers, so every worker starts with them imported.
+`execute` is the body of runex's huey task; `runex.consumer` runs the processes it runs in.
 """
 
 from __future__ import annotations
@@ -11,25 +10,21 @@ import json
 import os
 import random
 import signal
-import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from huey.consumer import Consumer, ConsumerStopped
-
-from runex import reaper, tasks, trace
+from runex import tasks, trace
 from runex.errors import PartitionTimeout
 from runex.ledger import LEASE_SECONDS, Claim, Ledger
 from runex.pipeline import Pipeline, Plan, check
 from runex.project import chdir
-from runex.reaper import process_start
 from runex.registry import Registry, SinkContext
 
 
@@ -51,7 +46,40 @@ class WorkerState:
 
 
 _state: WorkerState | None = None
+
+
+def process_start(pid: int) -> str | None:
+    """The start time of process `pid` in clock ticks since boot (Linux), which tells a pid
+    reused by a new process from the one that claimed a partition; None where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def alive(pid: int, started: str | None) -> bool:
+    if started is not None and os.path.exists("/proc/self/stat"):
+        return process_start(pid) == started
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 _START = process_start(os.getpid())  # this process's start time, reset after a fork
+
+
+def after_fork() -> None:
+    """In a new worker process: its own identity, and no use of the queue connection of
+    the process it was forked from (the ledger re-opens its own, see `Ledger.conn`)."""
+    global _START
+    _START = process_start(os.getpid())
+    if _state is not None:
+        _state.huey.storage._conn = None
 
 
 def setup(registry: Registry, ledger: Ledger, huey: Any) -> WorkerState:
@@ -91,7 +119,8 @@ def execute(run_id: str, index: int) -> None:
     started = time.perf_counter()
     try:
         plan = state.plan(claim.run_id, claim.spec)
-        with chdir(Path(claim.project_dir)), deadline(options.timeout), Lease(state, claim):
+        with chdir(Path(claim.project_dir)), deadline(options.timeout), \
+                _lease.hold(state.ledger.path, claim):
             process(plan, claim, stats, Cancellation(state.ledger, run_id))
     except KeyboardInterrupt:
         # The consumer stopped this worker mid-partition: give the partition back.
@@ -158,28 +187,42 @@ class Cancellation:
 
 
 class Lease:
-    """Renews the claim's lease from a thread while the partition is processed (and only
-    then, so an idle worker writes nothing). Uses its own ledger connection."""
+    """Renews the lease of the partition this process holds, from one thread per process,
+    started on first use. It writes only while a partition is held, so an idle worker writes
+    nothing; it has its own ledger connection."""
 
-    def __init__(self, state: WorkerState, claim: Claim):
-        self.claim = claim
-        self.ledger = Ledger(state.ledger.path)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._renew, daemon=True, name="runex-lease")
+    def __init__(self) -> None:
+        self._claim: Claim | None = None
+        self._ledger: Ledger | None = None
+        self._pid = 0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def hold(self, ledger_path: Path, claim: Claim) -> Iterator[None]:
+        if self._pid != os.getpid():  # first use in this process: threads do not survive fork
+            self._pid, self._ledger = os.getpid(), Ledger(ledger_path)
+            threading.Thread(target=self._renew, daemon=True, name="runex-lease").start()
+        with self._lock:
+            self._claim = claim
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._claim = None
 
     def _renew(self) -> None:
-        while not self.stop.wait(LEASE_SECONDS / 3):
-            if not self.ledger.renew_lease(self.claim):
-                return
+        while True:
+            time.sleep(LEASE_SECONDS / 3)
+            with self._lock:
+                claim = self._claim
+            if claim is not None:
+                try:
+                    self._ledger.renew_lease(claim)
+                except Exception:  # noqa: BLE001 - the next renewal tries again
+                    trace.logger().exception("lease.renew_failed")
 
-    def __enter__(self) -> Lease:
-        self.thread.start()
-        return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.stop.set()
-        self.thread.join()
-        self.ledger.close()
+_lease = Lease()
 
 
 def process(plan: Plan, claim: Claim, stats: Stats, cancel: Cancellation | None = None) -> None:
@@ -278,77 +321,3 @@ def deadline(seconds: float | None) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-
-
-_fork_hook = False
-
-
-def _after_fork() -> None:
-    """A worker must not use the queue connection of the process it was forked from (the
-    ledger re-opens its own by itself, see `Ledger.conn`)."""
-    global _START
-    _START = process_start(os.getpid())
-    if _state is not None:
-        _state.huey.storage._conn = None
-    die_with_parent()
-
-
-def die_with_parent() -> None:
-    """On Linux, have the kernel SIGKILL this worker when its consumer dies, so that a killed
-    consumer leaves no orphan consuming the queue (the reaper recovers what it held)."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    parent = os.getppid()
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
-
-
-class RunexConsumer(Consumer):
-    """huey's consumer, plus a check in its main loop that can end it (burst mode, `run`)."""
-
-    def __init__(self, huey: Any, stop_when: Callable[[], bool] | None = None,
-                 check_every: float = 0.2, reap_every: float = 10.0, **options: Any):
-        super().__init__(huey, **options)
-        # SIGTERM drains like SIGINT: no new partitions, running ones finish within the
-        # grace period (shutdown_timeout); a second signal stops at once.
-        self._signal_actions[signal.SIGTERM] = (False, True)
-        self.stop_when = stop_when
-        self.check_every = check_every
-        self.reap_every = reap_every
-        self._next_check = self._next_reap = 0.0
-
-    def loop(self, health_check_ts: float | None = None) -> float | None:
-        health_check_ts = super().loop(health_check_ts)
-        now = time.monotonic()
-        if _state is not None and now >= self._next_reap:
-            self._next_reap = now + self.reap_every
-            try:
-                reaper.reap(_state)
-            except Exception:  # noqa: BLE001 - the next round tries again
-                trace.logger().exception("reaper.failed")
-        if self.stop_when is not None and now >= self._next_check:
-            self._next_check = now + self.check_every
-            if self.stop_when():
-                self.stop(graceful=True)
-                raise ConsumerStopped
-        return health_check_ts
-
-
-def consumer(state: WorkerState, workers: int, max_delay: float, grace: float | None = None,
-             reap_every: float = 10.0,
-             stop_when: Callable[[], bool] | None = None) -> RunexConsumer:
-    """A consumer of `workers` processes over the queue of `state`, not yet started."""
-    global _fork_hook
-    if not _fork_hook:
-        os.register_at_fork(after_in_child=_after_fork)
-        _fork_hook = True
-    state.ledger.close()
-    return RunexConsumer(state.huey, stop_when=stop_when, reap_every=reap_every,
-                         workers=workers, worker_type="process",
-                         periodic=False, initial_delay=min(0.05, max_delay),
-                         max_delay=max_delay, backoff=1.15, scheduler_interval=1,
-                         check_worker_health=True, health_check_interval=2,
-                         shutdown_timeout=grace)

@@ -122,7 +122,7 @@ def test_killing_the_consumer_leaves_no_orphan_worker(project):
     child = wait_for(lambda: running_pid(project))
     os.kill(proc.pid, signal.SIGKILL)  # only the parent
     proc.wait(timeout=10)
-    wait_for(lambda: not reaper.alive(child, None), timeout=10)
+    wait_for(lambda: not worker.alive(child, None), timeout=10)
 
 
 def test_sigterm_drains_running_partitions(project):
@@ -202,3 +202,20 @@ def test_cancel_stops_a_running_partition_at_its_next_batch(project):
         stop(proc)
     (status, records_in), = ledger(project, "SELECT status, records_in FROM attempts")
     assert status == "cancelled" and records_in < 100
+
+
+def test_the_lease_is_renewed_only_while_the_partition_is_held(project, monkeypatch):
+    make(project, stop=10, size=10)
+    rx = Runex()
+    run_id = rx.submit("pipelines/p.toml")
+    claim = rx.ledger.claim(run_id, 0, trace.HOST, os.getpid(), None)
+    monkeypatch.setattr(worker, "LEASE_SECONDS", 0.3)  # renew every 0.1 s
+    lease_until = lambda: ledger(project, "SELECT lease_until FROM attempts")[0][0]  # noqa: E731
+    first = lease_until()
+    lease = worker.Lease()
+    with lease.hold(rx.ledger.path, claim):
+        time.sleep(0.5)
+    renewed = lease_until()
+    assert renewed > first
+    time.sleep(0.4)
+    assert lease_until() == renewed  # no longer held: no more writes

@@ -1,0 +1,87 @@
+"""The consumer: huey's consumer with runex's worker processes, its reaper, and its stops.
+
+Extensions are loaded once, in the consumer, before it forks its workers, so every worker
+starts with them imported. SIGTERM and SIGINT both drain it; its workers die with it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from huey.consumer import Consumer, ConsumerStopped
+
+from runex import reaper, trace, worker
+from runex.worker import WorkerState
+
+_fork_hook = False
+
+
+def _after_fork() -> None:
+    worker.after_fork()
+    die_with_parent()
+
+
+def die_with_parent() -> None:
+    """On Linux, have the kernel SIGKILL this worker when its consumer dies, so that a killed
+    consumer leaves no orphan consuming the queue (the reaper recovers what it held)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+class RunexConsumer(Consumer):
+    """huey's consumer, plus a check in its main loop that can end it (burst mode, `run`)."""
+
+    def __init__(self, huey: Any, stop_when: Callable[[], bool] | None = None,
+                 check_every: float = 0.2, reap_every: float = 10.0, **options: Any):
+        super().__init__(huey, **options)
+        # SIGTERM drains like SIGINT: no new partitions, running ones finish within the
+        # grace period (shutdown_timeout); a second signal stops at once.
+        self._signal_actions[signal.SIGTERM] = (False, True)
+        self.stop_when = stop_when
+        self.check_every = check_every
+        self.reap_every = reap_every
+        self._next_check = self._next_reap = 0.0
+
+    def loop(self, health_check_ts: float | None = None) -> float | None:
+        health_check_ts = super().loop(health_check_ts)
+        now = time.monotonic()
+        if worker._state is not None and now >= self._next_reap:
+            self._next_reap = now + self.reap_every
+            try:
+                reaper.reap(worker._state)
+            except Exception:  # noqa: BLE001 - the next round tries again
+                trace.logger().exception("reaper.failed")
+        if self.stop_when is not None and now >= self._next_check:
+            self._next_check = now + self.check_every
+            if self.stop_when():
+                self.stop(graceful=True)
+                raise ConsumerStopped
+        return health_check_ts
+
+
+def make(state: WorkerState, workers: int, max_delay: float, grace: float | None = None,
+             reap_every: float = 10.0,
+             stop_when: Callable[[], bool] | None = None) -> RunexConsumer:
+    """A consumer of `workers` processes over the queue of `state`, not yet started."""
+    global _fork_hook
+    if not _fork_hook:
+        os.register_at_fork(after_in_child=_after_fork)
+        _fork_hook = True
+    state.ledger.close()
+    return RunexConsumer(state.huey, stop_when=stop_when, reap_every=reap_every,
+                         workers=workers, worker_type="process",
+                         periodic=False, initial_delay=min(0.05, max_delay),
+                         max_delay=max_delay, backoff=1.15, scheduler_interval=1,
+                         check_worker_health=True, health_check_interval=2,
+                         shutdown_timeout=grace)
