@@ -101,7 +101,7 @@ class Claim:
     index: int
     key: Any
     attempt: int
-    attempt_base: int  # the attempt number when `runex retry` last re-queued it
+    failures: int  # failed or timed-out attempts since `runex retry` last re-queued it
     pipeline: str
     spec: dict[str, Any]
     project_dir: str
@@ -208,6 +208,9 @@ class Ledger:
                 self._insert_events(conn, events)
                 return None
             attempt, base, key = row
+            failures = conn.execute(
+                "SELECT COUNT(*) FROM attempts WHERE run_id = ? AND idx = ? AND attempt > ? "
+                "AND status IN ('failed', 'timeout')", (run_id, index, base)).fetchone()[0]
             conn.execute(
                 "INSERT INTO attempts (run_id, idx, attempt, status, host, pid, pid_started, "
                 "lease_until, started_at) VALUES (?, ?, ?, 'running', ?, ?, ?, ?, ?)",
@@ -217,8 +220,8 @@ class Ledger:
                 "WHERE id = ? RETURNING pipeline, spec, project_dir, partition_count",
                 (now, run_id)).fetchone()
             self._insert_events(conn, events)
-        return Claim(run_id, index, json.loads(key), attempt, base, run[0], json.loads(run[1]),
-                     run[2], run[3])
+        return Claim(run_id, index, json.loads(key), attempt, failures, run[0],
+                     json.loads(run[1]), run[2], run[3])
 
     def finish_attempt(self, claim: Claim, status: str, *, records_in: int = 0,
                        records_out: int = 0, error: str | None = None,

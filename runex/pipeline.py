@@ -25,7 +25,7 @@ class Step:
 
 @dataclass
 class Options:
-    retries: int = 0  # further attempts after the first fails
+    retries: int = 0  # further attempts after failures (a worker's death is not a failure)
     retry_delay: float = 1.0  # seconds before the first retry; doubles each time, with jitter
     max_retry_delay: float = 300.0
     timeout: float | None = None  # seconds per attempt

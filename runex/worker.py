@@ -134,8 +134,10 @@ def execute(run_id: str, index: int) -> None:
     except Exception as exc:  # noqa: BLE001 - a partition's failure must not stop the worker
         status = ("timeout" if isinstance(exc, PartitionTimeout)
                   else "cancelled" if isinstance(exc, RunCancelled) else "failed")
-        retry = status != "cancelled" and claim.attempt - claim.attempt_base <= options.retries
-        delay = backoff(claim.attempt, options.retry_delay, options.max_retry_delay)
+        # Only failures spend the retry budget: a lost or interrupted attempt does not.
+        failures = claim.failures + 1
+        retry = status != "cancelled" and failures <= options.retries
+        delay = backoff(failures, options.retry_delay, options.max_retry_delay)
         error = f"{type(exc).__name__}: {exc}"
         _log_steps(log, stats)
         log.error("partition.failed", status=status, error=error,

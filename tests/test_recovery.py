@@ -219,3 +219,15 @@ def test_the_lease_is_renewed_only_while_the_partition_is_held(project, monkeypa
     assert renewed > first
     time.sleep(0.4)
     assert lease_until() == renewed  # no longer held: no more writes
+
+
+def test_lost_attempts_do_not_spend_the_retry_budget(project):
+    make(project, stop=10, size=10, fail_unless="never", options="retries = 1")
+    rx = Runex()
+    run_id = rx.submit("pipelines/p.toml")
+    for pid in (1, 2):  # two workers die holding it
+        rx.ledger.claim(run_id, 0, trace.HOST, pid, None)
+        rx.ledger.lose_attempt(run_id, 0, pid, "test", quarantine_after=3)
+    drain(rx)
+    attempts = [a["status"] for a in show(rx, run_id)["partitions"][0]["attempts"]]
+    assert attempts == ["lost", "lost", "failed", "failed"]  # one try and one retry
