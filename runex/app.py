@@ -155,11 +155,13 @@ class Runex:
         """Queue again the failed, quarantined or cancelled partitions of a run (or one of
         them), with a fresh retry budget; the earlier attempts are kept."""
         run = self.ledger.run(self.ledger.resolve_run_id(ref))
-        trace.logger(run_id=run["id"]).info("run.retried", partition=partition)
-        indexes = self.ledger.retry(run["id"], partition, events=trace.drain())
+        indexes = self.ledger.retry(run["id"], partition)
         if not indexes:
             raise NotFound(f"run {run['id']} has no failed, quarantined or cancelled partition"
                            + ("" if partition is None else f" with index {partition}"))
+        trace.logger(run_id=run["id"], pipeline=run["pipeline"]).info(
+            "run.retried", partitions=indexes)
+        self.ledger.add_events(trace.drain())
         tasks.enqueue(self.huey, run["id"], indexes, run["priority"])
         return indexes
 

@@ -345,8 +345,7 @@ class Ledger:
                                 (run_id,)).fetchone()
         return bool(row and row[0])
 
-    def retry(self, run_id: str, index: int | None = None,
-              events: list[dict[str, Any]] = ()) -> list[int]:
+    def retry(self, run_id: str, index: int | None = None) -> list[int]:
         """Re-queue the failed, quarantined and cancelled partitions of a run (or only
         `index`), with a fresh retry budget; their earlier attempts are kept. Returns the
         indexes re-queued."""
@@ -363,7 +362,6 @@ class Ledger:
                     "UPDATE runs SET status = CASE WHEN started_at IS NULL THEN 'queued' "
                     "ELSE 'running' END, finalizer = NULL, finished_at = NULL, error = NULL, "
                     "cancel_requested = 0 WHERE id = ?", (run_id,))
-                self._insert_events(conn, events)
         return sorted(r[0] for r in rows)
 
     def claim_finalize(self, run_id: str, worker: str) -> bool:

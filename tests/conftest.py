@@ -37,6 +37,37 @@ def project(tmp_path, monkeypatch):
     return tmp_path
 
 
+WORK_KERNEL = """
+    import os, signal, time
+    from runex import register_kernel
+
+    @register_kernel("work")
+    def work(record, pause=0.0, fail_on=-1, die_on=-1, fail_unless=""):
+        if record["n"] == fail_on:
+            raise ZeroDivisionError("boom")
+        if record["n"] == die_on:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if fail_unless and not os.path.exists(fail_unless):
+            raise RuntimeError("not yet")
+        time.sleep(pause)
+        return {**record, "sq": record["n"] ** 2}
+"""
+
+
+def work_pipeline(project: Path, stop: int, size: int = 10, options: str = "",
+                  **params: object) -> Path:
+    """pipelines/p.toml: `range` through the `work` kernel (`params`) into out/sq.db, and a
+    worker profile `fast` that polls and reaps often."""
+    write(project / "extensions" / "k.py", WORK_KERNEL)
+    write(project / "workers" / "fast.toml", "reap_every = 0.3\nmax_delay = 0.1\ngrace = 20\n")
+    step = "".join(f"{k} = {json.dumps(v)}\n" for k, v in params.items())
+    return write(project / "pipelines" / "p.toml",
+                 f'[source]\nuse = "range"\nstop = {stop}\nsize = {size}\n\n'
+                 f'[[steps]]\nuse = "work"\n{step}\n'
+                 f'[sink]\nuse = "sqlite"\npath = "out/sq.db"\ntable = "sq"\n\n'
+                 f"[options]\n{options}\n")
+
+
 def drain(rx: Runex, timeout: float = 30) -> None:
     """Work the queue in this process, without a consumer, until nothing is left to do
     (retries included: tests give them a tiny retry_delay)."""

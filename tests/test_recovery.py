@@ -12,44 +12,11 @@ import pytest
 
 from runex import Runex, reaper, trace, worker
 
-from .conftest import drain, runex_cli, show, write
-
-EXT = """
-    import os, signal, time
-    from runex import register_kernel
-
-    @register_kernel("work")
-    def work(record, pause=0.0, die_on=-1, fail_unless=""):
-        if record["n"] == die_on:
-            os.kill(os.getpid(), signal.SIGKILL)
-        if fail_unless and not os.path.exists(fail_unless):
-            raise RuntimeError("not yet")
-        time.sleep(pause)
-        return {**record, "sq": record["n"] ** 2}
-"""
+from .conftest import drain, runex_cli, show, work_pipeline
 
 
-def make(project, stop=40, size=10, pause=0.0, die_on=-1, fail_unless="", options=""):
-    write(project / "extensions" / "k.py", EXT)
-    write(project / "workers" / "fast.toml", "reap_every = 0.3\nmax_delay = 0.1\ngrace = 20\n")
-    return write(project / "pipelines" / "p.toml", f"""
-        [source]
-        use = "range"
-        stop = {stop}
-        size = {size}
-        [[steps]]
-        use = "work"
-        pause = {pause}
-        die_on = {die_on}
-        fail_unless = "{fail_unless}"
-        [sink]
-        use = "sqlite"
-        path = "out/sq.db"
-        table = "sq"
-        [options]
-        batch_size = 1
-        {options}
-    """)
+def make(project, stop=40, size=10, options="", **params):
+    return work_pipeline(project, stop, size, "batch_size = 1\n" + options, **params)
 
 
 def consumer(project, workers=1, profile="fast"):

@@ -8,43 +8,11 @@ import sys
 
 import pytest
 
-from .conftest import ROOT, runex_cli, write
-
-EXT = """
-    import time
-    from runex import register_kernel
-
-    @register_kernel("work")
-    def work(record, pause=0.0, fail_on=-1):
-        if record["n"] == fail_on:
-            raise ZeroDivisionError("boom")
-        time.sleep(pause)
-        return {**record, "sq": record["n"] * record["n"]}
-"""
+from .conftest import ROOT, runex_cli, work_pipeline, write
 
 
-def make(project, stop=300, size=10, pause=0.0, fail_on=-1, extra_options=""):
-    write(project / "extensions" / "k.py", EXT)
-    return write(project / "pipelines" / "p.toml", f"""
-        [source]
-        use = "range"
-        stop = {stop}
-        size = {size}
-
-        [[steps]]
-        use = "work"
-        pause = {pause}
-        fail_on = {fail_on}
-
-        [sink]
-        use = "sqlite"
-        path = "out/sq.db"
-        table = "sq"
-
-        [options]
-        retries = 0
-        {extra_options}
-    """)
+def make(project, stop=300, size=10, **params):
+    return work_pipeline(project, stop, size, "retries = 0", **params)
 
 
 def test_two_burst_consumers_share_a_run_and_commit_each_partition_once(project):
@@ -112,8 +80,7 @@ def test_show_json_shape(project):
 
 
 def test_invalid_pipeline_exits_3_with_the_key_and_stores_nothing(project):
-    path = make(project)
-    path.write_text(path.read_text().replace("pause = 0.0", "pasue = 0.0"))
+    make(project, pasue=0.0)
     result = runex_cli("submit", "pipelines/p.toml", cwd=project)
     assert result.returncode == 3
     assert result.stderr.startswith("Error: pipelines/p.toml: steps[0] (kernel 'work', "
