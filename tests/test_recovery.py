@@ -12,7 +12,7 @@ import pytest
 
 from runex import Runex, reaper, trace, worker
 
-from .conftest import drain, runex_cli, show, work_pipeline
+from .conftest import drain, runex_cli, show, work_pipeline, write
 
 
 def make(project, stop=40, size=10, options="", **params):
@@ -198,3 +198,60 @@ def test_lost_attempts_do_not_spend_the_retry_budget(project):
     drain(rx)
     attempts = [a["status"] for a in show(rx, run_id)["partitions"][0]["attempts"]]
     assert attempts == ["lost", "lost", "failed", "failed"]  # one try and one retry
+
+
+DIE_AFTER_COMMIT = """
+    import os, signal
+    from runex import SinkSpec
+    from runex.builtins import files, sqlite
+
+    def then_die(write):
+        def wrapped(ctx, records):
+            write(ctx, records)
+            if ctx.index == 1 and not os.path.exists("died"):
+                open("died", "w").close()
+                os.kill(os.getpid(), signal.SIGKILL)  # committed, but the ledger never hears
+        return wrapped
+
+    die_sqlite = SinkSpec("die_sqlite", then_die(sqlite.write_sqlite),
+                          configure=sqlite.configure_sqlite)
+    die_jsonl = SinkSpec("die_jsonl", then_die(files.write_jsonl),
+                         finalize=lambda ctx: files.merge_parts(ctx, "jsonl", False),
+                         configure=files.configure_files)
+    die_csv = SinkSpec("die_csv", then_die(files.write_csv),
+                       finalize=lambda ctx: files.merge_parts(ctx, "csv", True),
+                       configure=files.configure_files)
+"""
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "jsonl", "csv"])
+def test_a_kill_between_sink_commit_and_ledger_update_doubles_nothing(project, kind):
+    make(project, stop=30, size=10)
+    write(project / "extensions" / "die.py", DIE_AFTER_COMMIT)
+    pipeline = project / "pipelines" / "p.toml"
+    sink = {"sqlite": 'path = "out/sq.db"\ntable = "sq"',
+            "jsonl": 'path = "out/parts"\nmerge = "out/all.jsonl"',
+            "csv": 'path = "out/parts"\nmerge = "out/all.csv"'}[kind]
+    text = pipeline.read_text()
+    text = text.replace('use = "sqlite"\npath = "out/sq.db"\ntable = "sq"',
+                        f'use = "die_{kind}"\n{sink}')
+    pipeline.write_text(text)
+    run_id = runex_cli("submit", "pipelines/p.toml", cwd=project, check=True).stdout.strip()
+    proc = consumer(project)
+    try:
+        wait_for(lambda: ledger(project, "SELECT status FROM runs")[0][0] == "succeeded")
+    finally:
+        stop(proc)
+    assert (project / "died").exists()
+    data = json.loads(runex_cli("show", run_id, "--json", cwd=project, check=True).stdout)
+    assert [a["status"] for a in data["partitions"][1]["attempts"]] == ["lost", "succeeded"]
+    if kind == "sqlite":
+        with sqlite3.connect(project / "out" / "sq.db") as conn:
+            got = [n for (n,) in conn.execute("SELECT n FROM sq ORDER BY n")]
+    elif kind == "jsonl":
+        lines = (project / "out" / "all.jsonl").read_text().splitlines()
+        got = sorted(json.loads(line)["n"] for line in lines)
+    else:
+        lines = (project / "out" / "all.csv").read_text().splitlines()
+        got = sorted(int(line.split(",")[0]) for line in lines[1:])
+    assert got == list(range(30))
