@@ -156,3 +156,37 @@ def test_every_command_has_help(command, tmp_path):
     assert "Usage: runex " + command in result.stdout
     summary = result.stdout.split("\n\n")[1].strip()
     assert len(summary) > 20
+
+
+def test_many_submitters_and_consumers_on_one_home(project):
+    """Three consumers and three submitters at once: every run succeeds, no partition runs
+    twice, and no 'database is locked' reaches anyone."""
+    make(project, stop=40, size=5, pause=0.001)
+    consumers = [subprocess.Popen([sys.executable, "-m", "runex", "worker", "-w", "2"],
+                                  cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for _ in range(3)]
+    submit = (f"for i in 1 2 3 4; do {sys.executable} -m runex submit pipelines/p.toml "
+              "|| exit 1; done")
+    submitters = [subprocess.Popen(["bash", "-c", submit], cwd=project, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE) for _ in range(3)]
+    outputs = [s.communicate(timeout=120) for s in submitters]
+    assert [s.returncode for s in submitters] == [0, 0, 0], outputs
+    import time
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        runs = json.loads(runex_cli("runs", "--json", cwd=project, check=True).stdout)
+        if len(runs) == 12 and all(r["status"] == "succeeded" for r in runs):
+            break
+        time.sleep(0.2)
+    for c in consumers:
+        c.send_signal(signal.SIGINT)
+    errors = [c.communicate(timeout=60)[1].decode() for c in consumers]
+    assert [r["status"] for r in runs] == ["succeeded"] * 12
+    assert not any("locked" in text for text in errors + [e.decode() for _, e in outputs]), errors
+    with sqlite3.connect(project / "out" / "sq.db") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM sq").fetchone() == (480,)
+        assert conn.execute("SELECT COUNT(*), COUNT(DISTINCT run_id || ':' || partition_index) "
+                            "FROM _runex_commits").fetchone() == (96, 96)
+    with sqlite3.connect(project / ".runex" / "ledger.db") as conn:
+        assert conn.execute("SELECT status, COUNT(*) FROM attempts GROUP BY 1").fetchall() == [
+            ("succeeded", 96)]
