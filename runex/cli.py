@@ -77,7 +77,8 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     partitions that worker processes take from a SQLite queue.
 
     Exit codes: 0 ok; 1 the run failed or was cancelled; 2 bad command line; 3 invalid
-    pipeline, extension or config; 4 no such run; 130 interrupted.
+    pipeline, extension or config; 4 no such run; 5 the data folder cannot be written
+    (disk full, read-only); 130 interrupted.
     """
     ctx.obj = {"verbose": verbose}
 

@@ -59,7 +59,9 @@ class RunexConsumer(Consumer):
         if worker._state is not None and now >= self._next_reap:
             self._next_reap = now + self.reap_every
             try:
-                reaper.reap(worker._state)
+                # A message is missing for a moment between a worker's dequeue and its claim:
+                # only a partition without one over three rounds counts as vanished.
+                reaper.reap(worker._state, vanished_after=3 * self.reap_every)
             except Exception:  # noqa: BLE001 - the next round tries again
                 trace.logger().exception("reaper.failed")
         if self.stop_when is not None and now >= self._next_check:

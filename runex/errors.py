@@ -10,6 +10,7 @@ EXIT_RUN_FAILED = 1  # `run`: the run ended failed or cancelled
 EXIT_USAGE = 2  # bad command line (click's own code for usage errors)
 EXIT_INVALID = 3  # a pipeline, extension or config file is invalid; nothing was stored
 EXIT_NOT_FOUND = 4  # the named run, partition or pipeline does not exist
+EXIT_STORAGE = 5  # the data folder cannot be written: disk full, read-only, failing
 EXIT_INTERRUPTED = 130  # stopped by Ctrl-C before the run ended
 
 
@@ -46,6 +47,10 @@ class ConfigError(RunexError):
 
 class NotFound(RunexError):
     exit_code = EXIT_NOT_FOUND
+
+
+class StorageError(RunexError):
+    exit_code = EXIT_STORAGE
 
 
 class PartitionTimeout(Exception):

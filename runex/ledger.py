@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runex.errors import NotFound
+from runex.errors import NotFound, StorageError
 
 TERMINAL_RUN = ("succeeded", "failed", "cancelled")  # a run in one of these is over
 TERMINAL_PARTITION = ("succeeded", "failed", "cancelled", "quarantined")
@@ -160,15 +160,20 @@ class Ledger:
 
     @contextlib.contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
-        """One short write transaction."""
-        conn = self.conn
-        conn.execute("BEGIN IMMEDIATE")
+        """One short write transaction; a full or read-only disk rolls it back whole and
+        raises `StorageError`."""
         try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+            conn = self.conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                if conn.in_transaction:  # SQLite may have rolled back by itself
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            raise storage_error(self.path, exc) from exc
 
     def _rows(self, sql: str, params: tuple = ()) -> list[dict[str, Any]]:
         cur = self.conn.execute(sql, params)
@@ -447,6 +452,21 @@ class Ledger:
         return self.conn.execute(
             "SELECT COUNT(*) FROM partitions WHERE status IN ('queued', 'running')"
         ).fetchone()[0]
+
+
+def storage_error(path: Path, exc: sqlite3.OperationalError) -> Exception:
+    """A clear error for the disk problems a user can fix; others are returned as they are."""
+    text = str(exc)
+    if "full" in text:
+        why = "the disk is full: free some space"
+    elif "readonly" in text or "read-only" in text:
+        why = f"it is read-only: check that you may write to {path.parent}"
+    elif "disk I/O error" in text or "unable to open" in text:
+        why = f"the disk failed to read or write it: check {path.parent}"
+    else:
+        return exc
+    return StorageError(f"cannot write the ledger {path} ({text}); {why}. The change was rolled "
+                        "back whole; nothing stored was changed")
 
 
 def retry_locked(fn: Any, timeout: float = BUSY_TIMEOUT) -> Any:

@@ -23,15 +23,17 @@ def reap_lost(state: WorkerState, now: float | None = None) -> int:
     now = now or time.time()
     found = 0
     for a in state.ledger.running_attempts():
+        # A worker that stopped renewing its lease has let go of the partition (paused, or its
+        # ledger write failed) even if its process lives on; on another host, the lease is
+        # all there is to go by.
         local = a["host"] == trace.HOST
-        if local and alive(a["pid"], a["pid_started"]):
-            continue
-        if not local and (a["lease_until"] or 0) > now:
+        expired = (a["lease_until"] or 0) <= now
+        if not expired and (not local or alive(a["pid"], a["pid_started"])):
             continue
         run = state.ledger.run(a["run_id"])
         options = Pipeline.from_dict(json.loads(run["spec"])).options
-        reason = (f"worker pid {a['pid']} on {a['host']} is gone" if local
-                  else f"lease of worker pid {a['pid']} on {a['host']} expired")
+        reason = (f"lease of worker pid {a['pid']} on {a['host']} expired" if expired
+                  else f"worker pid {a['pid']} on {a['host']} is gone")
         trace.logger(run_id=a["run_id"], pipeline=run["pipeline"], partition_index=a["idx"],
                      attempt=a["attempt"]).warning("partition.lost", reason=reason)
         status, complete = state.ledger.lose_attempt(
@@ -82,6 +84,6 @@ def reap_unfinalized(state: WorkerState) -> int:
     return len(runs)
 
 
-def reap(state: WorkerState) -> dict[str, int]:
-    return {"lost": reap_lost(state), "vanished": requeue_vanished(state),
+def reap(state: WorkerState, vanished_after: float = 30.0) -> dict[str, int]:
+    return {"lost": reap_lost(state), "vanished": requeue_vanished(state, vanished_after),
             "finalized": reap_unfinalized(state)}

@@ -19,6 +19,8 @@ from huey.registry import Message
 from huey.serializer import Serializer
 from huey.storage import SqliteStorage
 
+from runex import trace
+
 QUEUE_NAME = "runex"
 TASK_NAME = "runex.tasks.partition"  # huey's identity for the task: module + name
 LOCK_TIMEOUT = 60  # seconds; huey loses post-task work on "database is locked"
@@ -33,6 +35,16 @@ class JSONSerializer(Serializer):
         else:
             data = {"value": data}
         return json.dumps(data, default=_encode, separators=(",", ":")).encode()
+
+    def deserialize(self, data: bytes) -> Any:
+        """huey drops a message it cannot read (it was deleted when taken): say so in the
+        trace; the reaper queues its partition again."""
+        try:
+            return super().deserialize(data)
+        except Exception as exc:
+            trace.logger().error("message.unreadable", error=f"{type(exc).__name__}: {exc}",
+                                 bytes=len(data))
+            raise
 
     def _deserialize(self, data: bytes) -> Any:
         decoded = json.loads(bytes(data), object_hook=_decode)

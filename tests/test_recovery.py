@@ -255,3 +255,53 @@ def test_a_kill_between_sink_commit_and_ledger_update_doubles_nothing(project, k
         lines = (project / "out" / "all.csv").read_text().splitlines()
         got = sorted(int(line.split(",")[0]) for line in lines[1:])
     assert got == list(range(30))
+
+
+def test_a_paused_worker_that_stopped_renewing_its_lease_loses_the_partition(project):
+    make(project, stop=10, size=10)
+    rx = Runex()
+    run_id = rx.submit("pipelines/p.toml")
+    rx.ledger.claim(run_id, 0, trace.HOST, os.getpid(), worker.process_start(os.getpid()))
+    state = worker.setup(rx.registry, rx.ledger, rx.huey)
+    assert reaper.reap_lost(state) == 0  # alive, lease fresh
+    assert reaper.reap_lost(state, now=time.time() + 120) == 1  # alive, lease expired
+    attempt = show(rx, run_id)["partitions"][0]["attempts"][0]
+    assert attempt["status"] == "lost" and "lease of worker pid" in attempt["error"]
+
+
+def test_an_unreadable_queue_message_is_traced_and_its_partition_recovered(project):
+    import pickle
+
+    make(project, stop=20, size=10)
+    run_id = runex_cli("submit", "pipelines/p.toml", cwd=project, check=True).stdout.strip()
+    with sqlite3.connect(project / ".runex" / "queue.db") as conn:
+        first = conn.execute("SELECT MIN(id) FROM task").fetchone()[0]
+        conn.execute("UPDATE task SET data = ? WHERE id = ?",
+                     (pickle.dumps(("not", "json")), first))
+    proc = consumer(project)
+    try:
+        wait_for(lambda: ledger(project, "SELECT status FROM runs")[0][0] == "succeeded")
+    finally:
+        stop(proc)
+    events = [json.loads(line) for f in (project / ".runex" / "traces").glob("*.jsonl")
+              for line in f.read_text().splitlines()]
+    unreadable = [e for e in events if e["event"] == "message.unreadable"]
+    assert len(unreadable) == 1 and unreadable[0]["error"].startswith("UnicodeDecodeError")
+    requeued = [e for e in events if e["event"] == "partition.requeued"]
+    assert [(e["run_id"], e["partition_index"]) for e in requeued] == [(run_id, 0)]
+
+
+def test_a_full_disk_is_a_clear_error_and_changes_nothing(project):
+    from runex.errors import StorageError
+
+    make(project, stop=100_000, size=1)  # 100,000 partitions: more pages than we allow
+    rx = Runex()
+    rx.ledger.runs()  # the schema is in place
+    pages = rx.ledger.conn.execute("PRAGMA page_count").fetchone()[0]
+    rx.ledger.conn.execute(f"PRAGMA max_page_count = {pages + 5}")
+    with pytest.raises(StorageError) as info:
+        rx.submit("pipelines/p.toml")
+    assert str(info.value).startswith(f"cannot write the ledger {rx.ledger.path} "
+                                      "(database or disk is full); the disk is full")
+    assert "nothing stored was changed" in str(info.value)
+    assert rx.ledger.runs() == [] and rx.huey.pending_count() == 0
