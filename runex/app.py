@@ -151,10 +151,12 @@ class Runex:
         return {"run_id": run_id, "cancelled": cancelled, "running": running,
                 "status": self.ledger.run(run_id)["status"]}
 
-    def retry(self, ref: str, partition: int | None = None) -> list[int]:
+    def retry(self, ref: str, partition: int | str | None = None) -> list[int]:
         """Queue again the failed, quarantined or cancelled partitions of a run (or one of
-        them), with a fresh retry budget; the earlier attempts are kept."""
+        them, by index or key), with a fresh retry budget; the earlier attempts are kept."""
         run = self.ledger.run(self.ledger.resolve_run_id(ref))
+        if partition is not None:
+            partition = self._partition_index(run["id"], partition)
         indexes = self.ledger.retry(run["id"], partition)
         if not indexes:
             raise NotFound(f"run {run['id']} has no failed, quarantined or cancelled partition"
@@ -164,6 +166,17 @@ class Runex:
         self.ledger.add_events(trace.drain())
         tasks.enqueue(self.huey, run["id"], indexes, run["priority"])
         return indexes
+
+    def _partition_index(self, run_id: str, ref: int | str) -> int:
+        """A partition by its key (as `show` prints it, or the plain string) or its index."""
+        parts = self.ledger.partitions(run_id)
+        for p in parts:
+            if str(ref) in (p["key"], str(json.loads(p["key"]))):
+                return p["idx"]
+        if str(ref).isdigit() and int(ref) < len(parts):
+            return int(ref)
+        raise NotFound(f"run {run_id} has no partition {ref!r}; `runex show {run_id}` lists "
+                       "them with their index and key")
 
     def show(self, ref: str) -> dict[str, Any]:
         """A run with its partitions and their attempts, as `runex show --json` prints it."""

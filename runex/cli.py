@@ -302,10 +302,10 @@ def cancel(run_ref: str, as_json: bool, home: str | None, extension_dirs: tuple[
 
 @cli.command()
 @click.argument("run_ref", metavar="RUN")
-@click.option("--partition", type=int, help="Only this partition (its index, from `show`).")
+@click.option("--partition", help="Only this partition: its key or its index, from `show`.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @project_options
-def retry(run_ref: str, partition: int | None, as_json: bool, home: str | None,
+def retry(run_ref: str, partition: str | None, as_json: bool, home: str | None,
           extension_dirs: tuple[str, ...]) -> None:
     """Queue again the failed, quarantined or cancelled partitions of a run, with a fresh
     retry budget (earlier attempts are kept). `runex worker` then runs them."""

@@ -291,17 +291,43 @@ def test_an_unreadable_queue_message_is_traced_and_its_partition_recovered(proje
     assert [(e["run_id"], e["partition_index"]) for e in requeued] == [(run_id, 0)]
 
 
-def test_a_full_disk_is_a_clear_error_and_changes_nothing(project):
+@pytest.mark.parametrize("fault", ["full", "read-only"])
+def test_a_full_or_read_only_disk_is_a_clear_error_and_changes_nothing(project, fault):
     from runex.errors import StorageError
 
     make(project, stop=100_000, size=1)  # 100,000 partitions: more pages than we allow
     rx = Runex()
     rx.ledger.runs()  # the schema is in place
-    pages = rx.ledger.conn.execute("PRAGMA page_count").fetchone()[0]
-    rx.ledger.conn.execute(f"PRAGMA max_page_count = {pages + 5}")
+    if fault == "full":
+        pages = rx.ledger.conn.execute("PRAGMA page_count").fetchone()[0]
+        rx.ledger.conn.execute(f"PRAGMA max_page_count = {pages + 5}")
+        expected = "(database or disk is full); the disk is full"
+    else:  # root may write any file, so make the connection refuse writes instead
+        rx.ledger.conn.execute("PRAGMA query_only = 1")
+        expected = "(attempt to write a readonly database); it is read-only"
     with pytest.raises(StorageError) as info:
         rx.submit("pipelines/p.toml")
-    assert str(info.value).startswith(f"cannot write the ledger {rx.ledger.path} "
-                                      "(database or disk is full); the disk is full")
+    assert str(info.value).startswith(f"cannot write the ledger {rx.ledger.path} {expected}")
     assert "nothing stored was changed" in str(info.value)
+    rx.ledger.conn.execute("PRAGMA query_only = 0")
     assert rx.ledger.runs() == [] and rx.huey.pending_count() == 0
+
+
+def test_a_second_signal_stops_at_once_and_gives_the_partition_back(project):
+    make(project, stop=10, size=10, pause=0.5)  # one partition of five seconds
+    run_id = runex_cli("submit", "pipelines/p.toml", cwd=project, check=True).stdout.strip()
+    proc = consumer(project)
+    wait_for(lambda: running_pid(project))
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=4)  # well before the partition could have finished
+    assert ledger(project, "SELECT status FROM partitions") == [("queued",)]
+    assert ledger(project, "SELECT status FROM attempts") == [("interrupted",)]
+    proc = consumer(project)  # the message is back on the queue: a new consumer finishes it
+    try:
+        wait_for(lambda: ledger(project, "SELECT status FROM runs")[0][0] == "succeeded")
+    finally:
+        stop(proc)
+    assert [a["status"] for a in show(Runex(), run_id)["partitions"][0]["attempts"]] == [
+        "interrupted", "succeeded"]

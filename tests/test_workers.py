@@ -62,6 +62,10 @@ def test_run_exits_1_when_a_partition_fails_and_show_has_the_traceback(project):
     assert 'raise ZeroDivisionError("boom")' in shown.stdout
     with sqlite3.connect(project / "out" / "sq.db") as conn:
         assert conn.execute("SELECT COUNT(*) FROM sq").fetchone() == (40,)
+    retried = runex_cli("retry", "last", "--partition", "[20, 30]", cwd=project, check=True)
+    assert retried.stdout.strip() == "re-queued 1 partitions: 2"
+    missing = runex_cli("retry", "last", "--partition", "[20, 31]", cwd=project)
+    assert missing.returncode == 4 and "has no partition '[20, 31]'" in missing.stderr
 
 
 def test_show_json_shape(project):
