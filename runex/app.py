@@ -3,6 +3,7 @@ layer over it, and so can a user's own script be."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import time
@@ -16,6 +17,8 @@ from runex.ledger import TERMINAL_RUN, Ledger, new_run_id
 from runex.pipeline import Pipeline, Plan, check, load
 from runex.project import Project, chdir, cpu_count, load_profile, open_project
 from runex.registry import Registry
+from runex.schedule import iso
+from runex.scheduler import Scheduler, fire_times
 
 
 class Runex:
@@ -58,24 +61,35 @@ class Runex:
 
     # -- pipelines and runs -------------------------------------------------------------
 
-    def plan(self, pipeline: str | os.PathLike | Pipeline, params: Sequence[str] = ()) -> Plan:
-        """Load (when given a path) and check a pipeline against the loaded extensions."""
+    def plan(self, pipeline: str | os.PathLike | Pipeline, params: Sequence[str] = (),
+             fire_time: dt.datetime | None = None) -> Plan:
+        """Load (when given a path) and check a pipeline against the loaded extensions, with
+        `{fire_time}` in its parameters filled in (by default: with the current time)."""
         if not isinstance(pipeline, Pipeline):
             pipeline = load(pipeline, params)
+        pipeline = pipeline.with_fire_time(fire_time or dt.datetime.now(dt.UTC))
         return check(pipeline, self.registry)
 
-    def submit(self, pipeline: str | os.PathLike | Pipeline, params: Sequence[str] = ()) -> str:
-        """Check the pipeline, list its partitions, record the run and queue its partitions."""
-        plan = self.plan(pipeline, params)
+    def submit(self, pipeline: str | os.PathLike | Pipeline, params: Sequence[str] = (),
+               fire_time: dt.datetime | None = None, fire: str | None = None) -> str | None:
+        """Check the pipeline, list its partitions, record the run and queue its partitions.
+        A scheduled run has its `fire_time`; see `Ledger.create_run` for `fire`. Returns the
+        run id, or None when the fire time was taken by another consumer."""
+        plan = self.plan(pipeline, params, fire_time)
         pipe = plan.pipeline
         if not trace.configured():
             self.trace_to_home(console=False)
         keys = self._partition_keys(plan)
         run_id = new_run_id()
+        scheduled_for = iso(fire_time) if fire_time else None
+        if not self.ledger.create_run(run_id, pipe.name, pipe.to_dict(), str(self.project.root),
+                                      pipe.options.priority, keys, scheduled_for=scheduled_for,
+                                      fire=fire):
+            return None
         trace.logger(run_id=run_id, pipeline=pipe.name).info(
-            "run.submitted", partitions=len(keys), source=pipe.source.use, sink=pipe.sink.use)
-        self.ledger.create_run(run_id, pipe.name, pipe.to_dict(), str(self.project.root),
-                               pipe.options.priority, keys, events=trace.drain())
+            "run.submitted", partitions=len(keys), source=pipe.source.use, sink=pipe.sink.use,
+            scheduled_for=scheduled_for)
+        self.ledger.add_events(trace.drain())
         if keys:
             tasks.enqueue(self.huey, run_id, range(len(keys)), pipe.options.priority)
         else:
@@ -103,9 +117,11 @@ class Runex:
         return keys
 
     def work(self, workers: int | None = None, profile: str | None = None, burst: bool = False,
-             until: Callable[[], bool] | None = None) -> consumer.RunexConsumer:
+             until: Callable[[], bool] | None = None,
+             schedules: bool = True) -> consumer.RunexConsumer:
         """Process the queue with `workers` processes until stopped by a signal, or (`burst`)
-        until nothing is queued or running, or until `until()` is true. Blocks."""
+        until nothing is queued or running, or until `until()` is true. With `schedules`
+        (not in burst mode), fire the project's scheduled pipelines when due. Blocks."""
         settings = load_profile(self.project, profile)
         extra = list(settings.get("extensions", []))
         if extra != self._extra_extensions:
@@ -115,9 +131,10 @@ class Runex:
             self.trace_to_home()
         state = worker.setup(self.registry, self.ledger, self.huey)
         stops = [f for f in (until, self._nothing_left if burst else None) if f]
+        jobs = [(1.0, Scheduler(self).tick)] if schedules and not burst else []
         runner = consumer.make(state, count, float(settings.get("max_delay", 0.5)),
                                grace=float(settings.get("grace", 60)),
-                               reap_every=float(settings.get("reap_every", 10)),
+                               reap_every=float(settings.get("reap_every", 10)), jobs=jobs,
                                stop_when=(lambda: any(f() for f in stops)) if stops else None)
         runner.run()
         return runner
@@ -137,8 +154,32 @@ class Runex:
             return self.ledger.run(run_id)["status"] in TERMINAL_RUN
 
         if not finished():
-            self.work(workers, profile, until=finished)
+            self.work(workers, profile, until=finished, schedules=False)
         return self.ledger.run(run_id)
+
+    def backfill(self, pipeline: str | os.PathLike, start: dt.datetime, end: dt.datetime,
+                 force: bool = False) -> list[dict[str, Any]]:
+        """One run per fire time of a scheduled pipeline from `start` to `end` (both
+        included, not in the future), queued in fire-time order. A fire time whose run
+        succeeded, or is still going, is left alone; `force` runs the succeeded ones again."""
+        pipe = load(pipeline)
+        now = dt.datetime.now(dt.UTC)
+        if end > now:
+            raise PipelineError(f"--to {iso(end)} is in the future; scheduled runs fire it "
+                                "when it comes")
+        result = []
+        for fire_time in fire_times(pipe, start, end):
+            when = iso(fire_time)
+            fire = self.ledger.fire(pipe.name, when)
+            status = fire and fire["run_status"]
+            if status in ("queued", "running") or (status == "succeeded" and not force):
+                result.append({"fire_time": when, "run_id": fire["run_id"], "status": status,
+                               "submitted": False})
+                continue
+            run_id = self.submit(pipe, fire_time=fire_time, fire="replace")
+            result.append({"fire_time": when, "run_id": run_id, "status": "queued",
+                           "submitted": True})
+        return result
 
     def cancel(self, ref: str) -> dict[str, Any]:
         """Cancel a run: queued partitions never start, running ones stop at their next

@@ -192,17 +192,101 @@ def print_summary(rx: Runex, run: dict[str, Any], seconds: float) -> None:
               help="Worker processes. Default: every core.")
 @click.option("--profile", help="A worker profile: workers/NAME.toml, or built-in "
                                 "'default' and 'raspberry-pi'.")
-@click.option("--burst", is_flag=True, help="Stop when nothing is queued or running.")
+@click.option("--burst", is_flag=True, help="Stop when nothing is queued or running "
+                                           "(scheduled pipelines are not fired then).")
+@click.option("--no-schedules", is_flag=True, help="Do not fire scheduled pipelines.")
 @project_options
 @click.pass_context
 def worker(ctx: click.Context, workers: int | None, profile: str | None, burst: bool,
-           home: str | None, extension_dirs: tuple[str, ...]) -> None:
+           no_schedules: bool, home: str | None, extension_dirs: tuple[str, ...]) -> None:
     """Process the queue with worker processes, until Ctrl-C (or, with --burst, until it
-    is empty). Several `runex worker` commands on one home share the work."""
+    is empty), and fire the project's scheduled pipelines when due. Several `runex worker`
+    commands on one home share the work and fire each fire time once."""
     rx = open_runex(home, extension_dirs)
     rx.trace_to_home(verbose=ctx.obj["verbose"])
     report_load_errors(rx, ctx.obj["verbose"])
-    rx.work(workers, profile, burst=burst)
+    rx.work(workers, profile, burst=burst, schedules=not no_schedules)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@project_options
+def schedules(as_json: bool, home: str | None, extension_dirs: tuple[str, ...]) -> None:
+    """List the scheduled pipelines (pipelines/*.toml with a schedule or every): their next
+    fire times, their last fire and its run, and the files that have errors."""
+    from runex.scheduler import Scheduler
+
+    rx = open_runex(home, extension_dirs)
+    rows = Scheduler(rx).listing()
+    if as_json:
+        dump(rows)
+        return
+    table([[r.get("pipeline"), r.get("schedule"), r.get("timezone"),
+            ", ".join(r.get("next", [])[:2]) or None,
+            (f"{r['last']['fire_time']} {r['last']['run_status'] or r['last']['status']}"
+             if r.get("last") else None)] for r in rows if not r["error"]],
+          ["PIPELINE", "SCHEDULE", "TZ", "NEXT", "LAST"])
+    for r in rows:
+        if r["error"]:
+            click.secho(f"error: {r['error']}", fg="red", err=True)
+
+
+@cli.command()
+@click.argument("pipeline", type=click.Path(dir_okay=False))
+@click.option("--from", "start", required=True, help="First fire time: 2026-11-01 or "
+                                                     "2026-11-01T06:00 (UTC unless an offset).")
+@click.option("--to", "end", help="Last fire time, included. Default: now.")
+@click.option("--force", is_flag=True, help="Run fire times whose run succeeded again.")
+@click.option("--no-wait", is_flag=True, help="Only queue the runs; `runex worker` runs them.")
+@click.option("-w", "--workers", type=click.IntRange(1),
+              help="Worker processes. Default: every core.")
+@click.option("--profile", help="A worker profile.")
+@project_options
+@click.pass_context
+def backfill(ctx: click.Context, pipeline: str, start: str, end: str | None, force: bool,
+             no_wait: bool, workers: int | None, profile: str | None, home: str | None,
+             extension_dirs: tuple[str, ...]) -> None:
+    """One run per fire time of a scheduled PIPELINE in a range, in order; fire times whose
+    run succeeded are skipped unless --force. Then process them here, as `run` does.
+
+    Exits 0 when every run of the range succeeded."""
+    import datetime as dt
+
+    from runex.schedule import ScheduleError, parse_time
+
+    rx = open_runex(home, extension_dirs)
+    rx.trace_to_home(console=False, verbose=ctx.obj["verbose"])
+    report_load_errors(rx, ctx.obj["verbose"])
+    try:
+        first = parse_time(start)
+        last = parse_time(end) if end else dt.datetime.now(dt.UTC)
+    except ScheduleError as exc:
+        raise click.BadParameter(str(exc)) from None
+    fires = rx.backfill(pipeline, first, last, force)
+    for f in fires:
+        note = "queued" if f["submitted"] else f"left alone: {f['status']}"
+        click.echo(f"{f['fire_time']}  run {f['run_id']}  {note}")
+    click.echo(f"{sum(f['submitted'] for f in fires)} of {len(fires)} fire times queued")
+    run_ids = [f["run_id"] for f in fires]
+    if no_wait or not run_ids:
+        return
+
+    def statuses() -> list[str]:
+        return [rx.ledger.run(r)["status"] for r in run_ids]
+
+    def over() -> bool:
+        done = sum(s in TERMINAL_RUN for s in statuses())
+        if sys.stderr.isatty():
+            click.echo(f"\r{done}/{len(run_ids)} runs over", nl=False, err=True)
+        return done == len(run_ids)
+
+    if not over():
+        rx.work(workers, profile, until=over, schedules=False)
+    if sys.stderr.isatty():
+        click.echo("", err=True)
+    final = statuses()
+    click.echo(", ".join(f"{final.count(s)} {s}" for s in sorted(set(final))))
+    ctx.exit(errors.EXIT_OK if set(final) == {"succeeded"} else errors.EXIT_RUN_FAILED)
 
 
 @cli.command()

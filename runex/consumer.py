@@ -42,46 +42,56 @@ def die_with_parent() -> None:
 class RunexConsumer(Consumer):
     """huey's consumer, plus a check in its main loop that can end it (burst mode, `run`)."""
 
-    def __init__(self, huey: Any, stop_when: Callable[[], bool] | None = None,
-                 check_every: float = 0.2, reap_every: float = 10.0, **options: Any):
+    def __init__(self, huey: Any, jobs: list[tuple[float, Callable[[], Any]]] = (),
+                 stop_when: Callable[[], bool] | None = None, check_every: float = 0.2,
+                 **options: Any):
         super().__init__(huey, **options)
         # SIGTERM drains like SIGINT: no new partitions, running ones finish within the
         # grace period (shutdown_timeout); a second signal stops at once.
         self._signal_actions[signal.SIGTERM] = (False, True)
-        self.stop_when = stop_when
-        self.check_every = check_every
-        self.reap_every = reap_every
-        self._next_check = self._next_reap = 0.0
+        self.jobs = [[every, job, 0.0] for every, job in jobs]  # [seconds, job, next run]
+        if stop_when is not None:
+            self.jobs.append([check_every, self._stop_if(stop_when), 0.0])
 
-    def loop(self, health_check_ts: float | None = None) -> float | None:
-        health_check_ts = super().loop(health_check_ts)
-        now = time.monotonic()
-        if worker._state is not None and now >= self._next_reap:
-            self._next_reap = now + self.reap_every
-            try:
-                # A message is missing for a moment between a worker's dequeue and its claim:
-                # only a partition without one over three rounds counts as vanished.
-                reaper.reap(worker._state, vanished_after=3 * self.reap_every)
-            except Exception:  # noqa: BLE001 - the next round tries again
-                trace.logger().exception("reaper.failed")
-        if self.stop_when is not None and now >= self._next_check:
-            self._next_check = now + self.check_every
-            if self.stop_when():
+    def _stop_if(self, stop_when: Callable[[], bool]) -> Callable[[], None]:
+        def check() -> None:
+            if stop_when():
                 self.stop(graceful=True)
                 raise ConsumerStopped
+        return check
+
+    def loop(self, health_check_ts: float | None = None) -> float | None:
+        """huey's loop (signals, worker health), then runex's periodic jobs, in this process."""
+        health_check_ts = super().loop(health_check_ts)
+        now = time.monotonic()
+        for job in self.jobs:
+            if now >= job[2]:
+                job[2] = now + job[0]
+                try:
+                    job[1]()
+                except ConsumerStopped:
+                    raise
+                except Exception:  # noqa: BLE001 - the next round tries again
+                    trace.logger().exception("consumer.job_failed", job=job[1].__qualname__)
         return health_check_ts
 
 
 def make(state: WorkerState, workers: int, max_delay: float, grace: float | None = None,
-             reap_every: float = 10.0,
-             stop_when: Callable[[], bool] | None = None) -> RunexConsumer:
-    """A consumer of `workers` processes over the queue of `state`, not yet started."""
+         reap_every: float = 10.0, jobs: list[tuple[float, Callable[[], Any]]] = (),
+         stop_when: Callable[[], bool] | None = None) -> RunexConsumer:
+    """A consumer of `workers` processes over the queue of `state`, not yet started. Its
+    main process runs the reaper every `reap_every` seconds, and `jobs` (every, callable)."""
     global _fork_hook
     if not _fork_hook:
         os.register_at_fork(after_in_child=_after_fork)
         _fork_hook = True
     state.ledger.close()
-    return RunexConsumer(state.huey, stop_when=stop_when, reap_every=reap_every,
+    # A message is missing for a moment between a worker's dequeue and its claim: only a
+    # partition without one over three rounds counts as vanished.
+    def reap() -> None:
+        reaper.reap(state, vanished_after=3 * reap_every)
+
+    return RunexConsumer(state.huey, jobs=[(reap_every, reap), *jobs], stop_when=stop_when,
                          workers=workers, worker_type="process",
                          periodic=False, initial_delay=min(0.05, max_delay),
                          max_delay=max_delay, backoff=1.15, scheduler_interval=1,

@@ -86,6 +86,18 @@ SCHEMA = [
             event TEXT NOT NULL,
             data TEXT NOT NULL)""",
         "CREATE INDEX events_run ON events (run_id, ts)",
+        """CREATE TABLE schedules (
+            pipeline TEXT PRIMARY KEY,
+            since TEXT NOT NULL)""",
+        """CREATE TABLE fires (
+            pipeline TEXT NOT NULL,
+            fire_time TEXT NOT NULL,
+            status TEXT NOT NULL,
+            run_id TEXT,
+            reason TEXT,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (pipeline, fire_time))""",
+        "CREATE INDEX runs_pipeline ON runs (pipeline, status)",
     ],
 ]
 
@@ -183,21 +195,101 @@ class Ledger:
     # -- writes ----------------------------------------------------------------------
 
     def create_run(self, run_id: str, pipeline: str, spec: dict[str, Any], project_dir: str,
-                   priority: int, keys: list[Any], events: list[dict[str, Any]] = ()) -> None:
-        """The run and all its partitions, `queued`, in one transaction."""
+                   priority: int, keys: list[Any], events: list[dict[str, Any]] = (),
+                   scheduled_for: str | None = None, fire: str | None = None) -> bool:
+        """The run and all its partitions, `queued`, in one transaction. For a scheduled run
+        (`scheduled_for`, a fire time), `fire` says what happens to its row in `fires`:
+        `new` inserts it, and nothing is written if the fire time has one already (another
+        consumer fired it); `waiting` takes a fire that waited for an earlier run, if it still
+        waits; `replace` points an existing fire at this run (backfill). Returns whether
+        anything was written."""
         now = time.time()
         encoded = [json.dumps(k) for k in keys]
         with self.tx() as conn:
+            if fire == "new":
+                cur = conn.execute(
+                    "INSERT INTO fires (pipeline, fire_time, status, run_id, created_at) "
+                    "VALUES (?, ?, 'fired', ?, ?) ON CONFLICT DO NOTHING",
+                    (pipeline, scheduled_for, run_id, now))
+            elif fire == "waiting":
+                cur = conn.execute(
+                    "UPDATE fires SET status = 'fired', run_id = ? WHERE pipeline = ? AND "
+                    "fire_time = ? AND status = 'waiting'", (run_id, pipeline, scheduled_for))
+            elif fire == "replace":
+                cur = conn.execute(
+                    "INSERT INTO fires (pipeline, fire_time, status, run_id, created_at) "
+                    "VALUES (?, ?, 'fired', ?, ?) ON CONFLICT (pipeline, fire_time) DO UPDATE "
+                    "SET status = 'fired', run_id = excluded.run_id, reason = NULL",
+                    (pipeline, scheduled_for, run_id, now))
+            if fire is not None and cur.rowcount != 1:
+                return False  # the transaction commits nothing
             conn.execute(
                 "INSERT INTO runs (id, pipeline, spec, project_dir, status, priority, "
-                "partition_count, created_at) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?)",
-                (run_id, pipeline, json.dumps(spec), project_dir, priority,
+                "scheduled_for, partition_count, created_at) "
+                "VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+                (run_id, pipeline, json.dumps(spec), project_dir, priority, scheduled_for,
                  len(keys), now))
             conn.executemany(
                 "INSERT INTO partitions (run_id, idx, key, status, queued_at) "
                 "VALUES (?, ?, ?, 'queued', ?)",
                 [(run_id, i, k, now) for i, k in enumerate(encoded)])
             self._insert_events(conn, events)
+        return True
+
+    # -- schedules ---------------------------------------------------------------------
+
+    def schedule_since(self, pipeline: str, now: str) -> str:
+        """When the ledger first saw `pipeline` scheduled (fire times before are not missed)."""
+        row = self.conn.execute("SELECT since FROM schedules WHERE pipeline = ?",
+                                (pipeline,)).fetchone()
+        if row is None:
+            with self.tx() as conn:
+                conn.execute("INSERT INTO schedules (pipeline, since) VALUES (?, ?) "
+                             "ON CONFLICT DO NOTHING", (pipeline, now))
+            row = self.conn.execute("SELECT since FROM schedules WHERE pipeline = ?",
+                                    (pipeline,)).fetchone()
+        return row[0]
+
+    def last_fire(self, pipeline: str) -> str | None:
+        return self.conn.execute("SELECT MAX(fire_time) FROM fires WHERE pipeline = ?",
+                                 (pipeline,)).fetchone()[0]
+
+    def fire(self, pipeline: str, fire_time: str) -> dict[str, Any] | None:
+        """A fire with the status of its run (`run_status`), or None."""
+        rows = self._rows(
+            "SELECT f.*, r.status AS run_status FROM fires f LEFT JOIN runs r "
+            "ON r.id = f.run_id WHERE f.pipeline = ? AND f.fire_time = ?", (pipeline, fire_time))
+        return rows[0] if rows else None
+
+    def fires(self, pipeline: str, limit: int = 1) -> list[dict[str, Any]]:
+        """The latest fires of a pipeline, newest first, with their runs' status."""
+        return self._rows(
+            "SELECT f.*, r.status AS run_status FROM fires f LEFT JOIN runs r "
+            "ON r.id = f.run_id WHERE f.pipeline = ? ORDER BY f.fire_time DESC LIMIT ?",
+            (pipeline, limit))
+
+    def record_fire(self, pipeline: str, fire_time: str, status: str, reason: str,
+                    events: list[dict[str, Any]] = ()) -> bool:
+        """A fire without a run (yet): `skipped` or `waiting`. False if it has a row."""
+        with self.tx() as conn:
+            cur = conn.execute(
+                "INSERT INTO fires (pipeline, fire_time, status, reason, created_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                (pipeline, fire_time, status, reason, time.time()))
+            if cur.rowcount == 1:
+                self._insert_events(conn, events)
+            return cur.rowcount == 1
+
+    def waiting_fires(self) -> list[tuple[str, str]]:
+        return self.conn.execute("SELECT pipeline, fire_time FROM fires WHERE status = "
+                                 "'waiting' ORDER BY fire_time").fetchall()
+
+    def active_run(self, pipeline: str) -> str | None:
+        """The newest queued or running run of a pipeline."""
+        row = self.conn.execute(
+            "SELECT id FROM runs WHERE pipeline = ? AND status IN ('queued', 'running') "
+            "ORDER BY created_at DESC LIMIT 1", (pipeline,)).fetchone()
+        return row[0] if row else None
 
     def claim(self, run_id: str, index: int, host: str, pid: int, pid_started: str | None,
               events: list[dict[str, Any]] = ()) -> Claim | None:

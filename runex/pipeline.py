@@ -3,6 +3,8 @@ against the registry, so that a typo fails at `submit` with the file and key, no
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import inspect
 import re
 import tomllib
@@ -10,9 +12,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from runex.errors import PipelineError, RunexError, suggest
 from runex.registry import Kernel, Registry, display_path
+from runex.schedule import Schedule, ScheduleError
 
 SECTIONS = ("source", "steps", "sink", "options")
 
@@ -32,11 +36,23 @@ class Options:
     batch_size: int = 1000
     priority: int = 0  # higher runs first
     quarantine_after: int = 3  # a partition whose worker died this many times is quarantined
+    schedule: str | None = None  # five-field cron, evaluated in `timezone`
+    every: float | None = None  # or an interval in seconds
+    timezone: str = "UTC"
+    catchup: str = "latest"  # fire times missed while no consumer ran: skip | latest | all
+    max_catchup: int = 10  # with catchup = "all": at most this many of the latest
+    overlap: str = "skip"  # when the previous run still goes: skip | queue | allow
+
+    @property
+    def scheduled(self) -> bool:
+        return self.schedule is not None or self.every is not None
 
 
 OPTION_TYPES = {"retries": int, "retry_delay": "duration", "max_retry_delay": "duration",
                 "timeout": "duration", "batch_size": int, "priority": int,
-                "quarantine_after": int}
+                "quarantine_after": int, "schedule": str, "every": "duration", "timezone": str,
+                "catchup": ("skip", "latest", "all"), "max_catchup": int,
+                "overlap": ("skip", "queue", "allow")}
 
 
 @dataclass
@@ -47,6 +63,31 @@ class Pipeline:
     steps: list[Step] = field(default_factory=list)
     options: Options = field(default_factory=Options)
     path: str | None = None  # the file it came from, for messages
+
+    @property
+    def schedule(self) -> Schedule | None:
+        o = self.options
+        return Schedule.parse(o.schedule, o.every, o.timezone) if o.scheduled else None
+
+    def with_fire_time(self, fire_time: dt.datetime) -> Pipeline:
+        """A copy whose string parameters have `{fire_time}` or `{fire_time:%Y-%m-%d}` replaced
+        by the fire time, in the schedule's time zone."""
+        local = fire_time.astimezone(ZoneInfo(self.options.timezone))
+
+        def fill(value: Any) -> Any:
+            if isinstance(value, str):
+                return _FIRE_TIME.sub(lambda m: format(local, m.group(1) or ""), value)
+            if isinstance(value, list):
+                return [fill(v) for v in value]
+            if isinstance(value, dict):
+                return {k: fill(v) for k, v in value.items()}
+            return value
+
+        return dataclasses.replace(
+            self,
+            source=Step(self.source.use, fill(self.source.params)),
+            steps=[Step(s.use, fill(s.params)) for s in self.steps],
+            sink=Step(self.sink.use, fill(self.sink.params)))
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -64,6 +105,7 @@ class Pipeline:
         )
 
 
+_FIRE_TIME = re.compile(r"\{fire_time(?::([^}]*))?\}")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -153,12 +195,24 @@ def from_mapping(data: dict[str, Any], name: str, where: str = "<pipeline>") -> 
                                 "(in [options])")
         if kind == "duration":
             value = parse_duration(value, f"{where}: options.{key}")
+        elif kind is str:
+            if not isinstance(value, str):
+                raise PipelineError(f"{where}: options.{key} must be a string, not {value!r}")
+        elif isinstance(kind, tuple):
+            if value not in kind:
+                raise PipelineError(f"{where}: options.{key} must be one of "
+                                    f"{', '.join(kind)}, not {value!r}")
         elif not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise PipelineError(f"{where}: options.{key} must be a whole number >= 0, "
                                 f"not {value!r}")
         setattr(options, key, value)
     if options.batch_size < 1:
         raise PipelineError(f"{where}: options.batch_size must be at least 1")
+    if options.scheduled or options.timezone != "UTC":
+        try:
+            Schedule.parse(options.schedule, options.every, options.timezone)
+        except ScheduleError as exc:
+            raise PipelineError(f"{where}: [options] {exc}") from None
     return Pipeline(
         name=name,
         source=step(data["source"], "source"),

@@ -1,0 +1,169 @@
+"""Scheduled pipelines, fired by every consumer and yet once per fire time.
+
+Each consumer reads the project's pipeline files (`pipelines/*.toml`, or `pipelines` in
+`runex.toml`), re-reading a file when it changes, and every second fires what is due. A fire is
+a ledger row keyed by (pipeline, fire time), written in the same transaction as its run, so two
+consumers, a restart inside a minute, or a clock stepped back never fire a time twice.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from runex import trace
+from runex.errors import RunexError
+from runex.pipeline import Pipeline, load
+from runex.registry import display_path
+from runex.schedule import UTC, Schedule, iso, parse_time
+
+if TYPE_CHECKING:
+    from runex.app import Runex
+
+MISSED_AFTER = dt.timedelta(seconds=60)  # a fire time older than this when seen was missed
+DEFAULT_PIPELINES = "pipelines/*.toml"
+
+
+@dataclass
+class Entry:
+    """One pipeline file as last read: its pipeline and schedule, or why it cannot be used."""
+
+    path: Path
+    stamp: tuple[int, int]
+    pipeline: Pipeline | None = None
+    schedule: Schedule | None = None
+    error: str | None = None
+
+
+class Scheduler:
+    def __init__(self, rx: Runex):
+        self.rx = rx
+        self.entries: dict[Path, Entry] = {}
+
+    @property
+    def pattern(self) -> str:
+        return self.rx.project.config.get("pipelines", DEFAULT_PIPELINES)
+
+    def scan(self) -> list[Entry]:
+        """Every pipeline file, re-read when its modification time or size changed."""
+        root = self.rx.project.root
+        paths = sorted(root.glob(self.pattern))
+        for gone in set(self.entries) - set(paths):
+            del self.entries[gone]
+        for path in paths:
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            stamp = (st.st_mtime_ns, st.st_size)
+            entry = self.entries.get(path)
+            if entry is None or entry.stamp != stamp:
+                self.entries[path] = entry = self._read(path, stamp)
+        return list(self.entries.values())
+
+    def _read(self, path: Path, stamp: tuple[int, int]) -> Entry:
+        entry = Entry(path, stamp)
+        try:
+            pipeline = load(path)  # kept with its {fire_time} placeholders
+            self.rx.plan(pipeline)  # checked against the extensions
+            entry.pipeline, entry.schedule = pipeline, pipeline.schedule
+        except RunexError as exc:
+            entry.error = str(exc)
+            trace.logger(pipeline=path.stem).warning(
+                "schedule.invalid", file=display_path(str(path)), error=entry.error)
+        return entry
+
+    def tick(self, now: dt.datetime | None = None) -> list[str]:
+        """Fire what is due at `now`; returns the ids of the runs this call created."""
+        now = now or dt.datetime.now(UTC)
+        entries = [e for e in self.scan() if e.schedule is not None]
+        by_name = {e.pipeline.name: e for e in entries}
+        created = [run_id for name, fire_time in self.rx.ledger.waiting_fires()
+                   if name in by_name and (run_id := self._promote(by_name[name], fire_time))]
+        for entry in entries:
+            for fire_time in self.due(entry, now):
+                run_id = self.fire(entry, fire_time)
+                if run_id:
+                    created.append(run_id)
+        self.rx.ledger.add_events(trace.drain())
+        return created
+
+    def due(self, entry: Entry, now: dt.datetime) -> list[dt.datetime]:
+        """The fire times to fire now, after the pipeline's last fire, per its catch-up."""
+        options, ledger = entry.pipeline.options, self.rx.ledger
+        start = parse_time(ledger.schedule_since(entry.pipeline.name, iso(now)))
+        last = ledger.last_fire(entry.pipeline.name)
+        if last is not None:
+            start = max(start, parse_time(last))
+        count = options.max_catchup if options.catchup == "all" else 1
+        times = entry.schedule.latest(start, now, count)
+        if options.catchup == "skip":
+            times = [t for t in times if now - t <= MISSED_AFTER]
+        return times
+
+    def fire(self, entry: Entry, fire_time: dt.datetime) -> str | None:
+        pipeline, ledger = entry.pipeline, self.rx.ledger
+        name, when = pipeline.name, iso(fire_time)
+        if ledger.fire(name, when) is not None:
+            return None  # another consumer fired it
+        log = trace.logger(pipeline=name, fire_time=when)
+        active = ledger.active_run(name)
+        if active is not None and pipeline.options.overlap != "allow":
+            status = "skipped" if pipeline.options.overlap == "skip" else "waiting"
+            reason = f"run {active} was still going"
+            log.info(f"schedule.{status}", because=active)
+            ledger.record_fire(name, when, status, reason, events=trace.drain())
+            return None
+        return self._submit(entry, fire_time, "new", log)
+
+    def _promote(self, entry: Entry, fire_time: str) -> str | None:
+        """Fire a time that waited (overlap = "queue") once the earlier run is over."""
+        if self.rx.ledger.active_run(entry.pipeline.name) is not None:
+            return None
+        log = trace.logger(pipeline=entry.pipeline.name, fire_time=fire_time)
+        return self._submit(entry, parse_time(fire_time), "waiting", log)
+
+    def _submit(self, entry: Entry, fire_time: dt.datetime, fire: str, log: Any) -> str | None:
+        try:
+            run_id = self.rx.submit(entry.pipeline, fire_time=fire_time, fire=fire)
+        except RunexError as exc:
+            # Recorded, so that a pipeline failing at a fire time does not retry every second.
+            log.error("schedule.failed", error=str(exc))
+            self.rx.ledger.record_fire(entry.pipeline.name, iso(fire_time), "error", str(exc),
+                                       events=trace.drain())
+            return None
+        if run_id is not None:
+            log.info("schedule.fired", run_id=run_id)
+        return run_id
+
+    def listing(self, now: dt.datetime | None = None, upcoming: int = 3) -> list[dict]:
+        """What `runex schedules` shows: each pipeline file with its schedule, next fire
+        times, last fire and its run's status, or its error."""
+        now = now or dt.datetime.now(UTC)
+        rows = []
+        for entry in self.scan():
+            row = {"file": display_path(str(entry.path)), "error": entry.error}
+            if entry.pipeline is not None:
+                row["pipeline"] = entry.pipeline.name
+            if entry.schedule is not None:
+                options = entry.pipeline.options
+                last = self.rx.ledger.fires(entry.pipeline.name, 1)
+                row.update(
+                    schedule=entry.schedule.expression, timezone=options.timezone,
+                    catchup=options.catchup, overlap=options.overlap,
+                    next=[iso(t) for t in entry.schedule.after(now, upcoming)],
+                    last=last[0] if last else None)
+            if entry.error or entry.schedule is not None:
+                rows.append(row)
+        return rows
+
+
+def fire_times(pipeline: Pipeline, start: dt.datetime, end: dt.datetime) -> list[dt.datetime]:
+    """Fire times of a scheduled pipeline from `start` to `end`, both included (backfill)."""
+    schedule = pipeline.schedule
+    if schedule is None:
+        raise RunexError(f"{pipeline.path}: has no schedule or every in [options] to backfill")
+    return list(schedule.between(start - dt.timedelta(microseconds=1), end))
+

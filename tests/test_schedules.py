@@ -1,0 +1,202 @@
+"""Scheduled pipelines: once per fire time, catch-up, overlap, backfill, with a given clock
+in this process, and with real consumers on the real clock."""
+
+import datetime as dt
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from runex import PipelineError, Runex
+from runex.pipeline import from_mapping
+from runex.schedule import Schedule
+from runex.scheduler import Scheduler
+
+from .conftest import drain, runex_cli, write
+
+T0 = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC)
+
+
+def at(minutes=0, seconds=0):
+    return T0 + dt.timedelta(minutes=minutes, seconds=seconds)
+
+
+def scheduled(project, options, name="p", path='"out/{fire_time:%H%M}"'):
+    return write(project / "pipelines" / f"{name}.toml", f"""
+        [source]
+        use = "range"
+        stop = 3
+        [sink]
+        use = "jsonl"
+        path = {path}
+        [options]
+        {options}
+    """)
+
+
+def runs(rx):
+    return sorted((r["scheduled_for"], r["status"]) for r in rx.ledger.runs(100))
+
+
+def test_cron_and_interval_fire_times():
+    every_15 = Schedule.parse("*/15 * * * *", None)
+    assert every_15.after(at(1), 3) == [at(15), at(30), at(45)]
+    assert every_15.latest(at(-120), at(1), 2) == [at(-15), at(0)]
+    paris_9am = Schedule.parse("0 9 * * *", None, "Europe/Paris")
+    assert paris_9am.after(T0, 1) == [dt.datetime(2026, 11, 28, 8, 0, tzinfo=dt.UTC)]
+    every_10m = Schedule.parse(None, 600)
+    assert list(every_10m.between(at(0), at(30))) == [at(10), at(20), at(30)]
+
+
+def test_bad_schedules_name_the_file_and_key():
+    base = {"source": {"use": "range"}, "sink": {"use": "null"}}
+    for options, message in [
+        ({"schedule": "* * *"}, "schedule '* * *' must have five fields"),
+        ({"schedule": "61 * * * *"}, "61 is not a valid input"),
+        ({"schedule": "* * * * *", "every": "1m"}, "either schedule (cron) or every"),
+        ({"every": "1m", "timezone": "Mars/Olympus"}, "unknown timezone 'Mars/Olympus'"),
+        ({"every": "1m", "catchup": "some"}, "options.catchup must be one of skip, latest, all"),
+    ]:
+        with pytest.raises(PipelineError) as info:
+            from_mapping({**base, "options": options}, "p", "pipelines/p.toml")
+        assert str(info.value).startswith("pipelines/p.toml: ")
+        assert message in str(info.value)
+
+
+def test_three_consumers_fire_each_time_once_even_after_a_restart_or_a_clock_step_back(project):
+    scheduled(project, 'schedule = "* * * * *"\noverlap = "allow"')
+    consumers = [Scheduler(Runex()) for _ in range(3)]
+    for s in consumers:
+        s.tick(at(0))  # first seen: nothing is due yet
+    fired = [s.tick(at(1, 2)) for s in consumers]
+    assert sorted(len(f) for f in fired) == [0, 0, 1]
+    assert Scheduler(Runex()).tick(at(1, 40)) == []  # a restart inside the minute
+    assert Scheduler(Runex()).tick(at(0, 50)) == []  # the clock stepped back
+    assert [len(s.tick(at(2, 1))) for s in consumers] == [1, 0, 0]
+    assert runs(Runex()) == [("2026-11-27T12:01:00Z", "queued"), ("2026-11-27T12:02:00Z", "queued")]
+
+
+@pytest.mark.parametrize("catchup, expected", [
+    ("skip", []), ("latest", ["12:30"]), ("all", ["12:20", "12:30"])])
+def test_catchup_after_downtime(project, catchup, expected):
+    scheduled(project, f'every = "10m"\ncatchup = "{catchup}"\nmax_catchup = 2\noverlap = "allow"')
+    rx = Runex()
+    scheduler = Scheduler(rx)
+    scheduler.tick(at(-5))
+    assert len(scheduler.tick(at(0, 5))) == 1  # 12:00, on time
+    created = scheduler.tick(at(35))  # no consumer ran from 12:01 to 12:35
+    got = sorted(rx.ledger.run(r)["scheduled_for"][11:16] for r in created)
+    assert got == expected
+
+
+@pytest.mark.parametrize("overlap", ["skip", "queue", "allow"])
+def test_overlap_with_a_run_still_going(project, overlap):
+    scheduled(project, f'every = "10m"\noverlap = "{overlap}"')
+    rx = Runex()
+    scheduler = Scheduler(rx)
+    scheduler.tick(at(-5))
+    scheduler.tick(at(0, 1))  # the 12:00 run, left queued
+    second = scheduler.tick(at(10, 1))
+    fire = rx.ledger.fire("p", "2026-11-27T12:10:00Z")
+    if overlap == "allow":
+        assert len(second) == 1 and fire["status"] == "fired"
+        return
+    assert second == []
+    assert fire["status"] == {"skip": "skipped", "queue": "waiting"}[overlap]
+    assert fire["reason"].startswith("run ") and fire["reason"].endswith(" was still going")
+    drain(rx)  # the 12:00 run ends
+    promoted = scheduler.tick(at(10, 30))
+    if overlap == "queue":
+        assert [rx.ledger.run(r)["scheduled_for"] for r in promoted] == ["2026-11-27T12:10:00Z"]
+    else:
+        assert promoted == []
+
+
+def test_fire_time_fills_parameters(project):
+    scheduled(project, 'schedule = "30 9 * * *"\ntimezone = "Europe/Paris"')
+    rx = Runex()
+    scheduler = Scheduler(rx)
+    scheduler.tick(at(0))
+    (run_id,) = scheduler.tick(dt.datetime(2026, 11, 28, 8, 30, 5, tzinfo=dt.UTC))
+    spec = rx.show(run_id)["spec"]
+    assert spec["sink"]["params"]["path"] == "out/0930"  # 09:30 in Paris
+
+
+def test_pipeline_files_are_reread_and_a_broken_one_does_not_stop_the_others(project):
+    scheduled(project, 'every = "10m"', name="good")
+    scheduled(project, 'every = "10m"', name="broken", path="1")  # jsonl path must be text
+    rx = Runex()
+    scheduler = Scheduler(rx)
+    scheduler.tick(at(-5))
+    assert len(scheduler.tick(at(0, 1))) == 1
+    listing = {r["file"]: r for r in scheduler.listing(at(0, 2))}
+    assert "path must name the folder" in listing["pipelines/broken.toml"]["error"]
+    assert listing["pipelines/good.toml"]["next"][0] == "2026-11-27T12:10:00Z"
+    assert listing["pipelines/good.toml"]["last"]["run_status"] == "queued"
+    scheduled(project, 'every = "5m"\noverlap = "allow"', name="good")  # edited
+    assert len(scheduler.tick(at(5, 1))) == 1
+    (project / "pipelines" / "good.toml").unlink()  # deleted
+    assert scheduler.tick(at(10, 1)) == []
+
+
+def test_backfill_runs_each_fire_time_once_unless_forced(project):
+    scheduled(project, 'schedule = "0 * * * *"')
+    rx = Runex()
+    first = rx.backfill("pipelines/p.toml", at(0), at(120))
+    assert [f["fire_time"][11:16] for f in first] == ["12:00", "13:00", "14:00"]
+    assert all(f["submitted"] for f in first)
+    again = rx.backfill("pipelines/p.toml", at(0), at(120))
+    assert not any(f["submitted"] for f in again)  # queued: left alone
+    drain(rx)
+    assert [s for _, s in runs(rx)] == ["succeeded"] * 3
+    assert not any(f["submitted"] for f in rx.backfill("pipelines/p.toml", at(0), at(120)))
+    forced = rx.backfill("pipelines/p.toml", at(60), at(120), force=True)
+    assert [f["submitted"] for f in forced] == [True, True]
+    assert rx.ledger.fire("p", "2026-11-27T13:00:00Z")["run_id"] == forced[0]["run_id"]
+
+
+def test_backfill_command_processes_the_range_in_order(project):
+    scheduled(project, 'schedule = "0 * * * *"')
+    result = runex_cli("backfill", "pipelines/p.toml", "--from", "2026-11-27T12:00",
+                       "--to", "2026-11-27T14:00", "-w", "1", cwd=project)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-2:] == ["3 of 3 fire times queued", "3 succeeded"]
+    listing = json.loads(runex_cli("runs", "--json", cwd=project, check=True).stdout)
+    by_start = sorted(listing, key=lambda r: r["started_at"])
+    assert [r["scheduled_for"] for r in by_start] == [
+        "2026-11-27T12:00:00Z", "2026-11-27T13:00:00Z", "2026-11-27T14:00:00Z"]
+    assert sorted((project / "out").iterdir())[0].name == "1200"
+
+
+def test_three_real_consumers_fire_every_second_once(project):
+    write(project / "pipelines" / "tick.toml", """
+        [source]
+        use = "range"
+        stop = 1
+        [sink]
+        use = "null"
+        [options]
+        every = "1s"
+        overlap = "allow"
+        catchup = "skip"
+    """)
+    consumers = [subprocess.Popen([sys.executable, "-m", "runex", "worker", "-w", "1"],
+                                  cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for _ in range(3)]
+    time.sleep(6)
+    for c in consumers:
+        c.send_signal(signal.SIGINT)
+    for c in consumers:
+        c.wait(timeout=60)
+    listing = json.loads(runex_cli("runs", "--json", "-n", "100", cwd=project, check=True).stdout)
+    fired = sorted(r["scheduled_for"] for r in listing)
+    assert len(fired) >= 3
+    assert len(set(fired)) == len(fired)  # no fire time twice
+    seconds = [dt.datetime.fromisoformat(f.replace("Z", "+00:00")).timestamp() for f in fired]
+    assert all(b - a == 1 for a, b in zip(seconds, seconds[1:], strict=False))  # none missed
+    schedules = json.loads(runex_cli("schedules", "--json", cwd=project, check=True).stdout)
+    assert schedules[0]["pipeline"] == "tick" and schedules[0]["schedule"] == "every 1s"
+    assert schedules[0]["last"]["fire_time"] == fired[-1]
