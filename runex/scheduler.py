@@ -35,6 +35,7 @@ class Entry:
     pipeline: Pipeline | None = None
     schedule: Schedule | None = None
     error: str | None = None
+    next_fire: tuple[dt.datetime, dt.datetime | None] | None = None  # (after, first fire time)
 
 
 class Scheduler:
@@ -97,6 +98,13 @@ class Scheduler:
         last = ledger.last_fire(entry.pipeline.name)
         if last is not None:
             start = max(start, parse_time(last))
+        # Most ticks find nothing due: remember the first fire time after `start`, so they
+        # cost two reads and no cron matching.
+        if entry.next_fire is None or entry.next_fire[0] != start:
+            upcoming = entry.schedule.after(start, 1)
+            entry.next_fire = (start, upcoming[0] if upcoming else None)
+        if entry.next_fire[1] is None or now < entry.next_fire[1]:
+            return []
         count = options.max_catchup if options.catchup == "all" else 1
         times = entry.schedule.latest(start, now, count)
         if options.catchup == "skip":
