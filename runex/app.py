@@ -59,6 +59,11 @@ class Runex:
         self.project.ensure_home()
         trace.configure(self.project.traces_dir, console=console, verbose=verbose)
 
+    def ensure_trace(self, console: bool | None = False) -> None:
+        """Trace to this home unless the caller configured traces already."""
+        if not trace.configured():
+            self.trace_to_home(console=console)
+
     # -- pipelines and runs -------------------------------------------------------------
 
     def plan(self, pipeline: str | os.PathLike | Pipeline, params: Sequence[str] = (),
@@ -77,8 +82,7 @@ class Runex:
         run id, or None when the fire time was taken by another consumer."""
         plan = self.plan(pipeline, params, fire_time)
         pipe = plan.pipeline
-        if not trace.configured():
-            self.trace_to_home(console=False)
+        self.ensure_trace()
         keys = self._partition_keys(plan)
         run_id = new_run_id()
         scheduled_for = iso(fire_time) if fire_time else None
@@ -127,8 +131,7 @@ class Runex:
         if extra != self._extra_extensions:
             self._extra_extensions, self._registry = extra, None
         count = workers or settings.get("workers") or cpu_count()
-        if not trace.configured():
-            self.trace_to_home()
+        self.ensure_trace(console=None)
         state = worker.setup(self.registry, self.ledger, self.huey)
         stops = [f for f in (until, self._nothing_left if burst else None) if f]
         jobs = [(1.0, Scheduler(self).tick)] if schedules and not burst else []

@@ -35,6 +35,7 @@ class Entry:
     pipeline: Pipeline | None = None
     schedule: Schedule | None = None
     error: str | None = None
+    reported: bool = False  # the error was traced (once per version of the file)
     next_fire: tuple[dt.datetime, dt.datetime | None] | None = None  # (after, first fire time)
 
 
@@ -72,14 +73,20 @@ class Scheduler:
             entry.pipeline, entry.schedule = pipeline, pipeline.schedule
         except RunexError as exc:
             entry.error = str(exc)
-            trace.logger(pipeline=path.stem).warning(
-                "schedule.invalid", file=display_path(str(path)), error=entry.error)
         return entry
 
     def tick(self, now: dt.datetime | None = None) -> list[str]:
         """Fire what is due at `now`; returns the ids of the runs this call created."""
         now = now or dt.datetime.now(UTC)
-        entries = [e for e in self.scan() if e.schedule is not None]
+        self.rx.ensure_trace()
+        entries = []
+        for entry in self.scan():
+            if entry.error and not entry.reported:
+                trace.logger(pipeline=entry.path.stem).warning(
+                    "schedule.invalid", file=display_path(str(entry.path)), error=entry.error)
+                entry.reported = True
+            if entry.schedule is not None:
+                entries.append(entry)
         by_name = {e.pipeline.name: e for e in entries}
         created = [run_id for name, fire_time in self.rx.ledger.waiting_fires()
                    if name in by_name and (run_id := self._promote(by_name[name], fire_time))]

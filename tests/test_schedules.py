@@ -107,6 +107,9 @@ def test_overlap_with_a_run_still_going(project, overlap):
     assert second == []
     assert fire["status"] == {"skip": "skipped", "queue": "waiting"}[overlap]
     assert fire["reason"].startswith("run ") and fire["reason"].endswith(" was still going")
+    traced = rx.ledger.conn.execute("SELECT event FROM events WHERE event LIKE 'schedule.%' "
+                                    "ORDER BY ts").fetchall()
+    assert traced == [("schedule.fired",), (f"schedule.{fire['status']}",)]
     drain(rx)  # the 12:00 run ends
     promoted = scheduler.tick(at(10, 30))
     if overlap == "queue":
@@ -136,6 +139,10 @@ def test_pipeline_files_are_reread_and_a_broken_one_does_not_stop_the_others(pro
     assert "path must name the folder" in listing["pipelines/broken.toml"]["error"]
     assert listing["pipelines/good.toml"]["next"][0] == "2026-11-27T12:10:00Z"
     assert listing["pipelines/good.toml"]["last"]["run_status"] == "queued"
+    invalid = rx.ledger.conn.execute(
+        "SELECT data FROM events WHERE event = 'schedule.invalid'").fetchall()
+    assert len(invalid) == 1  # reported once, not every second
+    assert json.loads(invalid[0][0])["file"] == "pipelines/broken.toml"
     scheduled(project, 'every = "5m"\noverlap = "allow"', name="good")  # edited
     assert len(scheduler.tick(at(5, 1))) == 1
     (project / "pipelines" / "good.toml").unlink()  # deleted
@@ -200,3 +207,15 @@ def test_three_real_consumers_fire_every_second_once(project):
     schedules = json.loads(runex_cli("schedules", "--json", cwd=project, check=True).stdout)
     assert schedules[0]["pipeline"] == "tick" and schedules[0]["schedule"] == "every 1s"
     assert schedules[0]["last"]["fire_time"] == fired[-1]
+
+
+def test_schedules_command_lists_errors_apart_from_its_json(project):
+    scheduled(project, 'every = "10m"', name="good")
+    scheduled(project, 'every = "10m"', name="broken", path="1")
+    result = runex_cli("schedules", "--json", cwd=project, check=True)
+    rows = {r["file"]: r for r in json.loads(result.stdout)}
+    assert rows["pipelines/good.toml"]["schedule"] == "every 600s"
+    assert "path must name the folder" in rows["pipelines/broken.toml"]["error"]
+    text = runex_cli("schedules", cwd=project, check=True)
+    assert text.stdout.splitlines()[0].split() == ["PIPELINE", "SCHEDULE", "TZ", "NEXT", "LAST"]
+    assert "error: pipelines/broken.toml: [sink]" in text.stderr

@@ -46,8 +46,8 @@ def test_run_exits_0_on_success_and_prints_where_the_output_is(project):
     assert "records: 50 in, 50 out" in result.stdout
     assert "output: sink 'sqlite' (path=out/sq.db, table=sq" in result.stdout
     runs = json.loads(runex_cli("runs", "--json", cwd=project, check=True).stdout)
-    assert [(r["pipeline"], r["status"], r["partition_count"]) for r in runs] == [
-        ("p", "succeeded", 5)]
+    assert [(r["pipeline"], r["status"], r["partition_count"], r["scheduled_for"])
+            for r in runs] == [("p", "succeeded", 5, None)]
 
 
 def test_run_exits_1_when_a_partition_fails_and_show_has_the_traceback(project):
