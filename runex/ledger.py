@@ -97,6 +97,7 @@ SCHEMA = [
             reason TEXT,
             created_at REAL NOT NULL,
             PRIMARY KEY (pipeline, fire_time))""",
+        "CREATE INDEX fires_status ON fires (status)",
         "CREATE INDEX runs_pipeline ON runs (pipeline, status)",
     ],
 ]
@@ -270,11 +271,14 @@ class Ledger:
 
     def record_fire(self, pipeline: str, fire_time: str, status: str, reason: str,
                     events: list[dict[str, Any]] = ()) -> bool:
-        """A fire without a run (yet): `skipped` or `waiting`. False if it has a row."""
+        """A fire without a run: `skipped`, `waiting` or `error`. It changes a fire that was
+        waiting, and no other: False when the fire time has another row."""
         with self.tx() as conn:
             cur = conn.execute(
                 "INSERT INTO fires (pipeline, fire_time, status, reason, created_at) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (pipeline, fire_time) DO UPDATE "
+                "SET status = excluded.status, reason = excluded.reason "
+                "WHERE fires.status = 'waiting'",
                 (pipeline, fire_time, status, reason, time.time()))
             if cur.rowcount == 1:
                 self._insert_events(conn, events)

@@ -219,3 +219,30 @@ def test_schedules_command_lists_errors_apart_from_its_json(project):
     text = runex_cli("schedules", cwd=project, check=True)
     assert text.stdout.splitlines()[0].split() == ["PIPELINE", "SCHEDULE", "TZ", "NEXT", "LAST"]
     assert "error: pipelines/broken.toml: [sink]" in text.stderr
+
+
+def test_a_fire_that_cannot_be_submitted_is_recorded_once(project):
+    write(project / "data" / "1200.csv", "n\n1\n")
+    write(project / "pipelines" / "p.toml", """
+        [source]
+        use = "csv"
+        path = "data/{fire_time:%H%M}.csv"
+        [sink]
+        use = "null"
+        [options]
+        every = "10m"
+        overlap = "queue"
+    """)
+    rx = Runex()
+    scheduler = Scheduler(rx)
+    scheduler.tick(at(-5))
+    assert len(scheduler.tick(at(0, 1))) == 1  # data/1200.csv is there
+    assert scheduler.tick(at(10, 1)) == []  # waits for the 12:00 run
+    drain(rx)
+    for seconds in (2, 3, 4):
+        assert scheduler.tick(at(10, seconds)) == []  # data/1210.csv is not
+    fire = rx.ledger.fire("p", "2026-11-27T12:10:00Z")
+    assert fire["status"] == "error" and "matches no file" in fire["reason"]
+    failed = rx.ledger.conn.execute(
+        "SELECT COUNT(*) FROM events WHERE event = 'schedule.failed'").fetchone()
+    assert failed == (1,)
