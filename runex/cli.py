@@ -8,13 +8,15 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from runex import errors
-from runex.app import Runex
 from runex.ledger import TERMINAL_RUN
+
+if TYPE_CHECKING:
+    from runex.app import Runex
 
 
 class Group(click.Group):
@@ -40,6 +42,8 @@ def project_options(fn: Callable) -> Callable:
 
 
 def open_runex(home: str | None, extension_dirs: tuple[str, ...]) -> Runex:
+    from runex.app import Runex  # here, so that `runex --help` does not load the runtime
+
     # RUNEX_HOME is read by click into `home`; RUNEX_EXTENSIONS by open_project.
     return Runex(home=home, extensions=extension_dirs)
 

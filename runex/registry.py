@@ -68,6 +68,21 @@ class SinkContext:
     partition_count: int = 0
 
 
+class Records:
+    """The records a sink writes: iterate it for one record at a time, or, cheaper, call
+    `batches()` for lists of records. It can be read once."""
+
+    def __init__(self, batches: Iterable[list[dict]]):
+        self._batches = batches
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch in self._batches:
+            yield from batch
+
+    def batches(self) -> Iterable[list[dict]]:
+        return self._batches
+
+
 @dataclass
 class SinkSpec:
     """A sink: `write(ctx, records)` commits one partition's records so that a repeat of the

@@ -25,7 +25,7 @@ from runex.errors import PartitionTimeout
 from runex.ledger import LEASE_SECONDS, Claim, Ledger
 from runex.pipeline import Pipeline, Plan, check
 from runex.project import chdir
-from runex.registry import Registry, SinkContext
+from runex.registry import Records, Registry, SinkContext
 
 
 @dataclass
@@ -233,11 +233,11 @@ def process(plan: Plan, claim: Claim, stats: Stats, cancel: Cancellation | None 
     ctx = SinkContext(run_id=claim.run_id, pipeline=claim.pipeline, params=plan.sink_params,
                       partition=claim.key, index=claim.index, attempt=claim.attempt,
                       partition_count=claim.partition_count)
-    plan.sink_write(ctx, stream(records, plan, stats, cancel))
+    plan.sink_write(ctx, Records(stream(records, plan, stats, cancel)))
 
 
 def stream(records: Iterable[dict], plan: Plan, stats: Stats,
-           cancel: Cancellation | None = None) -> Iterator[dict]:
+           cancel: Cancellation | None = None) -> Iterator[list[dict]]:
     """Batches of `batch_size` records through every step; memory stays one batch deep."""
     steps = []
     for kernel, params in plan.kernels:
@@ -264,7 +264,8 @@ def stream(records: Iterable[dict], plan: Plan, stats: Stats,
             if not batch:
                 break
         stats.records_out += len(batch)
-        yield from batch
+        if batch:
+            yield batch
 
 
 def finalize_run(state: WorkerState, run_id: str) -> None:

@@ -89,6 +89,19 @@ def test_sqlite_sink_commits_a_partition_once(registry, tmp_path, spill_rows):
     assert list(tmp_path.glob("*.stage-*")) == []
 
 
+@pytest.mark.parametrize("spill_rows", [1000, 2])
+def test_sqlite_sink_keeps_types_and_widens_for_new_keys(registry, tmp_path, spill_rows):
+    sink = registry.sink("sqlite")
+    params = sink.configure(path=str(tmp_path / "o.db"), table="t", spill_rows=spill_rows)
+    records = [{"a": 1, "b": "x"}, {"b": "y", "a": 2}, {"a": 3, "c": b"\x00\x01"},
+               {"a": 2**62, "b": None, "c": 0.5}, {"d": "only d"}]
+    sink.write(ctx(0, params), iter(records))
+    with sqlite3.connect(tmp_path / "o.db") as conn:
+        got = conn.execute("SELECT a, b, c, d FROM t ORDER BY rowid").fetchall()
+    assert got == [(1, "x", None, None), (2, "y", None, None), (3, None, b"\x00\x01", None),
+                   (2**62, None, 0.5, None), (None, None, None, "only d")]
+
+
 def test_sqlite_sink_rolls_back_when_the_stream_fails(registry, tmp_path):
     sink = registry.sink("sqlite")
     params = sink.configure(path=str(tmp_path / "o.db"), table="t", spill_rows=2)

@@ -66,6 +66,10 @@ def header_of(partition, encoding, delimiter):
 
 
 def read_csv(partition, delimiter=",", encoding="utf-8"):
+    if isinstance(partition, str):  # a whole file: the csv module reads it directly
+        with open(partition, encoding=encoding, newline="") as f:
+            yield from csv.DictReader(f, delimiter=delimiter)
+        return
     fields = header_of(partition, encoding, delimiter)
     lines = read_lines(partition, encoding, skip_header=True)
     yield from csv.DictReader(lines, fieldnames=fields, delimiter=delimiter)
