@@ -7,13 +7,15 @@ starts with them imported. SIGTERM and SIGINT both drain it; its workers die wit
 from __future__ import annotations
 
 import os
+import select
 import signal
+import struct
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
-from huey.consumer import Consumer, ConsumerStopped
+from huey.consumer import Consumer, ConsumerStopped, Worker
 
 from runex import reaper, trace, worker
 from runex.worker import WorkerState
@@ -39,8 +41,68 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
+class QueueWatch:
+    """Wakes an idle worker when the queue file is written (Linux inotify on its folder),
+    so pickup needs no polling; elsewhere, or if inotify is refused, it just sleeps."""
+
+    IN_MODIFY, IN_CREATE = 0x2, 0x100
+
+    def __init__(self, queue_file: str):
+        self.name = os.path.basename(queue_file).encode()
+        self.fd = -1
+        if sys.platform.startswith("linux"):
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+            folder = os.path.dirname(os.path.abspath(queue_file)).encode()
+            if fd >= 0 and libc.inotify_add_watch(fd, folder,
+                                                   self.IN_MODIFY | self.IN_CREATE) >= 0:
+                self.fd = fd
+            elif fd >= 0:
+                os.close(fd)
+
+    def wait(self, seconds: float, stop_flag: Any) -> None:
+        """Return when the queue file was written, `stop_flag` is set, or after `seconds`."""
+        if self.fd < 0:
+            stop_flag.wait(seconds)
+            return
+        deadline = time.monotonic() + seconds
+        while not stop_flag.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            ready, _, _ = select.select([self.fd], [], [], min(left, 0.1))
+            if ready and self._queue_written():
+                return
+
+    def _queue_written(self) -> bool:
+        written, data, offset = False, os.read(self.fd, 65536), 0
+        while offset < len(data):
+            _, _, _, length = struct.unpack_from("iIII", data, offset)
+            name = data[offset + 16:offset + 16 + length].rstrip(b"\0")
+            written = written or name.startswith(self.name)  # queue.db, queue.db-wal
+            offset += 16 + length
+        return written
+
+
+class RunexWorker(Worker):
+    """huey's worker, waiting for the queue file to change rather than polling it."""
+
+    def initialize(self) -> None:
+        super().initialize()
+        self.watch = QueueWatch(self.huey.storage.filename)
+
+    def sleep(self) -> None:
+        self.delay = min(self.delay, self.max_delay)
+        self.watch.wait(self.delay, self.stop_flag)
+        self.delay *= self.backoff
+
+
 class RunexConsumer(Consumer):
     """huey's consumer, plus a check in its main loop that can end it (burst mode, `run`)."""
+
+    worker_class = RunexWorker
 
     def __init__(self, huey: Any, jobs: list[tuple[float, Callable[[], Any]]] = (),
                  stop_when: Callable[[], bool] | None = None, check_every: float = 0.2,

@@ -21,8 +21,8 @@ from typing import Any
 from runex.errors import NotFound, StorageError
 
 TERMINAL_RUN = ("succeeded", "failed", "cancelled")  # a run in one of these is over
-TERMINAL_PARTITION = ("succeeded", "failed", "cancelled", "quarantined")
-_TERMINAL_SQL = "(" + ", ".join(f"'{s}'" for s in TERMINAL_PARTITION) + ")"
+# A partition is over unless it is `queued` or `running`: succeeded, failed, cancelled or
+# quarantined.
 LEASE_SECONDS = 60.0  # a claim not renewed for this long is lost (workers on other hosts)
 BUSY_TIMEOUT = 60.0  # seconds a writer waits for the lock before SQLite gives up
 
@@ -62,6 +62,7 @@ SCHEMA = [
             finished_at REAL,
             PRIMARY KEY (run_id, idx))""",
         "CREATE INDEX partitions_status ON partitions (status)",
+        "CREATE INDEX partitions_run_status ON partitions (run_id, status)",
         """CREATE TABLE attempts (
             run_id TEXT NOT NULL,
             idx INTEGER NOT NULL,
@@ -354,9 +355,10 @@ class Ledger:
 
     @staticmethod
     def _complete(conn: sqlite3.Connection, run_id: str) -> bool:
+        """No partition of the run is queued or running (an index lookup, not a count)."""
         return conn.execute(
-            f"SELECT COUNT(*) FROM partitions WHERE run_id = ? AND status NOT IN {_TERMINAL_SQL}",
-            (run_id,)).fetchone()[0] == 0
+            "SELECT 1 FROM partitions WHERE run_id = ? AND status IN ('queued', 'running') "
+            "LIMIT 1", (run_id,)).fetchone() is None
 
     def renew_lease(self, claim: Claim) -> bool:
         """Extend a running attempt's lease; False once it is no longer running."""
@@ -414,9 +416,9 @@ class Ledger:
         """(id, finalizer) of runs whose partitions are all over but that are not finished:
         nobody finalized them, or their finalizer died."""
         return self.conn.execute(
-            f"SELECT id, finalizer FROM runs r WHERE status IN ('queued', 'running') AND NOT "
-            f"EXISTS (SELECT 1 FROM partitions p WHERE p.run_id = r.id AND p.status NOT IN "
-            f"{_TERMINAL_SQL})").fetchall()
+            "SELECT id, finalizer FROM runs r WHERE status IN ('queued', 'running') AND NOT "
+            "EXISTS (SELECT 1 FROM partitions p WHERE p.run_id = r.id AND p.status IN "
+            "('queued', 'running'))").fetchall()
 
     def release_finalizer(self, run_id: str, finalizer: str) -> None:
         with self.tx() as conn:

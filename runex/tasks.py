@@ -81,10 +81,24 @@ class QueueStorage(SqliteStorage):
         return conn
 
 
+class Queue(SqliteHuey):
+    """huey without revocation, which runex never uses (a run is cancelled in the ledger):
+    this saves a read before every task and a write transaction after it. Pinned to huey's
+    `is_revoked`/`delete(task.revoke_id)` internals; tests/test_queue.py checks it."""
+
+    def is_revoked(self, task: Any, timestamp: Any = None, peek: bool = True) -> bool:
+        return False
+
+    def delete(self, key: str) -> Any:
+        if key.startswith("r:"):  # a task's revoke flag: there is none to clear
+            return False
+        return super().delete(key)
+
+
 def make_huey(path: str | os.PathLike) -> SqliteHuey:
     """The queue in `path`, with runex's task registered."""
     Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    huey = SqliteHuey(QUEUE_NAME, filename=str(path), results=False, utc=True,
+    huey = Queue(QUEUE_NAME, filename=str(path), results=False, utc=True,
                       serializer=JSONSerializer(), storage_class=QueueStorage,
                       timeout=LOCK_TIMEOUT)
     huey.task(name="partition")(partition)
