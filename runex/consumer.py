@@ -105,7 +105,7 @@ class RunexConsumer(Consumer):
     worker_class = RunexWorker
 
     def __init__(self, huey: Any, jobs: list[tuple[float, Callable[[], Any]]] = (),
-                 stop_when: Callable[[], bool] | None = None, check_every: float = 0.2,
+                 stop_when: Callable[[], bool] | None = None, check_every: float = 0.05,
                  **options: Any):
         super().__init__(huey, **options)
         # SIGTERM drains like SIGINT: no new partitions, running ones finish within the
