@@ -100,7 +100,8 @@ class RunexWorker(Worker):
 
 
 class RunexConsumer(Consumer):
-    """huey's consumer, plus a check in its main loop that can end it (burst mode, `run`)."""
+    """huey's consumer with workers that wake on queue writes, and runex's periodic jobs in
+    its main process: the reaper, the scheduler, and a stop condition (burst mode, `run`)."""
 
     worker_class = RunexWorker
 
