@@ -20,22 +20,25 @@ def rx(project):
     return Runex()
 
 
+SCALE = """
+    [source]
+    use = "range"
+    stop = 10
+    [[steps]]
+    use = "scale"
+    factor = 2
+    {extra}
+    [sink]
+    use = "null"
+"""
+
+
 def pipeline(project, body):
     return write(project / "pipelines" / "p.toml", body)
 
 
 def test_unknown_parameter_names_file_key_and_accepted_parameters(rx, project):
-    path = pipeline(project, """
-        [source]
-        use = "range"
-        stop = 10
-        [[steps]]
-        use = "scale"
-        factor = 2
-        feild = "n"
-        [sink]
-        use = "null"
-    """)
+    path = pipeline(project, SCALE.format(extra='feild = "n"'))
     with pytest.raises(PipelineError) as info:
         rx.plan(path)
     assert str(info.value) == (
@@ -103,16 +106,7 @@ def test_missing_sections_and_unknown_options(project):
 
 
 def test_overrides_set_nested_values_typed_as_toml(project):
-    path = pipeline(project, """
-        [source]
-        use = "range"
-        stop = 10
-        [[steps]]
-        use = "scale"
-        factor = 2
-        [sink]
-        use = "null"
-    """)
+    path = pipeline(project, SCALE.format(extra=""))
     p = load(path, ["source.stop=25", "steps.0.factor=1.5", "steps.0.field=m",
                     "options.retries=4"])
     assert p.source.params == {"stop": 25}
