@@ -6,6 +6,7 @@ starts with them imported. SIGTERM and SIGINT both drain it; its workers die wit
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -45,7 +46,7 @@ class QueueWatch:
     """Wakes an idle worker when the queue file is written (Linux inotify on its folder),
     so pickup needs no polling; elsewhere, or if inotify is refused, it just sleeps."""
 
-    IN_MODIFY, IN_CREATE = 0x2, 0x100
+    IN_MODIFY, IN_ATTRIB, IN_CREATE = 0x2, 0x4, 0x100
 
     def __init__(self, queue_file: str):
         self.name = os.path.basename(queue_file).encode()
@@ -56,8 +57,8 @@ class QueueWatch:
             libc = ctypes.CDLL(None, use_errno=True)
             fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
             folder = os.path.dirname(os.path.abspath(queue_file)).encode()
-            if fd >= 0 and libc.inotify_add_watch(fd, folder,
-                                                   self.IN_MODIFY | self.IN_CREATE) >= 0:
+            mask = self.IN_MODIFY | self.IN_ATTRIB | self.IN_CREATE
+            if fd >= 0 and libc.inotify_add_watch(fd, folder, mask) >= 0:
                 self.fd = fd
             elif fd >= 0:
                 os.close(fd)
@@ -112,9 +113,17 @@ class RunexConsumer(Consumer):
         # SIGTERM drains like SIGINT: no new partitions, running ones finish within the
         # grace period (shutdown_timeout); a second signal stops at once.
         self._signal_actions[signal.SIGTERM] = (False, True)
+        self._stop_flag_timeout = 0.05  # huey's main-loop tick (0.1 s): jobs run this often
         self.jobs = [[every, job, 0.0] for every, job in jobs]  # [seconds, job, next run]
         if stop_when is not None:
             self.jobs.append([check_every, self._stop_if(stop_when), 0.0])
+
+    def stop(self, graceful: bool = False) -> None:
+        """Stop, and touch the queue file so that idle workers notice at once."""
+        self.stop_flag.set()
+        with contextlib.suppress(OSError):
+            os.utime(self.huey.storage.filename)
+        super().stop(graceful)
 
     def _stop_if(self, stop_when: Callable[[], bool]) -> Callable[[], None]:
         def check() -> None:
