@@ -4,9 +4,9 @@ Source: rows of `table` in the SQLite file `path`, partitioned by rowid ranges o
 optional `columns` (default all) and a `where` condition. Or a `query`, read as one partition.
 
 Sink: rows into `table` of the SQLite file `path`, the table created from the records' keys
-(and widened when new keys appear). The file's journal mode is left as it is, so a new file
-has SQLite's rollback journal, the fastest for bulk writes; `wal = true` switches it to WAL,
-so that readers never wait for a commit, at about a third more time to write.
+(and widened when new keys appear). The file is put in WAL mode, so that readers, and workers
+checking their commit markers, never wait for another worker's commit; `wal = false` leaves
+its journal mode as it is (a new file: the rollback journal, a little faster for one writer).
 
 Each partition commits its rows and a marker row `(run_id, partition_index)` in
 `_runex_commits` in one transaction; a partition whose marker is already there writes nothing,
@@ -84,7 +84,7 @@ MARKERS = """CREATE TABLE IF NOT EXISTS _runex_commits (
 _connections = {}  # (pid, path) -> connection, one per worker process and database
 
 
-def connect(path, wal=False):
+def connect(path, wal=True):
     key = (os.getpid(), os.path.abspath(path))
     conn = _connections.get(key)
     if conn is None:
@@ -100,7 +100,7 @@ def connect(path, wal=False):
     return conn
 
 
-def configure_sqlite(path, table, spill_rows=50_000, wal=False):
+def configure_sqlite(path, table, spill_rows=50_000, wal=True):
     if not isinstance(table, str) or not table or table.startswith("_runex"):
         raise ValueError(f"table must be a name (not starting with _runex), not {table!r}")
     if not isinstance(spill_rows, int) or spill_rows < 1:
