@@ -113,7 +113,6 @@ class RunexConsumer(Consumer):
         # SIGTERM drains like SIGINT: no new partitions, running ones finish within the
         # grace period (shutdown_timeout); a second signal stops at once.
         self._signal_actions[signal.SIGTERM] = (False, True)
-        self._stop_flag_timeout = 0.05  # huey's main-loop tick (0.1 s): jobs run this often
         self.jobs = [[every, job, 0.0] for every, job in jobs]  # [seconds, job, next run]
         if stop_when is not None:
             self.jobs.append([check_every, self._stop_if(stop_when), 0.0])
