@@ -93,6 +93,7 @@ class RunexWorker(Worker):
     def initialize(self) -> None:
         super().initialize()
         self.watch = QueueWatch(self.huey.storage.filename)
+        worker.stopping = self.stop_flag.is_set  # a pack is handed back when it is set
 
     def sleep(self) -> None:
         self.delay = min(self.delay, self.max_delay)

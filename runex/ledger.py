@@ -13,7 +13,7 @@ import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,6 +122,20 @@ class Claim:
     partition_count: int
 
 
+@dataclass
+class Outcome:
+    """How an attempt ended, for `Ledger.finish_many`."""
+
+    claim: Claim
+    status: str  # succeeded, failed, timeout, cancelled, interrupted; released: not started
+    records_in: int = 0
+    records_out: int = 0
+    error: str | None = None
+    traceback: str | None = None
+    requeue: bool = False  # back to `queued`: retried, or given back
+    started: float | None = None  # when it really started, if after its claim
+
+
 class Ledger:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -197,7 +211,7 @@ class Ledger:
     # -- writes ----------------------------------------------------------------------
 
     def create_run(self, run_id: str, pipeline: str, spec: dict[str, Any], project_dir: str,
-                   priority: int, keys: list[Any], events: list[dict[str, Any]] = (),
+                   priority: int, keys: list[Any], events: list[tuple[Any, ...]] = (),
                    scheduled_for: str | None = None, fire: str | None = None) -> bool:
         """The run and all its partitions, `queued`, in one transaction. For a scheduled run
         (`scheduled_for`, a fire time), `fire` says what happens to its row in `fires`:
@@ -271,7 +285,7 @@ class Ledger:
             (pipeline, limit))
 
     def record_fire(self, pipeline: str, fire_time: str, status: str, reason: str,
-                    events: list[dict[str, Any]] = ()) -> bool:
+                    events: list[tuple[Any, ...]] = ()) -> bool:
         """A fire without a run: `skipped`, `waiting` or `error`. It changes a fire that was
         waiting, and no other: False when the fire time has another row."""
         with self.tx() as conn:
@@ -297,60 +311,100 @@ class Ledger:
         return row[0] if row else None
 
     def claim(self, run_id: str, index: int, host: str, pid: int, pid_started: str | None,
-              events: list[dict[str, Any]] = ()) -> Claim | None:
-        """Take a queued partition, bumping its attempt number (the fencing token). None when
-        it is running elsewhere, done, or its run was cancelled."""
+              events: list[tuple[Any, ...]] = ()) -> Claim | None:
+        """Take one queued partition; see `claim_many`."""
+        claims = self.claim_many(run_id, [index], host, pid, pid_started, events)
+        return claims[0] if claims else None
+
+    def claim_many(self, run_id: str, indexes: Sequence[int], host: str, pid: int,
+                   pid_started: str | None, events: list[tuple[Any, ...]] = ()) -> list[Claim]:
+        """Take the partitions of `indexes` that are queued, in one transaction, bumping each
+        one's attempt number (the fencing token). A partition running elsewhere, done, or of
+        a cancelled run is left out."""
         now = time.time()
+        marks = ", ".join("?" * len(indexes))
         with self.tx() as conn:
-            row = conn.execute(
+            rows = conn.execute(
                 "UPDATE partitions SET status = 'running', attempt = attempt + 1, "
-                "started_at = ? WHERE run_id = ? AND idx = ? AND status = 'queued' "
-                "RETURNING attempt, attempt_base, key", (now, run_id, index)).fetchone()
-            if row is None:
+                f"started_at = ? WHERE run_id = ? AND idx IN ({marks}) AND status = 'queued' "
+                "RETURNING idx, attempt, attempt_base, key", (now, run_id, *indexes)).fetchall()
+            if not rows:
                 self._insert_events(conn, events)
-                return None
-            attempt, base, key = row
-            failures = conn.execute(
-                "SELECT COUNT(*) FROM attempts WHERE run_id = ? AND idx = ? AND attempt > ? "
-                "AND status IN ('failed', 'timeout')", (run_id, index, base)).fetchone()[0]
-            conn.execute(
+                return []
+            order = {idx: i for i, idx in enumerate(indexes)}
+            rows.sort(key=lambda r: order[r[0]])
+            failures: dict[int, int] = {}
+            again = [r[0] for r in rows if r[1] > r[2] + 1]  # tried before, since the base
+            if again:
+                failures = dict(conn.execute(
+                    "SELECT a.idx, COUNT(*) FROM attempts a JOIN partitions p ON "
+                    "p.run_id = a.run_id AND p.idx = a.idx WHERE a.run_id = ? AND a.idx IN "
+                    f"({', '.join('?' * len(again))}) AND a.attempt > p.attempt_base AND "
+                    "a.status IN ('failed', 'timeout') GROUP BY a.idx",
+                    (run_id, *again)).fetchall())
+            conn.executemany(
                 "INSERT INTO attempts (run_id, idx, attempt, status, host, pid, pid_started, "
                 "lease_until, started_at) VALUES (?, ?, ?, 'running', ?, ?, ?, ?, ?)",
-                (run_id, index, attempt, host, pid, pid_started, now + LEASE_SECONDS, now))
+                [(run_id, idx, attempt, host, pid, pid_started, now + LEASE_SECONDS, now)
+                 for idx, attempt, _, _ in rows])
             run = conn.execute(
                 "UPDATE runs SET status = 'running', started_at = COALESCE(started_at, ?) "
                 "WHERE id = ? RETURNING pipeline, spec, project_dir, partition_count",
                 (now, run_id)).fetchone()
             self._insert_events(conn, events)
-        return Claim(run_id, index, json.loads(key), attempt, failures, run[0],
-                     json.loads(run[1]), run[2], run[3])
+        spec = json.loads(run[1])
+        return [Claim(run_id, idx, json.loads(key), attempt, failures.get(idx, 0), run[0],
+                      spec, run[2], run[3]) for idx, attempt, _, key in rows]
 
     def finish_attempt(self, claim: Claim, status: str, *, records_in: int = 0,
                        records_out: int = 0, error: str | None = None,
                        traceback: str | None = None, requeue: bool = False,
-                       events: list[dict[str, Any]] = ()) -> tuple[bool, bool]:
-        """Record how an attempt ended. The partition moves only if this attempt still holds
-        it (a fenced, stale attempt changes nothing). `requeue` puts it back to `queued` for a
-        retry. Returns (applied, run_complete)."""
+                       events: list[tuple[Any, ...]] = ()) -> tuple[bool, bool]:
+        """Record how one attempt ended; see `finish_many`."""
+        applied, complete = self.finish_many(
+            [Outcome(claim, status, records_in, records_out, error, traceback, requeue)],
+            events)
+        return applied[0], complete
+
+    def finish_many(self, outcomes: Sequence[Outcome], events: list[tuple[Any, ...]] = ()
+                    ) -> tuple[list[bool], bool]:
+        """Record how attempts of one run ended, in one transaction. A partition moves only
+        if its attempt still holds it (a fenced, stale attempt changes nothing); `requeue`
+        puts it back to `queued` for a retry. Returns (applied, for each outcome; whether the
+        run is now complete)."""
         now = time.time()
-        part_status = "queued" if requeue else status
-        key = (claim.run_id, claim.index, claim.attempt)
+        applied = []
         with self.tx() as conn:
-            cur = conn.execute(
-                "UPDATE partitions SET status = ?, records_in = ?, records_out = ?, error = ?, "
-                "finished_at = ?, queued_at = ? WHERE run_id = ? AND idx = ? AND attempt = ? "
-                "AND status = 'running'",
-                (part_status, records_in, records_out, error, None if requeue else now, now,
-                 *key))
-            applied = cur.rowcount == 1
-            conn.execute(
-                "UPDATE attempts SET status = ?, finished_at = ?, records_in = ?, "
-                "records_out = ?, error = ?, traceback = ? WHERE run_id = ? AND idx = ? "
-                "AND attempt = ? AND status = 'running'",
-                (status if applied else "fenced", now, records_in, records_out, error,
-                 traceback, *key))
+            for o in outcomes:
+                key = (o.claim.run_id, o.claim.index, o.claim.attempt)
+                if o.status == "released":  # never started: as if never claimed
+                    cur = conn.execute(
+                        "UPDATE partitions SET status = 'queued', attempt = attempt - 1 "
+                        "WHERE run_id = ? AND idx = ? AND attempt = ? AND status = 'running'",
+                        key)
+                    applied.append(cur.rowcount == 1)
+                    if applied[-1]:
+                        conn.execute("DELETE FROM attempts WHERE run_id = ? AND idx = ? "
+                                     "AND attempt = ?", key)
+                    continue
+                cur = conn.execute(
+                    "UPDATE partitions SET status = ?, records_in = ?, records_out = ?, "
+                    "error = ?, started_at = COALESCE(?, started_at), finished_at = ?, "
+                    "queued_at = ? WHERE run_id = ? AND idx = ? AND attempt = ? "
+                    "AND status = 'running'",
+                    ("queued" if o.requeue else o.status, o.records_in, o.records_out, o.error,
+                     o.started, None if o.requeue else now, now, *key))
+                applied.append(cur.rowcount == 1)
+                conn.execute(
+                    "UPDATE attempts SET status = ?, started_at = COALESCE(?, started_at), "
+                    "finished_at = ?, records_in = ?, records_out = ?, error = ?, traceback = ? "
+                    "WHERE run_id = ? AND idx = ? AND attempt = ? AND status = 'running'",
+                    (o.status if applied[-1] else "fenced", o.started, now, o.records_in,
+                     o.records_out, o.error, o.traceback, *key))
             self._insert_events(conn, events)
-            complete = applied and not requeue and self._complete(conn, claim.run_id)
+            over = [o.claim.run_id for o, ok in zip(outcomes, applied, strict=True)
+                    if ok and not o.requeue]
+            complete = bool(over) and self._complete(conn, over[0])
         return applied, complete
 
     @staticmethod
@@ -360,21 +414,21 @@ class Ledger:
             "SELECT 1 FROM partitions WHERE run_id = ? AND status IN ('queued', 'running') "
             "LIMIT 1", (run_id,)).fetchone() is None
 
-    def renew_lease(self, claim: Claim) -> bool:
-        """Extend a running attempt's lease; False once it is no longer running."""
+    def renew_lease(self, claims: Sequence[Claim]) -> int:
+        """Extend the lease of running attempts; returns how many are still running."""
+        until = time.time() + LEASE_SECONDS
         with self.tx() as conn:
-            return conn.execute(
+            return sum(conn.execute(
                 "UPDATE attempts SET lease_until = ? WHERE run_id = ? AND idx = ? "
                 "AND attempt = ? AND status = 'running'",
-                (time.time() + LEASE_SECONDS, claim.run_id, claim.index, claim.attempt)
-            ).rowcount == 1
+                (until, c.run_id, c.index, c.attempt)).rowcount for c in claims)
 
     def running_attempts(self) -> list[dict[str, Any]]:
         return self._rows("SELECT run_id, idx, attempt, host, pid, pid_started, lease_until "
                           "FROM attempts WHERE status = 'running'")
 
     def lose_attempt(self, run_id: str, index: int, attempt: int, reason: str,
-                     quarantine_after: int, events: list[dict[str, Any]] = ()
+                     quarantine_after: int, events: list[tuple[Any, ...]] = ()
                      ) -> tuple[str | None, bool]:
         """Declare a running attempt lost (its worker died). The partition goes back to the
         queue, or, lost `quarantine_after` times, to `quarantined`. Returns (the partition's
@@ -425,7 +479,7 @@ class Ledger:
             conn.execute("UPDATE runs SET finalizer = NULL WHERE id = ? AND finalizer = ? "
                          "AND status IN ('queued', 'running')", (run_id, finalizer))
 
-    def cancel(self, run_id: str, events: list[dict[str, Any]] = ()) -> tuple[int, int, bool]:
+    def cancel(self, run_id: str, events: list[tuple[Any, ...]] = ()) -> tuple[int, int, bool]:
         """Cancel a run: queued partitions never start, running ones stop at their next batch.
         Returns (partitions cancelled now, partitions still running, run_complete)."""
         now = time.time()
@@ -476,7 +530,7 @@ class Ledger:
             return cur.rowcount == 1
 
     def finish_run(self, run_id: str, status: str, error: str | None = None,
-                   events: list[dict[str, Any]] = ()) -> None:
+                   events: list[tuple[Any, ...]] = ()) -> None:
         """Set the run's final status, and its totals from its partitions."""
         with self.tx() as conn:
             conn.execute(
@@ -486,20 +540,17 @@ class Ledger:
                 "WHERE id = ?", (status, error, time.time(), run_id, run_id, run_id))
             self._insert_events(conn, events)
 
-    def add_events(self, events: list[dict[str, Any]]) -> None:
+    def add_events(self, events: list[tuple[Any, ...]]) -> None:
         if events:
             with self.tx() as conn:
                 self._insert_events(conn, events)
 
     @staticmethod
-    def _insert_events(conn: sqlite3.Connection, events: list[dict[str, Any]],
-                       run_id: str | None = None) -> None:
-        if not events:
-            return
-        conn.executemany(
-            "INSERT INTO events (ts, run_id, idx, attempt, event, data) VALUES (?, ?, ?, ?, ?, ?)",
-            [(e["ts"], e.get("run_id", run_id), e.get("partition_index"), e.get("attempt"),
-              e["event"], json.dumps(e, default=str)) for e in events])
+    def _insert_events(conn: sqlite3.Connection, events: list[tuple[Any, ...]]) -> None:
+        """`events`: rows (ts, run_id, idx, attempt, event, data as JSON), see `trace.drain`."""
+        if events:
+            conn.executemany("INSERT INTO events (ts, run_id, idx, attempt, event, data) "
+                             "VALUES (?, ?, ?, ?, ?, ?)", events)
 
     # -- reads -----------------------------------------------------------------------
 

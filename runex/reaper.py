@@ -58,8 +58,9 @@ def requeue_vanished(state: WorkerState, older_than: float = 30.0) -> int:
     storage = state.huey.storage
     for raw in storage.enqueued_items() + storage.scheduled_items():
         try:
-            args = json.loads(bytes(raw))["message"]["args"]
-            present.add((args[0], args[1]))
+            run_id, indexes = json.loads(bytes(raw))["message"]["args"]
+            for idx in [indexes] if isinstance(indexes, int) else indexes:
+                present.add((run_id, idx))
         except (ValueError, KeyError, IndexError, TypeError):
             continue  # not ours, or unreadable: huey drops it when a worker takes it
     missing = [(run_id, idx, prio) for run_id, idx, prio in waiting

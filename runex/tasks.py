@@ -1,8 +1,11 @@
 """runex's huey queue: the `SqliteHuey` instance and runex's only huey task.
 
-Messages carry ids only (run id, partition index) and are JSON, never pickle: whoever can
-write the queue file must not be able to run code as a worker. Extension code never becomes a
-huey task; the task looks the pipeline up in the ledger and the kernels up by name.
+Messages carry ids only (a run id and a pack of partition indexes) and are JSON, never
+pickle: whoever can write the queue file must not be able to run code as a worker. Extension
+code never becomes a huey task; the task looks the pipeline up in the ledger and the kernels up
+by name. Many partitions share a message when a run has many (`packs`), so that tiny partitions
+do not each pay for a queue write; a worker hands back what it has not started of a pack after
+a moment (see `runex.worker`), so packing costs no parallelism.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from huey.serializer import Serializer
 from huey.storage import SqliteStorage
 
 from runex import trace
+from runex.project import cpu_count
 
 QUEUE_NAME = "runex"
 TASK_NAME = "runex.tasks.partition"  # huey's identity for the task: module + name
@@ -105,25 +109,39 @@ def make_huey(path: str | os.PathLike) -> SqliteHuey:
     return huey
 
 
-def partition(run_id: str, index: int) -> None:
-    """Execute one partition in this worker process."""
+def partition(run_id: str, indexes: list[int] | int) -> None:
+    """Execute a pack of partitions (or one, in messages of runex 0.1) in this worker."""
     from runex import worker
 
-    worker.execute(run_id, index)
+    worker.execute(run_id, [indexes] if isinstance(indexes, int) else indexes)
+
+
+MIN_MESSAGES = 64  # per CPU below 4; packing starts above this many partitions
+MAX_PACK = 256
+
+
+def packs(indexes: Iterable[int], cpus: int | None = None) -> list[list[int]]:
+    """Split partition indexes into messages: one each up to 16 per CPU (at least 64), then
+    packs of equal size (up to 256), so that there are about that many messages."""
+    indexes = list(indexes)
+    messages = max(MIN_MESSAGES, 16 * (cpus or cpu_count()))
+    size = min(MAX_PACK, max(1, -(-len(indexes) // messages)))
+    return [indexes[i:i + size] for i in range(0, len(indexes), size)]
 
 
 def enqueue(huey: SqliteHuey, run_id: str, indexes: Iterable[int], priority: int = 0,
-            delay: float | None = None) -> None:
-    """Put one message per partition on the queue, all in one transaction (huey's own
-    `enqueue` takes one transaction per message)."""
+            delay: float | None = None, one_pack: bool = False) -> None:
+    """Put the partitions on the queue, packed (`packs`; or all in one message), in one
+    transaction (huey's own `enqueue` takes one transaction per message)."""
     task = huey._registry.string_to_task(TASK_NAME)
+    messages = [list(indexes)] if one_pack else packs(indexes)
     if delay:
         eta = datetime.datetime.now(datetime.UTC).replace(tzinfo=None) + \
             datetime.timedelta(seconds=delay)
-        for index in indexes:
-            huey.add_schedule(task((run_id, index), {}, eta=eta, priority=priority))
+        for pack in messages:
+            huey.add_schedule(task((run_id, pack), {}, eta=eta, priority=priority))
         return
-    rows = [(QUEUE_NAME, huey.serialize_task(task((run_id, index), {}, priority=priority)),
-             priority) for index in indexes]
+    rows = [(QUEUE_NAME, huey.serialize_task(task((run_id, pack), {}, priority=priority)),
+             priority) for pack in messages]
     with huey.storage.db(commit=True) as cursor:
         cursor.executemany("insert into task (queue, data, priority) values (?, ?, ?)", rows)

@@ -20,8 +20,9 @@ from typing import Any
 import structlog
 
 HOST = socket.gethostname()
-_pending: list[dict[str, Any]] = []  # events not yet in the ledger
-_state: dict[str, Any] = {"dir": None, "fd": None, "day": None, "pid": None,
+# Events not yet in the ledger, as its rows: (ts, run_id, idx, attempt, event, data as JSON).
+_pending: list[tuple[Any, ...]] = []
+_state: dict[str, Any] = {"dir": None, "fd": None, "until": 0.0, "pid": None,
                          "configured": False}
 
 
@@ -35,17 +36,20 @@ def _stamp(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
 
 def _write(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
     """Append the event to today's JSON lines file and keep it for the ledger."""
-    _pending.append(dict(event))
+    data = json.dumps(event, default=str)
+    ts = event["ts"]
+    _pending.append((ts, event.get("run_id"), event.get("partition_index"),
+                     event.get("attempt"), event["event"], data))
     folder = _state["dir"]
     if folder is not None:
-        day = time.strftime("%Y-%m-%d", time.gmtime(event["ts"]))
-        if _state["fd"] is None or _state["day"] != day or _state["pid"] != os.getpid():
+        if _state["fd"] is None or ts >= _state["until"] or _state["pid"] != os.getpid():
             if _state["fd"] is not None and _state["pid"] == os.getpid():
                 os.close(_state["fd"])
+            day = time.strftime("%Y-%m-%d", time.gmtime(ts))
             _state["fd"] = os.open(Path(folder) / f"{day}.jsonl",
                                    os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            _state["day"], _state["pid"] = day, os.getpid()
-        os.write(_state["fd"], (json.dumps(event, default=str) + "\n").encode())
+            _state["until"], _state["pid"] = (ts // 86400 + 1) * 86400, os.getpid()
+        os.write(_state["fd"], (data + "\n").encode())
     return event
 
 
@@ -75,7 +79,7 @@ def reset() -> None:
     """Forget the configuration and pending events (for tests)."""
     if _state["fd"] is not None and _state["pid"] == os.getpid():
         os.close(_state["fd"])
-    _state.update(dir=None, fd=None, day=None, pid=None, configured=False)
+    _state.update(dir=None, fd=None, until=0.0, pid=None, configured=False)
     _pending.clear()
     structlog.reset_defaults()
 
@@ -88,8 +92,8 @@ def logger(**bound: Any) -> Any:
     return structlog.get_logger("runex").bind(**bound)
 
 
-def drain() -> list[dict[str, Any]]:
-    """Take the events not yet written to the ledger."""
+def drain() -> list[tuple[Any, ...]]:
+    """Take the events not yet written to the ledger, as rows of its `events` table."""
     events = _pending[:]
     _pending.clear()
     return events

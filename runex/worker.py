@@ -22,7 +22,7 @@ from typing import Any
 
 from runex import tasks, trace
 from runex.errors import PartitionTimeout
-from runex.ledger import LEASE_SECONDS, Claim, Ledger
+from runex.ledger import LEASE_SECONDS, Claim, Ledger, Outcome
 from runex.pipeline import Pipeline, Plan, check
 from runex.project import chdir
 from runex.registry import Records, Registry, SinkContext
@@ -103,35 +103,90 @@ class Stats:
     steps: list[StepStats] = field(default_factory=list)
 
 
-def execute(run_id: str, index: int) -> None:
-    """Run one partition: the body of runex's huey task."""
+PACK_SLICE = 0.2  # seconds a worker keeps a pack before handing back what it has not started
+CHUNK_SECONDS = 0.05  # about this much work (as measured so far) is claimed at once
+MAX_CHUNK = 256
+
+
+def _never() -> bool:
+    return False
+
+
+stopping = _never  # the consumer's stop flag, set in each worker process (`runex.consumer`)
+
+
+def execute(run_id: str, indexes: list[int]) -> None:
+    """Run a pack of partitions of one run: the body of runex's huey task.
+
+    Partitions are claimed in chunks, one ledger transaction to claim a chunk and one to
+    record how its partitions ended; a chunk is one partition at first, then as many as take
+    about CHUNK_SECONDS by the time measured so far. What is not started after PACK_SLICE
+    goes back to the queue for any idle worker (see `Holding`), and so does everything not
+    started when the consumer stops."""
     state = _state
     assert state is not None, "runex.worker.setup() was not called in this process"
-    claim = state.ledger.claim(run_id, index, trace.HOST, os.getpid(), _START,
-                               events=trace.drain())
-    if claim is None:
-        return  # running elsewhere, done, or cancelled: a duplicate message is harmless
-    log = trace.logger(run_id=run_id, pipeline=claim.pipeline, partition=claim.key,
-                       partition_index=index, attempt=claim.attempt)
+    _holding.pack(state, run_id, indexes)
+    size = 1
+    try:
+        while not stopping() and (chunk := _holding.take(size)):
+            claims = state.ledger.claim_many(run_id, chunk, trace.HOST, os.getpid(), _START,
+                                             events=trace.drain())
+            if claims:
+                started = time.perf_counter()
+                done = run_chunk(state, claims)
+                each = (time.perf_counter() - started) / max(done, 1)
+                size = min(MAX_CHUNK, max(1, int(CHUNK_SECONDS / each) if each else MAX_CHUNK))
+            _holding.give_back(state.huey, state.ledger)
+    finally:
+        _holding.give_back(state.huey, state.ledger, now=True)
+
+
+def run_chunk(state: WorkerState, claims: list[Claim]) -> int:
+    """Run claimed partitions one after the other and record how each ended, all in one
+    transaction. Those not started when the consumer stops are released unstarted. Returns
+    how many ran."""
+    first = claims[0]
+    cancel = Cancellation(state.ledger, first.run_id)
+    outcomes: list[Outcome] = []
+    delays: dict[int, float] = {}
+    interrupted = False
+    try:
+        with chdir(Path(first.project_dir)), _holding.hold(state.ledger.path, claims):
+            for claim in claims:
+                if outcomes and stopping():
+                    break
+                outcome, delays[claim.index] = run_one(state, claim, cancel)
+                outcomes.append(outcome)
+                if interrupted := outcome.status == "interrupted":
+                    break
+    finally:  # a second signal may land anywhere: record what is known
+        ran = len(outcomes)
+        outcomes += [Outcome(c, "released", requeue=True) for c in claims[ran:]]
+        _record(state, first.run_id, outcomes, delays)
+    if interrupted:
+        raise KeyboardInterrupt
+    return ran
+
+
+def run_one(state: WorkerState, claim: Claim, cancel: Cancellation) -> tuple[Outcome, float]:
+    """Run one claimed partition; returns how it ended, and in how many seconds to retry it
+    (0: now, for an interrupted one)."""
+    log = trace.logger(run_id=claim.run_id, pipeline=claim.pipeline, partition=claim.key,
+                       partition_index=claim.index, attempt=claim.attempt)
     log.info("partition.claimed")
-    options = Pipeline.from_dict(claim.spec).options
     stats = Stats()
-    started = time.perf_counter()
+    began, started = time.time(), time.perf_counter()
     try:
         plan = state.plan(claim.run_id, claim.spec)
-        with chdir(Path(claim.project_dir)), deadline(options.timeout), \
-                _lease.hold(state.ledger.path, claim):
-            process(plan, claim, stats, Cancellation(state.ledger, run_id))
+        with deadline(plan.pipeline.options.timeout):
+            process(plan, claim, stats, cancel)
     except KeyboardInterrupt:
         # The consumer stopped this worker mid-partition: give the partition back.
         log.warning("partition.interrupted", records_in=stats.records_in)
-        applied, _ = state.ledger.finish_attempt(
-            claim, "interrupted", error="the worker was stopped", requeue=True,
-            events=trace.drain())
-        if applied:
-            tasks.enqueue(state.huey, run_id, [index], options.priority)
-        raise
+        return Outcome(claim, "interrupted", stats.records_in, stats.records_out,
+                       error="the worker was stopped", requeue=True, started=began), 0.0
     except Exception as exc:  # noqa: BLE001 - a partition's failure must not stop the worker
+        options = Pipeline.from_dict(claim.spec).options
         status = ("timeout" if isinstance(exc, PartitionTimeout)
                   else "cancelled" if isinstance(exc, RunCancelled) else "failed")
         # Only failures spend the retry budget: a lost or interrupted attempt does not.
@@ -143,22 +198,34 @@ def execute(run_id: str, index: int) -> None:
         log.error("partition.failed", status=status, error=error,
                   retry_in=round(delay, 3) if retry else None,
                   seconds=round(time.perf_counter() - started, 4))
-        applied, complete = state.ledger.finish_attempt(
-            claim, status, records_in=stats.records_in, records_out=stats.records_out,
-            error=error, traceback="".join(traceback.format_exception(exc)),
-            requeue=retry, events=trace.drain())
-        if applied and retry:
-            tasks.enqueue(state.huey, run_id, [index], options.priority, delay=delay)
-    else:
-        _log_steps(log, stats)
-        log.info("partition.committed", records_in=stats.records_in,
-                 records_out=stats.records_out, seconds=round(time.perf_counter() - started, 4))
-        applied, complete = state.ledger.finish_attempt(
-            claim, "succeeded", records_in=stats.records_in, records_out=stats.records_out,
-            events=trace.drain())
-    if not applied:
-        log.warning("partition.fenced", reason="a newer attempt holds this partition")
-        state.ledger.add_events(trace.drain())
+        return Outcome(claim, status, stats.records_in, stats.records_out, error,
+                       "".join(traceback.format_exception(exc)), retry, began), delay
+    _log_steps(log, stats)
+    log.info("partition.committed", records_in=stats.records_in,
+             records_out=stats.records_out, seconds=round(time.perf_counter() - started, 4))
+    return Outcome(claim, "succeeded", stats.records_in, stats.records_out,
+                   started=began), 0.0
+
+
+def _record(state: WorkerState, run_id: str, outcomes: list[Outcome],
+            delays: dict[int, float]) -> None:
+    """Write the outcomes of a chunk, queue again what goes back, finalize a complete run."""
+    applied, complete = state.ledger.finish_many(outcomes, events=trace.drain())
+    now, later = [], []
+    for o, ok in zip(outcomes, applied, strict=True):
+        if not ok:
+            trace.logger(run_id=run_id, partition_index=o.claim.index,
+                         attempt=o.claim.attempt).warning(
+                "partition.fenced", reason="a newer attempt holds this partition")
+        elif o.requeue:
+            (later if delays.get(o.claim.index) else now).append(o.claim.index)
+    state.ledger.add_events(trace.drain())
+    if now or later:
+        priority = Pipeline.from_dict(outcomes[0].claim.spec).options.priority
+        if now:
+            tasks.enqueue(state.huey, run_id, now, priority, one_pack=True)
+        for index in later:
+            tasks.enqueue(state.huey, run_id, [index], priority, delay=delays[index])
     if complete:
         finalize_run(state, run_id)
 
@@ -188,43 +255,105 @@ class Cancellation:
                 raise RunCancelled("the run was cancelled")
 
 
-class Lease:
-    """Renews the lease of the partition this process holds, from one thread per process,
-    started on first use. It writes only while a partition is held, so an idle worker writes
-    nothing; it has its own ledger connection."""
+class Holding:
+    """What this worker process holds: the claims of the chunk it runs, whose lease a thread
+    renews, and the rest of its pack, which that thread hands back to the queue once the
+    pack has been held PACK_SLICE seconds (a long partition must not keep the rest of its
+    pack from idle workers). The thread starts on first use, has its own connections, and
+    writes nothing while nothing is held."""
 
     def __init__(self) -> None:
-        self._claim: Claim | None = None
-        self._ledger: Ledger | None = None
-        self._pid = 0
         self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._claims: list[Claim] = []
+        self._run_id = ""
+        self._pending: list[int] = []
+        self._due = 0.0  # when the pending partitions go back (time.monotonic)
+        self._pid = 0
+        self._paths: tuple[Path, str] = (Path(), "")  # the ledger's, the queue's
+
+    def _start(self) -> None:
+        if self._pid != os.getpid():  # first use in this process: threads do not survive fork
+            self._pid = os.getpid()
+            threading.Thread(target=self._run, daemon=True, name="runex-holding").start()
+
+    def pack(self, state: WorkerState, run_id: str, indexes: list[int]) -> None:
+        with self._lock:
+            self._run_id, self._pending = run_id, list(indexes)
+            self._due = time.monotonic() + PACK_SLICE
+            self._paths = (state.ledger.path, state.huey.storage.filename)
+        if len(indexes) > 1:
+            self._start()
+            self._wake.set()
+
+    def take(self, count: int) -> list[int]:
+        with self._lock:
+            chunk, self._pending = self._pending[:count], self._pending[count:]
+        return chunk
+
+    def give_back(self, huey: Any, ledger: Ledger, now: bool = False) -> list[int]:
+        """Queue again the pending partitions, if the pack was held long enough (or `now`)."""
+        with self._lock:
+            if not self._pending or not (now or time.monotonic() >= self._due):
+                return []
+            run_id, pending, self._pending = self._run_id, self._pending, []
+        try:
+            tasks.enqueue(huey, run_id, pending, ledger.run(run_id)["priority"],
+                          one_pack=True)
+        except BaseException:
+            with self._lock:  # still held: try again later (if it is lost, the reaper
+                if self._run_id == run_id:  # queues it again)
+                    self._pending = pending + self._pending
+                    self._due = time.monotonic() + PACK_SLICE
+            raise
+        return pending
 
     @contextlib.contextmanager
-    def hold(self, ledger_path: Path, claim: Claim) -> Iterator[None]:
-        if self._pid != os.getpid():  # first use in this process: threads do not survive fork
-            self._pid, self._ledger = os.getpid(), Ledger(ledger_path)
-            threading.Thread(target=self._renew, daemon=True, name="runex-lease").start()
+    def hold(self, ledger_path: Path, claims: list[Claim]) -> Iterator[None]:
         with self._lock:
-            self._claim = claim
+            self._claims = claims
+            self._paths = (ledger_path, self._paths[1])
+        self._start()
         try:
             yield
         finally:
             with self._lock:
-                self._claim = None
+                self._claims = []
 
-    def _renew(self) -> None:
+    def _run(self) -> None:
+        ledger: Ledger | None = None
+        huey: Any = None
+        renew_at = time.monotonic() + LEASE_SECONDS / 3
         while True:
-            time.sleep(LEASE_SECONDS / 3)
             with self._lock:
-                claim = self._claim
-            if claim is not None:
-                try:
-                    self._ledger.renew_lease(claim)
-                except Exception:  # noqa: BLE001 - the next renewal tries again
-                    trace.logger().exception("lease.renew_failed")
+                wake_at = min(renew_at, self._due) if self._pending else renew_at
+            self._wake.wait(max(0.0, wake_at - time.monotonic()))
+            self._wake.clear()
+            with self._lock:
+                claims, pending, (ledger_path, queue_path) = (
+                    self._claims, self._pending, self._paths)
+            if time.monotonic() < renew_at:
+                claims = []
+            else:
+                renew_at = time.monotonic() + LEASE_SECONDS / 3
+            if not (claims or pending):
+                continue
+            try:
+                if ledger is None or ledger.path != ledger_path:
+                    if ledger is not None:
+                        ledger.close()
+                    ledger = Ledger(ledger_path)
+                if claims:
+                    ledger.renew_lease(claims)
+                if pending:
+                    if huey is None or huey.storage.filename != queue_path:
+                        huey = tasks.make_huey(queue_path)
+                    self.give_back(huey, ledger)
+            except Exception:  # noqa: BLE001 - the next round tries again
+                trace.logger().exception("holding.failed")
 
 
-_lease = Lease()
+_holding = Holding()
 
 
 def process(plan: Plan, claim: Claim, stats: Stats, cancel: Cancellation | None = None) -> None:

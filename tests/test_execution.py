@@ -126,7 +126,7 @@ def test_queue_messages_are_json_with_ids_only(rx, project):
         raw = [bytes(r[0]) for r in conn.execute("SELECT data FROM task ORDER BY id")]
     messages = [json.loads(r)["message"] for r in raw]
     assert [(m["name"], m["args"]) for m in messages] == [
-        ("runex.tasks.partition", [run_id, 0]), ("runex.tasks.partition", [run_id, 1])]
+        ("runex.tasks.partition", [run_id, [0]]), ("runex.tasks.partition", [run_id, [1]])]
     assert set(messages[0]) <= {"id", "name", "args", "kwargs", "priority", "retries",
                                 "retry_delay", "retry_backoff"}
 
@@ -152,7 +152,7 @@ def test_priority_orders_the_queue(rx, project):
     high = rx.submit(pipeline(project, stop=10, size=10, sink='use = "null"',
                               options="priority = 5"))
     first = rx.huey.dequeue()
-    assert first.args == (high, 0)
+    assert first.args == (high, [0])
     assert low != high
 
 

@@ -13,13 +13,14 @@ class Spy:
 
 def test_a_task_costs_one_queue_write_and_no_revoke_lookups(tmp_path, monkeypatch):
     ran = []
-    monkeypatch.setattr("runex.worker.execute", lambda run_id, index: ran.append((run_id, index)))
+    monkeypatch.setattr("runex.worker.execute",
+                        lambda run_id, indexes: ran.append((run_id, indexes)))
     huey = tasks.make_huey(tmp_path / "queue.db")
     tasks.enqueue(huey, "r1", [0, 1])
     spy = Spy(huey.storage.conn)
     while (task := huey.dequeue()) is not None:
         huey.execute(task)
-    assert ran == [("r1", 0), ("r1", 1)]
+    assert ran == [("r1", [0]), ("r1", [1])]
     writes = [s for s in spy.statements if s.lower().startswith(("insert", "delete", "update"))]
     assert [w.split()[0:3] for w in writes] == [["delete", "from", "task"]] * 2
     assert not any(" kv " in s for s in spy.statements)

@@ -179,8 +179,8 @@ def test_the_lease_is_renewed_only_while_the_partition_is_held(project, monkeypa
     monkeypatch.setattr(worker, "LEASE_SECONDS", 0.3)  # renew every 0.1 s
     lease_until = lambda: ledger(project, "SELECT lease_until FROM attempts")[0][0]  # noqa: E731
     first = lease_until()
-    lease = worker.Lease()
-    with lease.hold(rx.ledger.path, claim):
+    holding = worker.Holding()
+    with holding.hold(rx.ledger.path, [claim]):
         time.sleep(0.5)
     renewed = lease_until()
     assert renewed > first

@@ -1,0 +1,140 @@
+"""Many partitions per queue message: claimed in chunks, handed back when slow or stopped."""
+
+import json
+import signal
+import sqlite3
+
+import pytest
+
+from runex import Runex, reaper, tasks, worker
+
+from .conftest import drain, runex_cli, show, work_pipeline, write
+from .test_recovery import consumer, ledger, wait_for
+
+SLOW_FIRST = """
+    import time
+    from runex import register_kernel
+
+    @register_kernel("slow_first")
+    def slow_first(record, seconds=1.0):
+        if record["n"] == 0:
+            time.sleep(seconds)
+        return record
+"""
+
+
+def test_partitions_are_packed_only_when_there_are_many():
+    assert tasks.packs(range(40), cpus=2) == [[i] for i in range(40)]
+    packs = tasks.packs(range(3000), cpus=2)
+    assert len(packs) == 64 and {len(p) for p in packs[:-1]} == {47}
+    assert [i for p in packs for i in p] == list(range(3000))
+    assert {len(p) for p in tasks.packs(range(3000), cpus=64)} == {3}  # 16 messages per CPU
+    assert max(len(p) for p in tasks.packs(range(10**6), cpus=2)) == tasks.MAX_PACK
+
+
+def test_tiny_partitions_share_messages_and_ledger_transactions(project, monkeypatch):
+    monkeypatch.setattr(tasks, "cpu_count", lambda: 2)
+    work_pipeline(project, stop=1000, size=1)
+    rx = Runex()
+    run_id = rx.submit("pipelines/p.toml")
+    messages = rx.huey.pending_count()
+    assert messages == 63  # packs of 16
+    statements = []
+    rx.ledger.conn.set_trace_callback(statements.append)
+    drain(rx)
+    claims = [s for s in statements if s.startswith("UPDATE partitions SET status = 'running'")]
+    assert messages <= len(claims) <= 3 * messages  # one partition first, then the rest
+    data = show(rx, run_id)
+    assert data["status"] == "succeeded"
+    assert all([a["status"] for a in p["attempts"]] == ["succeeded"]
+               for p in data["partitions"])
+    with sqlite3.connect(project / "out" / "sq.db") as conn:
+        assert conn.execute("SELECT COUNT(*), COUNT(DISTINCT n) FROM sq").fetchone() == (
+            1000, 1000)
+
+
+def test_a_slow_partition_hands_back_the_rest_of_its_pack(project):
+    write(project / "extensions" / "slow.py", SLOW_FIRST)
+    write(project / "pipelines" / "p.toml", """
+        [source]
+        use = "range"
+        stop = 4
+        size = 1
+        [[steps]]
+        use = "slow_first"
+        [sink]
+        use = "null"
+    """)
+    rx = Runex()
+    run_id = rx.submit("pipelines/p.toml")
+    rx.huey.flush()
+    worker.setup(rx.registry, rx.ledger, rx.huey)
+    worker.execute(run_id, [0, 1, 2, 3])  # partition 0 takes a second; PACK_SLICE is 0.2 s
+    task = rx.huey.dequeue()
+    assert task.args == (run_id, [1, 2, 3]) and rx.huey.dequeue() is None
+    parts = show(rx, run_id)["partitions"]
+    assert [(p["status"], len(p["attempts"])) for p in parts] == [
+        ("succeeded", 1), ("queued", 0), ("queued", 0), ("queued", 0)]
+    rx.huey.execute(task)
+    assert show(rx, run_id)["status"] == "succeeded"
+
+
+@pytest.mark.parametrize("stop_at", [2, 3])
+def test_a_stopping_worker_gives_back_what_it_has_not_started(project, monkeypatch, stop_at):
+    """The stop flag is read before each chunk and between partitions: the 2nd read comes
+    before the second chunk (1-9), the 3rd before partition 2 of that chunk."""
+    work_pipeline(project, stop=10, size=1)
+    rx = Runex()
+    run_id = rx.submit("pipelines/p.toml")
+    rx.huey.flush()
+    reads = iter(range(1, 100))
+    monkeypatch.setattr(worker, "stopping", lambda: next(reads) >= stop_at)
+    worker.setup(rx.registry, rx.ledger, rx.huey)
+    worker.execute(run_id, list(range(10)))
+    messages = []
+    while (task := rx.huey.dequeue()) is not None:
+        messages.append(task)
+    assert {m.args[0] for m in messages} == {run_id}
+    assert sorted(i for m in messages for i in m.args[1]) == list(range(stop_at - 1, 10))
+    parts = show(rx, run_id)["partitions"]
+    assert [(p["status"], len(p["attempts"])) for p in parts] == (
+        [("succeeded", 1)] * (stop_at - 1) + [("queued", 0)] * (11 - stop_at))
+    monkeypatch.setattr(worker, "stopping", lambda: False)
+    for task in messages:
+        rx.huey.execute(task)
+    assert show(rx, run_id)["status"] == "succeeded"
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+def test_stopping_mid_pack_loses_and_doubles_nothing(project, signals):
+    """One SIGTERM: the partition in progress finishes, the rest of the chunk is released
+    unstarted, the rest of the pack goes back to the queue. Two: the one in progress is
+    interrupted too. Either way another worker finishes the run, every partition once."""
+    make = work_pipeline(project, stop=300, size=1, pause=0.01, options="batch_size = 1")
+    run_id = runex_cli("submit", str(make), cwd=project, check=True).stdout.strip()
+    proc = consumer(project)
+    succeeded = "SELECT COUNT(*) FROM partitions WHERE status = 'succeeded'"
+    wait_for(lambda: ledger(project, succeeded)[0][0] >= 30)
+    for _ in range(signals):
+        proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    left = ledger(project, succeeded)[0][0]
+    assert left < 300
+    rx = Runex()
+    if signals == 1:
+        assert ledger(project, "SELECT COUNT(*) FROM partitions WHERE status = 'running'") == [
+            (0,)]
+        assert ledger(project, "SELECT DISTINCT status FROM attempts") == [("succeeded",)]
+        state = worker.setup(rx.registry, rx.ledger, rx.huey)
+        assert reaper.requeue_vanished(state, older_than=0) == 0  # all are on the queue
+    runex_cli("worker", "--burst", "-w", "1", cwd=project, check=True)
+    data = show(rx, run_id)
+    assert data["status"] == "succeeded"
+    for p in data["partitions"]:
+        statuses = [a["status"] for a in p["attempts"]]
+        assert statuses[-1] == "succeeded" and set(statuses[:-1]) <= {"interrupted", "lost"}
+    with sqlite3.connect(project / "out" / "sq.db") as conn:
+        assert conn.execute("SELECT COUNT(*), COUNT(DISTINCT n) FROM sq").fetchone() == (
+            300, 300)
+    assert json.loads(runex_cli("show", run_id, "--json", cwd=project).stdout)["records_out"] \
+        == 300
