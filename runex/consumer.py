@@ -7,6 +7,7 @@ starts with them imported. SIGTERM and SIGINT both drain it; its workers die wit
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import select
 import signal
@@ -115,8 +116,16 @@ class RunexConsumer(Consumer):
         # grace period (shutdown_timeout); a second signal stops at once.
         self._signal_actions[signal.SIGTERM] = (False, True)
         self.jobs = [[every, job, 0.0] for every, job in jobs]  # [seconds, job, next run]
-        if stop_when is not None:
+        if stop_when is not None:  # short-lived (burst, `run`): notice the end sooner
             self.jobs.append([check_every, self._stop_if(stop_when), 0.0])
+            self._stop_flag_timeout = min(self._stop_flag_timeout, check_every)
+
+    def start(self) -> None:
+        """Fork the workers, with what is loaded so far kept out of the collector's reach:
+        its pages stay shared with the workers (copy-on-write) instead of being touched by
+        every collection in each of them."""
+        gc.freeze()
+        super().start()
 
     def stop(self, graceful: bool = False) -> None:
         """Stop, and touch the queue file so that idle workers notice at once."""
@@ -133,8 +142,8 @@ class RunexConsumer(Consumer):
         return check
 
     def loop(self, health_check_ts: float | None = None) -> float | None:
-        """huey's loop (signals, worker health), then runex's periodic jobs, in this process."""
-        health_check_ts = super().loop(health_check_ts)
+        """runex's periodic jobs, in this process, then huey's loop (a wait for signals, up to
+        0.1 s; worker health)."""
         now = time.monotonic()
         for job in self.jobs:
             if now >= job[2]:
@@ -145,7 +154,7 @@ class RunexConsumer(Consumer):
                     raise
                 except Exception:  # noqa: BLE001 - the next round tries again
                     trace.logger().exception("consumer.job_failed", job=job[1].__qualname__)
-        return health_check_ts
+        return super().loop(health_check_ts)
 
 
 def make(state: WorkerState, workers: int, max_delay: float, grace: float | None = None,
@@ -154,6 +163,8 @@ def make(state: WorkerState, workers: int, max_delay: float, grace: float | None
     """A consumer of `workers` processes over the queue of `state`, not yet started. Its
     main process runs the reaper every `reap_every` seconds, and `jobs` (every, callable)."""
     global _fork_hook
+    if sys.platform.startswith("linux"):
+        import ctypes  # noqa: F401 - once here rather than in every worker (QueueWatch, prctl)
     if not _fork_hook:
         os.register_at_fork(after_in_child=_after_fork)
         _fork_hook = True
