@@ -1,5 +1,6 @@
 """The built-in sources and sinks, called directly."""
 
+import csv
 import json
 import sqlite3
 
@@ -40,6 +41,18 @@ def test_chunked_csv_reads_every_row_once(registry, tmp_path, monkeypatch):
         assert len(keys) > 2 or chunk == 4096
         assert chunked == whole
     assert whole[0] == {"id": "0", "name": "name-0"} and len(whole) == 1001
+
+
+def test_csv_records_are_what_dictreader_makes_of_ragged_rows(registry, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    text = 'a,b,c\n1,2,3\n\n4,5\n6,7,8,9\n,,\n"x, y",z,\n'
+    write(tmp_path / "r.csv", text)
+    with open(tmp_path / "r.csv", newline="") as f:
+        expected = list(csv.DictReader(f))
+    for params in ({"path": "r.csv"}, {"path": "r.csv", "chunk_bytes": 8}):
+        assert read_all(registry.source("csv"), params)[1] == expected
+    assert expected[1] == {"a": "4", "b": "5", "c": None}
+    assert expected[2] == {"a": "6", "b": "7", "c": "8", None: ["9"]}
 
 
 def test_jsonl_and_lines_sources(registry, tmp_path, monkeypatch):
