@@ -6,7 +6,6 @@ starts with them imported. SIGTERM and SIGINT both drain it; its workers die wit
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
 import select
@@ -19,7 +18,7 @@ from typing import Any
 
 from huey.consumer import Consumer, ConsumerStopped, Worker
 
-from runex import reaper, trace, worker
+from runex import reaper, tasks, trace, worker
 from runex.worker import WorkerState
 
 _fork_hook = False
@@ -130,8 +129,7 @@ class RunexConsumer(Consumer):
     def stop(self, graceful: bool = False) -> None:
         """Stop, and touch the queue file so that idle workers notice at once."""
         self.stop_flag.set()
-        with contextlib.suppress(OSError):
-            os.utime(self.huey.storage.filename)
+        tasks.poke(self.huey)
         super().stop(graceful)
 
     def _stop_if(self, stop_when: Callable[[], bool]) -> Callable[[], None]:

@@ -169,7 +169,7 @@ class Ledger:
     def _migrate(self, conn: sqlite3.Connection) -> None:
         if conn.execute("PRAGMA user_version").fetchone()[0] >= len(SCHEMA):
             return
-        conn.execute("BEGIN IMMEDIATE")
+        begin_immediate(conn)
         try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             for statements in SCHEMA[version:]:
@@ -192,7 +192,7 @@ class Ledger:
         raises `StorageError`."""
         try:
             conn = self.conn
-            conn.execute("BEGIN IMMEDIATE")
+            begin_immediate(conn)
             try:
                 yield conn
             except BaseException:
@@ -618,14 +618,28 @@ def storage_error(path: Path, exc: sqlite3.OperationalError) -> Exception:
                         "back whole; nothing stored was changed")
 
 
-def retry_locked(fn: Any, timeout: float = BUSY_TIMEOUT) -> Any:
+def begin_immediate(conn: sqlite3.Connection, timeout: float = BUSY_TIMEOUT) -> None:
+    """Take the write lock, retrying every millisecond or so while another writer holds it.
+    SQLite's own busy handler sleeps 1, 2, 5, 10, 15 ms... between tries, so a lock held for
+    4 ms costs a waiter 8, and one held for 9 ms costs 18: most of a submit's worst times."""
+    conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        retry_locked(lambda: conn.execute("BEGIN IMMEDIATE"), timeout, first=0.0005,
+                     most=0.005)
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+
+
+def retry_locked(fn: Any, timeout: float = BUSY_TIMEOUT, first: float = 0.01,
+                 most: float = 0.01) -> Any:
     """Retry a statement that SQLite refuses with 'database is locked' without waiting on its
     busy handler (switching a new file to WAL is one)."""
-    deadline = time.monotonic() + timeout
+    deadline, delay = time.monotonic() + timeout, first
     while True:
         try:
             return fn()
         except sqlite3.OperationalError as exc:
             if "locked" not in str(exc) or time.monotonic() > deadline:
                 raise
-            time.sleep(0.01)
+            time.sleep(delay)
+            delay = min(most, delay * 1.5)

@@ -10,6 +10,7 @@ a moment (see `runex.worker`), so packing costs no parallelism.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -145,3 +146,11 @@ def enqueue(huey: SqliteHuey, run_id: str, indexes: Iterable[int], priority: int
              priority) for pack in messages]
     with huey.storage.db(commit=True) as cursor:
         cursor.executemany("insert into task (queue, data, priority) values (?, ?, ?)", rows)
+    poke(huey)
+
+
+def poke(huey: SqliteHuey) -> None:
+    """Touch the queue file, so that idle workers watching it wake after the commit: the
+    writes of a transaction wake them too, but may do so a moment before it is visible."""
+    with contextlib.suppress(OSError):
+        os.utime(huey.storage.filename)

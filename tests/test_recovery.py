@@ -6,6 +6,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -331,3 +332,25 @@ def test_a_second_signal_stops_at_once_and_gives_the_partition_back(project):
         stop(proc)
     assert [a["status"] for a in show(Runex(), run_id)["partitions"][0]["attempts"]] == [
         "interrupted", "succeeded"]
+
+
+def test_a_writer_waits_for_the_lock_then_gets_it_and_the_busy_timeout_is_kept(tmp_path):
+    from runex.ledger import Ledger, begin_immediate
+
+    rx_ledger = Ledger(tmp_path / "ledger.db")
+    rx_ledger.runs()
+    holder = sqlite3.connect(tmp_path / "ledger.db", isolation_level=None,
+                             check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        begin_immediate(rx_ledger.conn, timeout=0.1)
+    threading.Timer(0.3, lambda: holder.execute("COMMIT")).start()
+    with rx_ledger.tx() as conn:  # waits out the holder
+        conn.execute("INSERT INTO schedules (pipeline, since) VALUES ('p', 'now')")
+    assert rx_ledger.conn.execute("PRAGMA busy_timeout").fetchone()[0] == 60000
+    assert ledger_rows(tmp_path / "ledger.db", "SELECT pipeline FROM schedules") == [("p",)]
+
+
+def ledger_rows(path, sql):
+    with sqlite3.connect(path) as conn:
+        return conn.execute(sql).fetchall()
