@@ -68,13 +68,16 @@ class QueueWatch:
         if self.fd < 0:
             stop_flag.wait(seconds)
             return
+        # huey's flag for worker processes is a pipe: wait on it too rather than wake to look
+        stop_fd = getattr(stop_flag, "_r", None)
+        fds, tick = ([self.fd], 0.1) if stop_fd is None else ([self.fd, stop_fd], seconds)
         deadline = time.monotonic() + seconds
         while not stop_flag.is_set():
             left = deadline - time.monotonic()
             if left <= 0:
                 return
-            ready, _, _ = select.select([self.fd], [], [], min(left, 0.1))
-            if ready and self._queue_written():
+            ready, _, _ = select.select(fds, [], [], min(left, tick))
+            if self.fd in ready and self._queue_written():
                 return
 
     def _queue_written(self) -> bool:

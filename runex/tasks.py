@@ -99,6 +99,12 @@ class Queue(SqliteHuey):
             return False
         return super().delete(key)
 
+    def enqueue(self, task: Any) -> Any:
+        """huey's enqueue (its scheduler moves due retries with it), waking idle workers."""
+        result = super().enqueue(task)
+        poke(self)
+        return result
+
 
 def make_huey(path: str | os.PathLike) -> SqliteHuey:
     """The queue in `path`, with runex's task registered."""
