@@ -174,6 +174,8 @@ def make(state: WorkerState, workers: int, max_delay: float, grace: float | None
     # partition without one over three rounds counts as vanished.
     def reap() -> None:
         reaper.reap(state, vanished_after=3 * reap_every)
+        state.ledger.checkpoint()  # nothing to copy while idle: writes nothing
+        state.huey.storage.checkpoint()
 
     return RunexConsumer(state.huey, jobs=[(reap_every, reap), *jobs], stop_when=stop_when,
                          workers=workers, worker_type="process",

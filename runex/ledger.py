@@ -25,6 +25,10 @@ TERMINAL_RUN = ("succeeded", "failed", "cancelled")  # a run in one of these is 
 # quarantined.
 LEASE_SECONDS = 60.0  # a claim not renewed for this long is lost (workers on other hosts)
 BUSY_TIMEOUT = 60.0  # seconds a writer waits for the lock before SQLite gives up
+# A commit that finds this many pages in the write-ahead log copies them into the database
+# and syncs it, which takes milliseconds to tens of them. SQLite's default is 1000 (4 MiB);
+# consumers checkpoint every `reap_every` instead, so submits and claims seldom pay for it.
+AUTOCHECKPOINT_PAGES = 10_000
 
 SCHEMA = [
     # version 1
@@ -163,8 +167,14 @@ class Ledger:
                                check_same_thread=False)
         retry_locked(lambda: conn.execute("PRAGMA journal_mode=WAL"))
         conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}")
         self._migrate(conn)
         return conn
+
+    def checkpoint(self) -> None:
+        """Copy what the write-ahead log holds into the database, without waiting for anyone
+        (consumers do it every `reap_every`, off the path of submits and claims)."""
+        self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         if conn.execute("PRAGMA user_version").fetchone()[0] >= len(SCHEMA):

@@ -24,6 +24,7 @@ from huey.serializer import Serializer
 from huey.storage import SqliteStorage
 
 from runex import trace
+from runex.ledger import AUTOCHECKPOINT_PAGES
 from runex.project import cpu_count
 
 QUEUE_NAME = "runex"
@@ -83,7 +84,11 @@ class QueueStorage(SqliteStorage):
             os.close(os.open(self.filename, os.O_CREAT | os.O_WRONLY, 0o600))
         conn = super()._create_connection()
         conn.execute("pragma synchronous=NORMAL")
+        conn.execute(f"pragma wal_autocheckpoint={AUTOCHECKPOINT_PAGES}")  # see runex.ledger
         return conn
+
+    def checkpoint(self) -> None:
+        self.sql("pragma wal_checkpoint(PASSIVE)")
 
 
 class Queue(SqliteHuey):

@@ -194,3 +194,33 @@ def test_many_submitters_and_consumers_on_one_home(project):
     with sqlite3.connect(project / ".runex" / "ledger.db") as conn:
         assert conn.execute("SELECT status, COUNT(*) FROM attempts GROUP BY 1").fetchall() == [
             ("succeeded", 96)]
+
+
+def test_an_idle_consumer_writes_nothing_to_its_home(project):
+    """After a run, a consumer (reaper, checkpoints and scheduler every 0.3 s) leaves every
+    file of its home as it is: SD cards wear out."""
+    import time
+
+    make(project, stop=200, size=10)
+    runex_cli("submit", "pipelines/p.toml", cwd=project, check=True)
+    proc = subprocess.Popen([sys.executable, "-m", "runex", "worker", "-w", "2", "--profile",
+                             "fast"], cwd=project, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while json.loads(runex_cli("runs", "--json", cwd=project, check=True).stdout)[0][
+                "status"] != "succeeded":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        time.sleep(2)  # the run's last writes, and a checkpoint of them
+
+        def state():
+            return {p.name: (p.stat().st_size, p.stat().st_mtime_ns)
+                    for p in (project / ".runex").rglob("*") if p.is_file()}
+
+        before = state()
+        time.sleep(3)  # ten rounds of reaper, checkpoint and scheduler
+        assert state() == before
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
