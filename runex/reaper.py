@@ -86,5 +86,8 @@ def reap_unfinalized(state: WorkerState) -> int:
 
 
 def reap(state: WorkerState, vanished_after: float = 30.0) -> dict[str, int]:
-    return {"lost": reap_lost(state), "vanished": requeue_vanished(state, vanished_after),
-            "finalized": reap_unfinalized(state)}
+    lost = reap_lost(state)
+    # A dead worker may have taken messages with it (the rest of a pack): look at once, for
+    # partitions without a message for longer than a living worker keeps one (a moment).
+    vanished = requeue_vanished(state, min(vanished_after, 2.0) if lost else vanished_after)
+    return {"lost": lost, "vanished": vanished, "finalized": reap_unfinalized(state)}

@@ -128,7 +128,7 @@ def partition(run_id: str, indexes: list[int] | int) -> None:
     worker.execute(run_id, [indexes] if isinstance(indexes, int) else indexes)
 
 
-MIN_MESSAGES = 64  # per CPU below 4; packing starts above this many partitions
+MIN_MESSAGES = 64  # a run is split into at least this many messages (16 per CPU) before packing
 MAX_PACK = 256
 
 
