@@ -63,7 +63,7 @@ def configure(traces_dir: str | os.PathLike | None, console: bool | None = None,
     default: when stderr is a terminal), to stderr for people to read."""
     if console is None:
         console = sys.stderr.isatty()
-    _state["dir"] = traces_dir
+    _state["dir"], _state["until"] = traces_dir, 0.0  # the next event opens its file there
     _state["configured"] = True
     last = (structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()) if console else _drop)
     structlog.configure(
