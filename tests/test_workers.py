@@ -197,8 +197,8 @@ def test_many_submitters_and_consumers_on_one_home(project):
 
 
 def test_an_idle_consumer_writes_nothing_to_its_home(project):
-    """After a run, a consumer (reaper, checkpoints and scheduler every 0.3 s) leaves every
-    file of its home as it is: SD cards wear out."""
+    """After a run, a consumer (reaper and checkpoints every 0.3 s, scheduler every second)
+    leaves every file of its home as it is: SD cards wear out."""
     import time
 
     make(project, stop=200, size=10)
@@ -219,7 +219,7 @@ def test_an_idle_consumer_writes_nothing_to_its_home(project):
                     for p in (project / ".runex").rglob("*") if p.is_file()}
 
         before = state()
-        time.sleep(3)  # ten rounds of reaper, checkpoint and scheduler
+        time.sleep(3)  # ten rounds of reaper and checkpoint, three of the scheduler
         assert state() == before
     finally:
         proc.send_signal(signal.SIGINT)
