@@ -43,7 +43,8 @@ def test_tiny_partitions_share_messages_and_ledger_transactions(project, monkeyp
     rx.ledger.conn.set_trace_callback(statements.append)
     drain(rx)
     claims = [s for s in statements if s.startswith("UPDATE partitions SET status = 'running'")]
-    assert messages <= len(claims) <= 3 * messages  # one partition first, then the rest
+    # one partition first, then chunks of about 50 ms: here the rest of a pack, mostly
+    assert messages <= len(claims) < 1000 // 3
     data = show(rx, run_id)
     assert data["status"] == "succeeded"
     assert all([a["status"] for a in p["attempts"]] == ["succeeded"]
