@@ -631,13 +631,15 @@ def storage_error(path: Path, exc: sqlite3.OperationalError) -> Exception:
 def begin_immediate(conn: sqlite3.Connection, timeout: float = BUSY_TIMEOUT) -> None:
     """Take the write lock, retrying every millisecond or so while another writer holds it.
     SQLite's own busy handler sleeps 1, 2, 5, 10, 15 ms... between tries, so a lock held for
-    4 ms costs a waiter 8, and one held for 9 ms costs 18: most of a submit's worst times."""
+    4 ms costs a waiter 8, and one held for 9 ms costs 18: most of a submit's worst times.
+    The connection's busy timeout, for its other statements, is left as it was."""
+    previous = conn.execute("PRAGMA busy_timeout").fetchone()[0]
     conn.execute("PRAGMA busy_timeout = 0")
     try:
         retry_locked(lambda: conn.execute("BEGIN IMMEDIATE"), timeout, first=0.0005,
                      most=0.005)
     finally:
-        conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+        conn.execute(f"PRAGMA busy_timeout = {previous}")
 
 
 def retry_locked(fn: Any, timeout: float = BUSY_TIMEOUT, first: float = 0.01,

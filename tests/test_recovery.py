@@ -344,6 +344,7 @@ def test_a_writer_waits_for_the_lock_then_gets_it_and_the_busy_timeout_is_kept(t
     holder.execute("BEGIN IMMEDIATE")
     with pytest.raises(sqlite3.OperationalError, match="locked"):
         begin_immediate(rx_ledger.conn, timeout=0.1)
+    assert rx_ledger.conn.execute("PRAGMA busy_timeout").fetchone()[0] == 60000
     threading.Timer(0.3, lambda: holder.execute("COMMIT")).start()
     with rx_ledger.tx() as conn:  # waits out the holder
         conn.execute("INSERT INTO schedules (pipeline, since) VALUES ('p', 'now')")

@@ -22,9 +22,7 @@ import sqlite3
 import time
 
 from runex import DataSourceSpec, SinkSpec
-from runex.ledger import retry_locked
-
-BUSY_TIMEOUT = 60.0
+from runex.ledger import BUSY_TIMEOUT, begin_immediate, retry_locked
 
 
 def quote(name):
@@ -167,7 +165,7 @@ def insert_sql(table, columns):
 def commit(conn, ctx, columns, rows, stage):
     """The rows and the partition's marker, in one transaction, unless a marker is there."""
     table = ctx.params["table"]
-    conn.execute("BEGIN IMMEDIATE")
+    begin_immediate(conn)  # workers committing to one file take turns without long sleeps
     try:
         if committed(conn, ctx):  # another attempt got there while this one computed
             conn.execute("ROLLBACK")
