@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 from runex import tasks, trace
 from runex.pipeline import Pipeline
@@ -22,6 +23,7 @@ def reap_lost(state: WorkerState, now: float | None = None) -> int:
     """Declare lost the running attempts whose worker is gone; returns how many."""
     now = now or time.time()
     found = 0
+    runs: dict[str, tuple[dict, Any]] = {}  # run id -> (run, options), read once per run
     for a in state.ledger.running_attempts():
         # A worker that stopped renewing its lease has let go of the partition (paused, or its
         # ledger write failed) even if its process lives on; on another host, the lease is
@@ -30,8 +32,10 @@ def reap_lost(state: WorkerState, now: float | None = None) -> int:
         expired = (a["lease_until"] or 0) <= now
         if not expired and (not local or alive(a["pid"], a["pid_started"])):
             continue
-        run = state.ledger.run(a["run_id"])
-        options = Pipeline.from_dict(json.loads(run["spec"])).options
+        if a["run_id"] not in runs:
+            run = state.ledger.run(a["run_id"])
+            runs[a["run_id"]] = (run, Pipeline.from_dict(json.loads(run["spec"])).options)
+        run, options = runs[a["run_id"]]
         reason = (f"lease of worker pid {a['pid']} on {a['host']} expired" if expired
                   else f"worker pid {a['pid']} on {a['host']} is gone")
         trace.logger(run_id=a["run_id"], pipeline=run["pipeline"], partition_index=a["idx"],
@@ -43,6 +47,8 @@ def reap_lost(state: WorkerState, now: float | None = None) -> int:
             continue
         found += 1
         if status == "queued":
+            # Alone in its message, so that a partition that kills its worker runs by itself
+            # next time rather than taking the rest of a chunk down with it again.
             tasks.enqueue(state.huey, a["run_id"], [a["idx"]], options.priority)
         if complete:
             finalize_run(state, a["run_id"])
