@@ -42,6 +42,14 @@ def project_options(fn: Callable) -> Callable:
     return fn
 
 
+def worker_options(fn: Callable) -> Callable:
+    fn = click.option("--profile", help="A worker profile: workers/NAME.toml, or built-in "
+                                        "'default' and 'raspberry-pi'.")(fn)
+    fn = click.option("-w", "--workers", type=click.IntRange(1),
+                      help="Worker processes. Default: every core.")(fn)
+    return fn
+
+
 def open_runex(home: str | None, extension_dirs: tuple[str, ...]) -> Runex:
     from runex.app import Runex  # here, so that `runex --help` does not load the runtime
 
@@ -125,10 +133,7 @@ def submit(ctx: click.Context, pipeline: str, params: tuple[str, ...], as_json: 
 @cli.command()
 @click.argument("pipeline", type=click.Path(dir_okay=False))
 @click.option("-p", "--param", "params", multiple=True, help=PARAM_HELP)
-@click.option("-w", "--workers", type=click.IntRange(1),
-              help="Worker processes. Default: every core.")
-@click.option("--profile", help="A worker profile: workers/NAME.toml, or built-in "
-                                "'default' and 'raspberry-pi'.")
+@worker_options
 @project_options
 @click.pass_context
 def run(ctx: click.Context, pipeline: str, params: tuple[str, ...], workers: int | None,
@@ -193,10 +198,7 @@ def print_summary(rx: Runex, run: dict[str, Any], seconds: float) -> None:
 
 
 @cli.command()
-@click.option("-w", "--workers", type=click.IntRange(1),
-              help="Worker processes. Default: every core.")
-@click.option("--profile", help="A worker profile: workers/NAME.toml, or built-in "
-                                "'default' and 'raspberry-pi'.")
+@worker_options
 @click.option("--burst", is_flag=True, help="Stop when nothing is queued or running "
                                            "(scheduled pipelines are not fired then).")
 @click.option("--no-schedules", is_flag=True, help="Do not fire scheduled pipelines.")
@@ -243,9 +245,7 @@ def schedules(as_json: bool, home: str | None, extension_dirs: tuple[str, ...]) 
 @click.option("--to", "end", help="Last fire time, included. Default: now.")
 @click.option("--force", is_flag=True, help="Run fire times whose run succeeded again.")
 @click.option("--no-wait", is_flag=True, help="Only queue the runs; `runex worker` runs them.")
-@click.option("-w", "--workers", type=click.IntRange(1),
-              help="Worker processes. Default: every core.")
-@click.option("--profile", help="A worker profile.")
+@worker_options
 @project_options
 @click.pass_context
 def backfill(ctx: click.Context, pipeline: str, start: str, end: str | None, force: bool,
