@@ -8,6 +8,7 @@ the interval counted from the Unix epoch, so every consumer computes the same fi
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -91,12 +92,7 @@ class Schedule:
 
     def after(self, start: dt.datetime, count: int) -> list[dt.datetime]:
         """The next `count` fire times after `start`."""
-        times = []
-        for t in self.between(start, start + MAX_SCAN):
-            times.append(t)
-            if len(times) == count:
-                break
-        return times
+        return list(itertools.islice(self.between(start, start + MAX_SCAN), count))
 
 
 def iso(t: dt.datetime) -> str:
