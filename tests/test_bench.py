@@ -1,10 +1,11 @@
 """scripts/bench runs (a smoke run: its numbers are not looked at)."""
 
 import json
+import shutil
 import subprocess
 import sys
 
-from .conftest import ROOT
+from .conftest import ROOT, require
 
 
 def test_bench_smoke_run(tmp_path):
@@ -16,3 +17,24 @@ def test_bench_smoke_run(tmp_path):
     assert "no-op partitions/s, -w 2" in result.stdout
     data = json.loads(out.read_text())
     assert data["overhead"]["runex_per_s"] > 0 and data["records"]["loop_seconds"] > 0
+
+
+def test_bench_compare_smoke_run(tmp_path):
+    require(shutil.which("git") is not None and (ROOT / ".git").exists(),
+            "--compare needs git and a git checkout")
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench"), "--quick",
+                             "--reps", "1", "--compare", "HEAD", "--only", "overhead", "sink",
+                             "--json", str(out)],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "before (HEAD " in result.stdout and "-> after (working tree)" in result.stdout
+    assert "no-op partitions/s, -w 2" in result.stdout
+    assert "tiny partitions into sqlite/s, -w 2" in result.stdout
+    compare = json.loads(out.read_text())["compare"]
+    assert compare["ref"] == "HEAD" and len(compare["commit"]) == 40
+    for name in ("overhead", "sink"):
+        figure = compare["figures"][name]
+        for side in ("before", "after"):
+            assert len(figure["every_run"][side]) == 1
+            assert figure["per_s"][side] > 0
