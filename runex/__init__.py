@@ -7,6 +7,7 @@ the whole runtime over one project: submit pipelines, work the queue, read the l
 
 from typing import TYPE_CHECKING, Any
 
+from runex.durable import atomic_write
 from runex.errors import ExtensionError, PipelineError, RunexError
 from runex.registry import DataSourceSpec, Registry, SinkContext, SinkSpec, register_kernel
 
@@ -27,6 +28,7 @@ __all__ = [
     "RunexError",
     "SinkContext",
     "SinkSpec",
+    "atomic_write",
     "load_extensions",
     "load_pipeline",
     "register_kernel",

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from runex import consumer, extensions, tasks, trace, worker
-from runex.errors import NotFound, PipelineError
+from runex.durable import Reserve, describe_full
+from runex.errors import DiskFull, NotFound, PipelineError
 from runex.ledger import TERMINAL_RUN, Ledger, new_run_id
 from runex.pipeline import Pipeline, Plan, check, load
 from runex.project import Project, chdir, cpu_count, load_profile, open_project
@@ -132,15 +133,39 @@ class Runex:
             self._extra_extensions, self._registry = extra, None
         count = workers or settings.get("workers") or cpu_count()
         self.ensure_trace(console=None)
-        state = worker.setup(self.registry, self.ledger, self.huey)
         stops = [f for f in (until, self._nothing_left if burst else None) if f]
+        self._wait_for_room(wait=not stops)
+        state = worker.setup(self.registry, self.ledger, self.huey)
         jobs = [(1.0, Scheduler(self).tick)] if schedules and not burst else []
         runner = consumer.make(state, count, float(settings.get("max_delay", 0.5)),
                                grace=float(settings.get("grace", 60)),
                                reap_every=float(settings.get("reap_every", 10)), jobs=jobs,
-                               stop_when=(lambda: any(f() for f in stops)) if stops else None)
+                               stop_when=(lambda: any(f() for f in stops)) if stops else None,
+                               stop_on_full=bool(stops))
         runner.run()
+        if runner.disk_full and runner.stop_on_full:
+            raise DiskFull(f"{describe_full(self.project.home)}; stopped, nothing is lost: "
+                           "what was not done is queued, and `runex worker` does it once there "
+                           "is room")
         return runner
+
+    def _wait_for_room(self, wait: bool) -> None:
+        """A consumer that starts while the disk under the home is full (its reserve cannot
+        be made, see `runex.durable`) waits for room before it opens anything, or raises
+        `DiskFull` when it must not wait (`runex run`, burst)."""
+        reserve = Reserve(self.project.home)
+        if reserve.make():
+            return
+        home = self.project.home
+        if not wait:
+            raise DiskFull(f"{describe_full(home)}; nothing was started")
+        message = f"{describe_full(home)}; runex waits for room before it takes work"
+        trace.logger().error("disk.full", home=str(home), message=message)
+        trace.tell_operator(message)
+        while not reserve.make():
+            time.sleep(1.0)
+        trace.logger().warning("disk.resumed", home=str(home))
+        trace.tell_operator(f"the disk under {home} has room again: work resumes")
 
     def _nothing_left(self) -> bool:
         return self.ledger.unfinished_partitions() == 0

@@ -29,6 +29,10 @@ class Group(click.Group):
         except errors.RunexError as exc:
             click.echo(f"Error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:  # a second Ctrl-C: one line, not a traceback
+            click.echo("\ninterrupted: stopped at once; `runex runs` tells what is left, and "
+                       "`runex worker` goes on with it", err=True)
+            ctx.exit(errors.EXIT_INTERRUPTED)
 
 
 def project_options(fn: Callable) -> Callable:

@@ -6,7 +6,9 @@ starts with them imported. SIGTERM and SIGINT both drain it; its workers die wit
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import itertools
 import os
 import select
 import signal
@@ -19,7 +21,11 @@ from typing import Any
 from huey.consumer import Consumer, ConsumerStopped, Worker
 
 from runex import reaper, tasks, trace, worker
+from runex.durable import Reserve, describe_full, free_bytes
+from runex.errors import StorageError
 from runex.worker import WorkerState
+
+DISK_CHECK = 1.0  # seconds between looks at the home's reserve (a stat) while it is full
 
 _fork_hook = False
 
@@ -91,12 +97,20 @@ class QueueWatch:
 
 
 class RunexWorker(Worker):
-    """huey's worker, waiting for the queue file to change rather than polling it."""
+    """huey's worker, waiting for the queue file to change rather than polling it, and
+    taking nothing while the disk under the home is full."""
 
     def initialize(self) -> None:
         super().initialize()
         self.watch = QueueWatch(self.huey.storage.filename)
+        self.reserve = Reserve(os.path.dirname(self.huey.storage.filename))
         worker.stopping = self.stop_flag.is_set  # a pack is handed back when it is set
+
+    def loop(self, now: Any = None) -> None:
+        if not self.reserve.ok():  # the consumer makes it again once there is room
+            self.stop_flag.wait(DISK_CHECK)
+            return
+        super().loop(now)
 
     def sleep(self) -> None:
         self.delay = min(self.delay, self.max_delay)
@@ -112,11 +126,18 @@ class RunexConsumer(Consumer):
 
     def __init__(self, huey: Any, jobs: list[tuple[float, Callable[[], Any]]] = (),
                  stop_when: Callable[[], bool] | None = None, check_every: float = 0.05,
+                 stop_on_full: bool = False, state: WorkerState | None = None,
                  **options: Any):
         super().__init__(huey, **options)
+        self.state = state
+        self.home = os.path.dirname(os.path.abspath(huey.storage.filename))
+        self.reserve = Reserve(self.home)
+        self.disk_full = False
+        self.stop_on_full = stop_on_full
         # SIGTERM drains like SIGINT: no new partitions, running ones finish within the
         # grace period (shutdown_timeout); a second signal stops at once.
         self._signal_actions[signal.SIGTERM] = (False, True)
+        jobs = [(DISK_CHECK, self._watch_disk), *jobs]
         self.jobs = [[every, job, 0.0] for every, job in jobs]  # [seconds, job, next run]
         if stop_when is not None:  # short-lived (burst, `run`): notice the end sooner
             self.jobs.append([check_every, self._stop_if(stop_when), 0.0])
@@ -128,12 +149,48 @@ class RunexConsumer(Consumer):
         every collection in each of them."""
         gc.freeze()
         super().start()
+        if self.state is not None:
+            with contextlib.suppress(StorageError):  # a full disk: the watch says so
+                reaper.register(self.state, self.workers)
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            if self.state is not None:
+                with contextlib.suppress(StorageError):
+                    reaper.unregister(self.state)
 
     def stop(self, graceful: bool = False) -> None:
         """Stop, and touch the queue file so that idle workers notice at once."""
         self.stop_flag.set()
         tasks.poke(self.huey)
         super().stop(graceful)
+
+    def _watch_disk(self) -> None:
+        """While the home's reserve is missing (the disk is full), workers take nothing; make
+        it again once there is room, and work resumes. A `stop_on_full` consumer (burst,
+        `runex run`) stops instead."""
+        if self.reserve.ok():
+            return
+        if self.reserve.make():
+            if self.disk_full:
+                free = free_bytes(self.home)
+                trace.logger().warning("disk.resumed", home=self.home, free_bytes=free)
+                trace.tell_operator(f"the disk under {self.home} has room again ({free:,} "
+                                    "bytes free): work resumes")
+            self.disk_full = False
+            return
+        if not self.disk_full:
+            self.disk_full = True
+            message = (f"{describe_full(self.home)}; runex takes no more work until there "
+                       "is room" + ("" if self.stop_on_full else ", then goes on by itself"))
+            trace.logger().error("disk.full", home=self.home, free_bytes=free_bytes(self.home),
+                                 message=message)
+            trace.tell_operator(message)
+        if self.stop_on_full:
+            self.stop(graceful=True)
+            raise ConsumerStopped
 
     def _stop_if(self, stop_when: Callable[[], bool]) -> Callable[[], None]:
         def check() -> None:
@@ -160,9 +217,11 @@ class RunexConsumer(Consumer):
 
 def make(state: WorkerState, workers: int, max_delay: float, grace: float | None = None,
          reap_every: float = 10.0, jobs: list[tuple[float, Callable[[], Any]]] = (),
-         stop_when: Callable[[], bool] | None = None) -> RunexConsumer:
+         stop_when: Callable[[], bool] | None = None, stop_on_full: bool = False
+         ) -> RunexConsumer:
     """A consumer of `workers` processes over the queue of `state`, not yet started. Its
-    main process runs the reaper every `reap_every` seconds, and `jobs` (every, callable)."""
+    main process runs the reaper every `reap_every` seconds, and `jobs` (every, callable).
+    While the disk under the home is full it takes no work, or, `stop_on_full`, stops."""
     global _fork_hook
     if sys.platform.startswith("linux"):
         import ctypes  # noqa: F401 - once here rather than in every worker (QueueWatch, prctl)
@@ -171,14 +230,19 @@ def make(state: WorkerState, workers: int, max_delay: float, grace: float | None
         _fork_hook = True
     state.ledger.close()
     # A message is missing for a moment between a worker's dequeue and its claim: only a
-    # partition without one over three rounds counts as vanished.
+    # partition without one over three rounds counts as vanished. But a consumer that starts
+    # while no other runs (after a reboot, say) looks at once: nobody else can hold them.
+    rounds = itertools.count()
+
     def reap() -> None:
-        reaper.reap(state, vanished_after=3 * reap_every)
+        alone = next(rounds) == 0 and not reaper.others_alive(state)
+        reaper.reap(state, vanished_after=reaper.VANISHED_ALONE if alone else 3 * reap_every)
         state.ledger.checkpoint()  # nothing to copy while idle: writes nothing
         state.huey.storage.checkpoint()
 
     return RunexConsumer(state.huey, jobs=[(reap_every, reap), *jobs], stop_when=stop_when,
-                         workers=workers, worker_type="process",
+                         stop_on_full=stop_on_full, state=state, workers=workers,
+                         worker_type="process",
                          periodic=False, initial_delay=min(0.05, max_delay),
                          max_delay=max_delay, backoff=1.15, scheduler_interval=1,
                          check_worker_health=True, health_check_interval=2,

@@ -53,6 +53,10 @@ class StorageError(RunexError):
     exit_code = EXIT_STORAGE
 
 
+class DiskFull(StorageError):
+    """The disk under runex's home is full: nothing more is taken until there is room."""
+
+
 class PartitionTimeout(Exception):
     """Raised inside a worker when an attempt runs past the pipeline's `timeout`."""
 

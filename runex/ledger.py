@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runex.errors import NotFound, StorageError
+from runex.durable import Reserve, describe_full, free_bytes
+from runex.errors import DiskFull, NotFound, StorageError
 
 TERMINAL_RUN = ("succeeded", "failed", "cancelled")  # a run in one of these is over
 # A partition is over unless it is `queued` or `running`: succeeded, failed, cancelled or
@@ -105,6 +106,19 @@ SCHEMA = [
         "CREATE INDEX fires_status ON fires (status)",
         "CREATE INDEX runs_pipeline ON runs (pipeline, status)",
     ],
+    # version 2 (runex 0.2): an attempt's boot, so that a reboot tells at once that its
+    # worker is gone; the consumers running on this home
+    [
+        "ALTER TABLE attempts ADD COLUMN boot_id TEXT",
+        """CREATE TABLE consumers (
+            host TEXT NOT NULL,
+            pid INTEGER NOT NULL,
+            pid_started TEXT,
+            boot_id TEXT,
+            workers INTEGER NOT NULL,
+            started_at REAL NOT NULL,
+            PRIMARY KEY (host, pid))""",
+    ],
 ]
 
 
@@ -155,7 +169,11 @@ class Ledger:
             if self._conn is not None:
                 # Inherited through fork: never use or close it here; the parent owns it.
                 self._abandoned.append(self._conn)
-            self._conn = self._connect()
+                self._conn = None
+            try:
+                self._conn = self._connect()
+            except sqlite3.OperationalError as exc:
+                raise storage_error(self.path, exc) from exc
             self._pid = os.getpid()
         return self._conn
 
@@ -197,19 +215,34 @@ class Ledger:
         self._conn = None
 
     @contextlib.contextmanager
-    def tx(self) -> Iterator[sqlite3.Connection]:
+    def tx(self, durable: bool = False) -> Iterator[sqlite3.Connection]:
         """One short write transaction; a full or read-only disk rolls it back whole and
-        raises `StorageError`."""
+        raises `StorageError`.
+
+        The ledger runs `synchronous=NORMAL`: a commit survives a crash of the process, and
+        is on disk after the next checkpoint (every `reap_every`) or the next durable commit.
+        What a power cut can take is then a claim or an outcome, which only costs running a
+        partition again (sinks make that harmless). A `durable` transaction is synced before
+        it returns: for what is acknowledged to a person or recorded once (a submit, a fire,
+        a cancel, a retry, a run's end)."""
         try:
             conn = self.conn
-            begin_immediate(conn)
+            if durable:
+                conn.execute("PRAGMA synchronous=FULL")  # the commit syncs the log
             try:
-                yield conn
-            except BaseException:
-                if conn.in_transaction:  # SQLite may have rolled back by itself
-                    conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+                begin_immediate(conn)
+                try:
+                    yield conn
+                    conn.execute("COMMIT")
+                except BaseException:
+                    # A failed COMMIT (a full disk) may leave the transaction open, or SQLite
+                    # may have rolled it back by itself.
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            finally:
+                if durable:
+                    conn.execute("PRAGMA synchronous=NORMAL")
         except sqlite3.OperationalError as exc:
             raise storage_error(self.path, exc) from exc
 
@@ -231,7 +264,7 @@ class Ledger:
         anything was written."""
         now = time.time()
         encoded = [json.dumps(k) for k in keys]
-        with self.tx() as conn:
+        with self.tx(durable=True) as conn:
             if fire == "new":
                 cur = conn.execute(
                     "INSERT INTO fires (pipeline, fire_time, status, run_id, created_at) "
@@ -269,7 +302,7 @@ class Ledger:
         row = self.conn.execute("SELECT since FROM schedules WHERE pipeline = ?",
                                 (pipeline,)).fetchone()
         if row is None:
-            with self.tx() as conn:
+            with self.tx(durable=True) as conn:
                 conn.execute("INSERT INTO schedules (pipeline, since) VALUES (?, ?) "
                              "ON CONFLICT DO NOTHING", (pipeline, now))
             row = self.conn.execute("SELECT since FROM schedules WHERE pipeline = ?",
@@ -298,7 +331,7 @@ class Ledger:
                     events: list[tuple[Any, ...]] = ()) -> bool:
         """A fire without a run: `skipped`, `waiting` or `error`. It changes a fire that was
         waiting, and no other: False when the fire time has another row."""
-        with self.tx() as conn:
+        with self.tx(durable=True) as conn:
             cur = conn.execute(
                 "INSERT INTO fires (pipeline, fire_time, status, reason, created_at) "
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT (pipeline, fire_time) DO UPDATE "
@@ -321,16 +354,18 @@ class Ledger:
         return row[0] if row else None
 
     def claim(self, run_id: str, index: int, host: str, pid: int, pid_started: str | None,
-              events: list[tuple[Any, ...]] = ()) -> Claim | None:
+              events: list[tuple[Any, ...]] = (), boot_id: str | None = None) -> Claim | None:
         """Take one queued partition; see `claim_many`."""
-        claims = self.claim_many(run_id, [index], host, pid, pid_started, events)
+        claims = self.claim_many(run_id, [index], host, pid, pid_started, events, boot_id)
         return claims[0] if claims else None
 
     def claim_many(self, run_id: str, indexes: Sequence[int], host: str, pid: int,
-                   pid_started: str | None, events: list[tuple[Any, ...]] = ()) -> list[Claim]:
+                   pid_started: str | None, events: list[tuple[Any, ...]] = (),
+                   boot_id: str | None = None) -> list[Claim]:
         """Take the partitions of `indexes` that are queued, in one transaction, bumping each
         one's attempt number (the fencing token). A partition running elsewhere, done, or of
-        a cancelled run is left out."""
+        a cancelled run is left out. The attempt records its worker: `host`, `pid`, the
+        process's start time and the machine's `boot_id`."""
         now = time.time()
         marks = ", ".join("?" * len(indexes))
         with self.tx() as conn:
@@ -354,9 +389,9 @@ class Ledger:
                     (run_id, *again)).fetchall())
             conn.executemany(
                 "INSERT INTO attempts (run_id, idx, attempt, status, host, pid, pid_started, "
-                "lease_until, started_at) VALUES (?, ?, ?, 'running', ?, ?, ?, ?, ?)",
-                [(run_id, idx, attempt, host, pid, pid_started, now + LEASE_SECONDS, now)
-                 for idx, attempt, _, _ in rows])
+                "boot_id, lease_until, started_at) VALUES (?, ?, ?, 'running', ?, ?, ?, ?, ?, ?)",
+                [(run_id, idx, attempt, host, pid, pid_started, boot_id, now + LEASE_SECONDS,
+                  now) for idx, attempt, _, _ in rows])
             run = conn.execute(
                 "UPDATE runs SET status = 'running', started_at = COALESCE(started_at, ?) "
                 "WHERE id = ? RETURNING pipeline, spec, project_dir, partition_count",
@@ -434,8 +469,28 @@ class Ledger:
                 (until, c.run_id, c.index, c.attempt)).rowcount for c in claims)
 
     def running_attempts(self) -> list[dict[str, Any]]:
-        return self._rows("SELECT run_id, idx, attempt, host, pid, pid_started, lease_until "
-                          "FROM attempts WHERE status = 'running'")
+        return self._rows("SELECT run_id, idx, attempt, host, pid, pid_started, boot_id, "
+                          "lease_until FROM attempts WHERE status = 'running'")
+
+    # -- consumers ---------------------------------------------------------------------
+
+    def add_consumer(self, host: str, pid: int, pid_started: str | None, boot_id: str | None,
+                     workers: int) -> None:
+        """Record a consumer as it starts (and forget any earlier one with its pid)."""
+        with self.tx() as conn:
+            conn.execute("INSERT INTO consumers (host, pid, pid_started, boot_id, workers, "
+                         "started_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (host, pid) DO "
+                         "UPDATE SET pid_started = excluded.pid_started, boot_id = "
+                         "excluded.boot_id, workers = excluded.workers, started_at = "
+                         "excluded.started_at",
+                         (host, pid, pid_started, boot_id, workers, time.time()))
+
+    def remove_consumer(self, host: str, pid: int) -> None:
+        with self.tx() as conn:
+            conn.execute("DELETE FROM consumers WHERE host = ? AND pid = ?", (host, pid))
+
+    def consumers(self) -> list[dict[str, Any]]:
+        return self._rows("SELECT * FROM consumers ORDER BY started_at")
 
     def lose_attempt(self, run_id: str, index: int, attempt: int, reason: str,
                      quarantine_after: int, events: list[tuple[Any, ...]] = ()
@@ -493,7 +548,7 @@ class Ledger:
         """Cancel a run: queued partitions never start, running ones stop at their next batch.
         Returns (partitions cancelled now, partitions still running, run_complete)."""
         now = time.time()
-        with self.tx() as conn:
+        with self.tx(durable=True) as conn:
             conn.execute("UPDATE runs SET cancel_requested = 1 WHERE id = ? "
                          "AND status IN ('queued', 'running')", (run_id,))
             cancelled = conn.execute(
@@ -518,7 +573,7 @@ class Ledger:
         indexes re-queued."""
         now = time.time()
         only = "" if index is None else " AND idx = ?"
-        with self.tx() as conn:
+        with self.tx(durable=True) as conn:
             rows = conn.execute(
                 "UPDATE partitions SET status = 'queued', attempt_base = attempt, error = NULL, "
                 "finished_at = NULL, queued_at = ? WHERE run_id = ? AND status IN "
@@ -542,7 +597,7 @@ class Ledger:
     def finish_run(self, run_id: str, status: str, error: str | None = None,
                    events: list[tuple[Any, ...]] = ()) -> None:
         """Set the run's final status, and its totals from its partitions."""
-        with self.tx() as conn:
+        with self.tx(durable=True) as conn:
             conn.execute(
                 "UPDATE runs SET status = ?, error = ?, finished_at = ?, "
                 "records_in = (SELECT SUM(records_in) FROM partitions WHERE run_id = ?), "
@@ -614,11 +669,16 @@ class Ledger:
 
 
 def storage_error(path: Path, exc: sqlite3.OperationalError) -> Exception:
-    """A clear error for the disk problems a user can fix; others are returned as they are."""
+    """A clear error for the disk problems a user can fix; others are returned as they are.
+    A full disk also releases the home's reserve (`runex.durable.Reserve`): room to record
+    what was going on, and the sign for every consumer here to take no more work."""
     text = str(exc)
-    if "full" in text:
-        why = "the disk is full: free some space"
-    elif "readonly" in text or "read-only" in text:
+    # SQLite reports a full disk met while creating a write-ahead log as an I/O error.
+    if "full" in text or ("disk I/O error" in text and free_bytes(path.parent) < 1 << 20):
+        Reserve(path.parent).release()
+        return DiskFull(f"cannot write the ledger {path}: {describe_full(path.parent)}. The "
+                        "change was rolled back whole; nothing stored was changed")
+    if "readonly" in text or "read-only" in text:
         why = f"it is read-only: check that you may write to {path.parent}"
     elif "disk I/O error" in text or "unable to open" in text:
         why = f"the disk failed to read or write it: check {path.parent}"

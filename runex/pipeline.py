@@ -280,6 +280,7 @@ class Plan:
     kernels: list[tuple[Kernel, dict[str, Any]]]
     sink_write: Callable
     sink_finalize: Callable | None
+    sink_sync: Callable | None
     sink_params: dict[str, Any]
 
 
@@ -335,5 +336,6 @@ def check(pipeline: Pipeline, registry: Registry) -> Plan:
         kernels=kernels,
         sink_write=sink.write,
         sink_finalize=sink.finalize,
+        sink_sync=sink.sync,
         sink_params=sink_params,
     )

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runex.durable import Reserve
 from runex.errors import ConfigError
 
 CONFIG_FILE = "runex.toml"
@@ -43,9 +44,11 @@ class Project:
         return self.home / "traces"
 
     def ensure_home(self) -> None:
-        """Create the data folder (0700) and its traces folder."""
+        """Create the data folder (0700), its traces folder, and its reserve (see
+        `runex.durable.Reserve`) when there is room for it."""
         for folder in (self.home, self.traces_dir):
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        Reserve(self.home).make()
 
 
 def find_root(start: Path | None = None) -> Path:

@@ -11,12 +11,40 @@ finalizing worker died. It only reads unless it finds something to mend.
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any
 
 from runex import tasks, trace
 from runex.pipeline import Pipeline
-from runex.worker import WorkerState, alive, finalize_run
+from runex.worker import BOOT_ID, WorkerState, alive, finalize_run, process_start
+
+# Partitions queued at least this long ago, without a message, are queued again by a consumer
+# that starts while no other runs: not zero, for a submit between its ledger write and its
+# queue write.
+VANISHED_ALONE = 2.0
+
+
+def register(state: WorkerState, workers: int) -> None:
+    """Record this consumer in the ledger, and forget the consumers of this host that are
+    gone (killed, or from before a reboot)."""
+    ledger = state.ledger
+    for c in ledger.consumers():
+        if c["host"] == trace.HOST and not alive(c["pid"], c["pid_started"], c["boot_id"]):
+            ledger.remove_consumer(c["host"], c["pid"])
+    ledger.add_consumer(trace.HOST, os.getpid(), process_start(os.getpid()), BOOT_ID, workers)
+
+
+def unregister(state: WorkerState) -> None:
+    state.ledger.remove_consumer(trace.HOST, os.getpid())
+
+
+def others_alive(state: WorkerState) -> bool:
+    """Whether another consumer may be working this home: one of this host that runs, or
+    one of another host (which cannot be checked from here)."""
+    return any(c["host"] != trace.HOST
+               or (c["pid"] != os.getpid() and alive(c["pid"], c["pid_started"], c["boot_id"]))
+               for c in state.ledger.consumers())
 
 
 def reap_lost(state: WorkerState, now: float | None = None) -> int:
@@ -30,14 +58,16 @@ def reap_lost(state: WorkerState, now: float | None = None) -> int:
         # all there is to go by.
         local = a["host"] == trace.HOST
         expired = (a["lease_until"] or 0) <= now
-        if not expired and (not local or alive(a["pid"], a["pid_started"])):
+        rebooted = local and a["boot_id"] is not None and BOOT_ID not in (None, a["boot_id"])
+        if not expired and (not local or alive(a["pid"], a["pid_started"], a["boot_id"])):
             continue
         if a["run_id"] not in runs:
             run = state.ledger.run(a["run_id"])
             runs[a["run_id"]] = (run, Pipeline.from_dict(json.loads(run["spec"])).options)
         run, options = runs[a["run_id"]]
-        reason = (f"lease of worker pid {a['pid']} on {a['host']} expired" if expired
-                  else f"worker pid {a['pid']} on {a['host']} is gone")
+        reason = (f"worker pid {a['pid']} on {a['host']} is gone: the machine restarted"
+                  if rebooted else f"lease of worker pid {a['pid']} on {a['host']} expired"
+                  if expired else f"worker pid {a['pid']} on {a['host']} is gone")
         trace.logger(run_id=a["run_id"], pipeline=run["pipeline"], partition_index=a["idx"],
                      attempt=a["attempt"]).warning("partition.lost", reason=reason)
         status, complete = state.ledger.lose_attempt(

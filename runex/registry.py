@@ -88,12 +88,20 @@ class SinkSpec:
     """A sink: `write(ctx, records)` commits one partition's records so that a repeat of the
     same partition never duplicates output, and returns nothing; `finalize(ctx)` runs once per
     successful run. `configure(**params)`, when given, declares (by its signature) and checks
-    the sink's parameters and returns them, normalized, as the `ctx.params` dict."""
+    the sink's parameters and returns them, normalized, as the `ctx.params` dict.
+
+    Durability: runex records a partition as succeeded once `write` returned and, if the sink
+    has one, `sync(ctx)` returned: by then the partition's output must survive a power cut.
+    Either `write` syncs what it commits (`runex.atomic_write` does it for a file), or `sync`
+    makes durable every commit this process's `write` calls made with `ctx.params` since the
+    last `sync`; runex calls it once per chunk of partitions, which is cheaper than a sync
+    per partition. The same holds for `finalize`, which runex follows with `sync` too."""
 
     name: str
     write: Callable[[SinkContext, Iterator[dict]], Any]
     finalize: Callable[[SinkContext], Any] | None = None
     configure: Callable[..., dict] | None = None
+    sync: Callable[[SinkContext], Any] | None = None
     origin: str = field(default="?", compare=False)
 
     def __post_init__(self) -> None:

@@ -14,7 +14,8 @@ import contextlib
 import datetime
 import json
 import os
-from collections.abc import Iterable
+import sqlite3
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ from huey.serializer import Serializer
 from huey.storage import SqliteStorage
 
 from runex import trace
+from runex.durable import Reserve, describe_full, is_disk_full
+from runex.errors import DiskFull
 from runex.ledger import AUTOCHECKPOINT_PAGES
 from runex.project import cpu_count
 
@@ -90,6 +93,28 @@ class QueueStorage(SqliteStorage):
     def checkpoint(self) -> None:
         self.sql("pragma wal_checkpoint(PASSIVE)")
 
+    def dequeue(self) -> bytes | None:
+        """huey's dequeue; on a full disk, nothing (the message stays queued) and the home's
+        reserve released, which stops this machine's consumers taking work until there is
+        room (see `runex.durable`)."""
+        return self._unless_full(super().dequeue, None)
+
+    def read_schedule(self, ts: Any) -> list[bytes]:
+        """The delayed messages that are due (retries), taken off the schedule; none while
+        the disk is full: they stay there until there is room."""
+        if not Reserve(os.path.dirname(self.filename)).ok():
+            return []
+        return self._unless_full(lambda: super(QueueStorage, self).read_schedule(ts), [])
+
+    def _unless_full(self, write: Any, empty: Any) -> Any:
+        try:
+            return write()
+        except sqlite3.OperationalError as exc:
+            if not is_disk_full(exc):
+                raise
+            Reserve(os.path.dirname(self.filename)).release()
+            return empty
+
 
 class Queue(SqliteHuey):
     """huey without revocation, which runex never uses (a run is cancelled in the ledger):
@@ -147,17 +172,34 @@ def enqueue(huey: SqliteHuey, run_id: str, indexes: Iterable[int], priority: int
     transaction (huey's own `enqueue` takes one transaction per message)."""
     task = huey._registry.string_to_task(TASK_NAME)
     messages = [list(indexes)] if one_pack else packs(indexes)
-    if delay:
-        eta = datetime.datetime.now(datetime.UTC).replace(tzinfo=None) + \
-            datetime.timedelta(seconds=delay)
-        for pack in messages:
-            huey.add_schedule(task((run_id, pack), {}, eta=eta, priority=priority))
-        return
-    rows = [(QUEUE_NAME, huey.serialize_task(task((run_id, pack), {}, priority=priority)),
-             priority) for pack in messages]
-    with huey.storage.db(commit=True) as cursor:
-        cursor.executemany("insert into task (queue, data, priority) values (?, ?, ?)", rows)
+    with queue_write(huey):
+        if delay:
+            eta = datetime.datetime.now(datetime.UTC).replace(tzinfo=None) + \
+                datetime.timedelta(seconds=delay)
+            for pack in messages:
+                huey.add_schedule(task((run_id, pack), {}, eta=eta, priority=priority))
+            return
+        rows = [(QUEUE_NAME, huey.serialize_task(task((run_id, pack), {}, priority=priority)),
+                 priority) for pack in messages]
+        with huey.storage.db(commit=True) as cursor:
+            cursor.executemany("insert into task (queue, data, priority) values (?, ?, ?)",
+                               rows)
     poke(huey)
+
+
+@contextlib.contextmanager
+def queue_write(huey: SqliteHuey) -> Iterator[None]:
+    """A full disk refusing a write to the queue becomes `DiskFull`, and releases the home's
+    reserve (see `runex.durable`)."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        if not is_disk_full(exc):
+            raise
+        home = os.path.dirname(huey.storage.filename)
+        Reserve(home).release()
+        raise DiskFull(f"cannot write the queue {huey.storage.filename}: "
+                       f"{describe_full(home)}") from exc
 
 
 def poke(huey: SqliteHuey) -> None:

@@ -19,11 +19,13 @@ from typing import Any
 
 import structlog
 
+from runex.durable import Reserve, is_disk_full
+
 HOST = socket.gethostname()
 # Events not yet in the ledger, as its rows: (ts, run_id, idx, attempt, event, data as JSON).
 _pending: list[tuple[Any, ...]] = []
 _state: dict[str, Any] = {"dir": None, "fd": None, "until": 0.0, "pid": None,
-                         "configured": False}
+                         "configured": False, "dropped": 0, "console": False}
 
 
 def _stamp(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
@@ -42,14 +44,22 @@ def _write(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
                      event.get("attempt"), event["event"], data))
     folder = _state["dir"]
     if folder is not None:
-        if _state["fd"] is None or ts >= _state["until"] or _state["pid"] != os.getpid():
-            if _state["fd"] is not None and _state["pid"] == os.getpid():
-                os.close(_state["fd"])
-            day = time.strftime("%Y-%m-%d", time.gmtime(ts))
-            _state["fd"] = os.open(Path(folder) / f"{day}.jsonl",
-                                   os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            _state["until"], _state["pid"] = (ts // 86400 + 1) * 86400, os.getpid()
-        os.write(_state["fd"], (data + "\n").encode())
+        try:
+            if _state["fd"] is None or ts >= _state["until"] or _state["pid"] != os.getpid():
+                if _state["fd"] is not None and _state["pid"] == os.getpid():
+                    os.close(_state["fd"])
+                    _state["fd"] = None
+                day = time.strftime("%Y-%m-%d", time.gmtime(ts))
+                _state["fd"] = os.open(Path(folder) / f"{day}.jsonl",
+                                       os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                _state["until"], _state["pid"] = (ts // 86400 + 1) * 86400, os.getpid()
+            os.write(_state["fd"], (data + "\n").encode())
+        except OSError as exc:
+            # A trace line is not worth stopping work for: it is dropped (the ledger keeps
+            # the event). A full disk releases the home's reserve (see runex.durable).
+            _state["dropped"] += 1
+            if is_disk_full(exc):
+                Reserve(Path(folder).parent).release()
     return event
 
 
@@ -65,6 +75,7 @@ def configure(traces_dir: str | os.PathLike | None, console: bool | None = None,
         console = sys.stderr.isatty()
     _state["dir"], _state["until"] = traces_dir, 0.0  # the next event opens its file there
     _state["configured"] = True
+    _state["console"] = console
     last = (structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()) if console else _drop)
     structlog.configure(
         processors=[structlog.contextvars.merge_contextvars, _stamp, _write, last],
@@ -75,11 +86,18 @@ def configure(traces_dir: str | os.PathLike | None, console: bool | None = None,
     )
 
 
+def tell_operator(message: str) -> None:
+    """A line for the person running runex, on stderr, when the console renderer (which shows
+    every event) is off: what they must act on should not hide in a file."""
+    if _state["console"] is False:
+        print(f"runex: {message}", file=sys.stderr, flush=True)
+
+
 def reset() -> None:
     """Forget the configuration and pending events (for tests)."""
     if _state["fd"] is not None and _state["pid"] == os.getpid():
         os.close(_state["fd"])
-    _state.update(dir=None, fd=None, until=0.0, pid=None, configured=False)
+    _state.update(dir=None, fd=None, until=0.0, pid=None, configured=False, console=False)
     _pending.clear()
     structlog.reset_defaults()
 

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from runex import tasks, trace
-from runex.errors import PartitionTimeout
+from runex.durable import Reserve, describe_full, is_disk_full
+from runex.errors import DiskFull, PartitionTimeout
 from runex.ledger import LEASE_SECONDS, Claim, Ledger, Outcome
 from runex.pipeline import Pipeline, Plan, check
 from runex.project import chdir
@@ -36,6 +37,10 @@ class WorkerState:
     ledger: Ledger
     huey: Any
     plans: dict[str, Plan] = field(default_factory=dict)
+    reserve: Reserve = field(init=False)  # gone while the disk under the home is full
+
+    def __post_init__(self) -> None:
+        self.reserve = Reserve(self.ledger.path.parent)
 
     def plan(self, run_id: str, spec: dict[str, Any]) -> Plan:
         plan = self.plans.get(run_id)
@@ -58,7 +63,24 @@ def process_start(pid: int) -> str | None:
         return None
 
 
-def alive(pid: int, started: str | None) -> bool:
+def boot_id() -> str | None:
+    """This boot of the machine (Linux): it changes at every boot, so a process recorded with
+    another boot id on this host is gone, whatever its pid and start time."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+BOOT_ID = boot_id()
+
+
+def alive(pid: int, started: str | None, boot: str | None = None) -> bool:
+    """Whether process `pid` of this host, started at `started` during boot `boot` (either
+    may be unknown), still runs."""
+    if boot is not None and BOOT_ID is not None and boot != BOOT_ID:
+        return False  # the machine restarted since
     if started is not None and os.path.exists("/proc/self/stat"):
         return process_start(pid) == started
     try:
@@ -128,17 +150,30 @@ def execute(run_id: str, indexes: list[int]) -> None:
     _holding.pack(state, run_id, indexes)
     size = 1
     try:
-        while not stopping() and (chunk := _holding.take(size)):
-            claims = state.ledger.claim_many(run_id, chunk, trace.HOST, os.getpid(), _START,
-                                             events=trace.drain())
+        # No new chunk once the consumer stops, or the disk under the home is full.
+        while not stopping() and state.reserve.ok() and (chunk := _holding.take(size)):
+            try:
+                claims = state.ledger.claim_many(run_id, chunk, trace.HOST, os.getpid(),
+                                                 _START, events=trace.drain(), boot_id=BOOT_ID)
+            except DiskFull:
+                _holding.untake(chunk)  # nothing was claimed: they go back to the queue
+                break
             if claims:
                 started = time.perf_counter()
                 done = run_chunk(state, claims)
                 each = (time.perf_counter() - started) / max(done, 1)
                 size = min(MAX_CHUNK, max(1, int(CHUNK_SECONDS / each) if each else MAX_CHUNK))
             _holding.give_back(state.huey, state.ledger)
+    except DiskFull as exc:
+        # The home's disk is full: take nothing more. A chunk whose outcome not even the
+        # reserve's room could record stays `running` until the reaper, once there is room,
+        # finds it let go and queues it again.
+        trace.logger(run_id=run_id).error("worker.disk_full", error=str(exc))
     finally:
-        _holding.give_back(state.huey, state.ledger, now=True)
+        try:
+            _holding.give_back(state.huey, state.ledger, now=True)
+        except DiskFull:  # the reaper queues them again once there is room
+            pass
 
 
 def run_chunk(state: WorkerState, claims: list[Claim]) -> int:
@@ -149,7 +184,7 @@ def run_chunk(state: WorkerState, claims: list[Claim]) -> int:
     cancel = Cancellation(state.ledger, first.run_id)
     outcomes: list[Outcome] = []
     delays: dict[int, float] = {}
-    interrupted = False
+    interrupted = synced = False
     try:
         with chdir(Path(first.project_dir)), _holding.hold(state.ledger.path, claims):
             for claim in claims:
@@ -159,13 +194,66 @@ def run_chunk(state: WorkerState, claims: list[Claim]) -> int:
                 outcomes.append(outcome)
                 if interrupted := outcome.status == "interrupted":
                     break
+            sync_outputs(state, outcomes, delays)
+            synced = True
     finally:  # a second signal may land anywhere: record what is known
         ran = len(outcomes)
+        if not synced:  # output that may not be on disk yet is not recorded as done
+            outcomes = [Outcome(o.claim, "interrupted", o.records_in, o.records_out,
+                                "the worker was stopped", requeue=True, started=o.started)
+                        if o.status == "succeeded" else o for o in outcomes]
         outcomes += [Outcome(c, "released", requeue=True) for c in claims[ran:]]
         _record(state, first.run_id, outcomes, delays)
     if interrupted:
         raise KeyboardInterrupt
     return ran
+
+
+def sync_outputs(state: WorkerState, outcomes: list[Outcome], delays: dict[int, float]) -> None:
+    """Make the output of the chunk's succeeded partitions durable before the ledger says
+    so: one `sync` of the sink per chunk (see `SinkSpec`). If it fails, so do they."""
+    done = [i for i, o in enumerate(outcomes) if o.status == "succeeded"]
+    if not done:
+        return
+    claim = outcomes[done[0]].claim
+    plan = state.plan(claim.run_id, claim.spec)
+    if plan.sink_sync is None:
+        return
+    try:
+        plan.sink_sync(SinkContext(run_id=claim.run_id, pipeline=claim.pipeline,
+                                   params=plan.sink_params,
+                                   partition_count=claim.partition_count))
+    except Exception as exc:  # noqa: BLE001 - the partitions fail, the worker goes on
+        for i in done:
+            o = outcomes[i]
+            log = trace.logger(run_id=o.claim.run_id, pipeline=o.claim.pipeline,
+                               partition=o.claim.key, partition_index=o.claim.index,
+                               attempt=o.claim.attempt)
+            outcomes[i], delays[o.claim.index] = failed(
+                o.claim, RuntimeError(f"could not sync the sink's output to disk: "
+                                      f"{type(exc).__name__}: {exc}"), o, log)
+
+
+def failed(claim: Claim, exc: BaseException, done: Stats | Outcome, log: Any
+           ) -> tuple[Outcome, float]:
+    """How an attempt that raised `exc` ended, and in how many seconds to retry it."""
+    options = Pipeline.from_dict(claim.spec).options
+    status = ("timeout" if isinstance(exc, PartitionTimeout)
+              else "cancelled" if isinstance(exc, RunCancelled) else "failed")
+    # Only failures spend the retry budget: a lost or interrupted attempt does not.
+    failures = claim.failures + 1
+    retry = status != "cancelled" and failures <= options.retries
+    delay = backoff(failures, options.retry_delay, options.max_retry_delay)
+    error = f"{type(exc).__name__}: {exc}"
+    if is_disk_full(exc):  # most likely under the sink's output, when the sink has a path
+        target = claim.spec.get("sink", {}).get("params", {}).get("path")
+        folder = os.path.dirname(os.path.abspath(target)) if isinstance(target, str) else "."
+        error += f" ({describe_full(folder)}; then `runex retry {claim.run_id}`)"
+    log.error("partition.failed", status=status, error=error,
+              retry_in=round(delay, 3) if retry else None)
+    started = done.started if isinstance(done, Outcome) else None
+    return Outcome(claim, status, done.records_in, done.records_out, error,
+                   "".join(traceback.format_exception(exc)), retry, started), delay
 
 
 def run_one(state: WorkerState, claim: Claim, cancel: Cancellation) -> tuple[Outcome, float]:
@@ -186,20 +274,11 @@ def run_one(state: WorkerState, claim: Claim, cancel: Cancellation) -> tuple[Out
         return Outcome(claim, "interrupted", stats.records_in, stats.records_out,
                        error="the worker was stopped", requeue=True, started=began), 0.0
     except Exception as exc:  # noqa: BLE001 - a partition's failure must not stop the worker
-        options = Pipeline.from_dict(claim.spec).options
-        status = ("timeout" if isinstance(exc, PartitionTimeout)
-                  else "cancelled" if isinstance(exc, RunCancelled) else "failed")
-        # Only failures spend the retry budget: a lost or interrupted attempt does not.
-        failures = claim.failures + 1
-        retry = status != "cancelled" and failures <= options.retries
-        delay = backoff(failures, options.retry_delay, options.max_retry_delay)
-        error = f"{type(exc).__name__}: {exc}"
         _log_steps(log, stats)
-        log.error("partition.failed", status=status, error=error,
-                  retry_in=round(delay, 3) if retry else None,
-                  seconds=round(time.perf_counter() - started, 4))
-        return Outcome(claim, status, stats.records_in, stats.records_out, error,
-                       "".join(traceback.format_exception(exc)), retry, began), delay
+        outcome, delay = failed(claim, exc, stats, log.bind(
+            seconds=round(time.perf_counter() - started, 4)))
+        outcome.started = began
+        return outcome, delay
     _log_steps(log, stats)
     log.info("partition.committed", records_in=stats.records_in,
              records_out=stats.records_out, seconds=round(time.perf_counter() - started, 4))
@@ -210,7 +289,13 @@ def run_one(state: WorkerState, claim: Claim, cancel: Cancellation) -> tuple[Out
 def _record(state: WorkerState, run_id: str, outcomes: list[Outcome],
             delays: dict[int, float]) -> None:
     """Write the outcomes of a chunk, queue again what goes back, finalize a complete run."""
-    applied, complete = state.ledger.finish_many(outcomes, events=trace.drain())
+    events = trace.drain()
+    try:
+        applied, complete = state.ledger.finish_many(outcomes, events=events)
+    except DiskFull:
+        # The failed write released the home's reserve: room to record the outcomes (the
+        # trace events are left out; they are in the trace files, if those had room).
+        applied, complete = state.ledger.finish_many(outcomes)
     now, later = [], []
     for o, ok in zip(outcomes, applied, strict=True):
         if not ok:
@@ -290,6 +375,10 @@ class Holding:
         with self._lock:
             chunk, self._pending = self._pending[:count], self._pending[count:]
         return chunk
+
+    def untake(self, chunk: list[int]) -> None:
+        with self._lock:
+            self._pending = chunk + self._pending
 
     def give_back(self, huey: Any, ledger: Ledger, now: bool = False) -> list[int]:
         """Queue again the pending partitions, if the pack was held long enough (or `now`)."""
@@ -410,6 +499,9 @@ def finalize_run(state: WorkerState, run_id: str) -> None:
         shown = ", ".join(f"{p['idx']} ({p['key']}): {p['status']}" for p in bad[:10])
         more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
         error = f"{len(bad)} of {len(parts)} partitions did not succeed: {shown}{more}"
+        first = next((p for p in bad if p["error"]), None)
+        if first is not None:
+            error += f"; partition {first['idx']}: {first['error']}"
     else:
         try:
             plan = state.plan(run_id, json.loads(run["spec"]))
@@ -418,6 +510,8 @@ def finalize_run(state: WorkerState, run_id: str) -> None:
                                   params=plan.sink_params, partition_count=len(parts))
                 with chdir(Path(run["project_dir"])):
                     plan.sink_finalize(ctx)
+                    if plan.sink_sync is not None:  # durable before the run is recorded
+                        plan.sink_sync(ctx)
         except Exception as exc:  # noqa: BLE001 - reported as the run's error
             error = f"the sink's finalize step failed: {type(exc).__name__}: {exc}"
             log.error("run.finalize_failed", error=error,

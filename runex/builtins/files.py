@@ -5,9 +5,10 @@ Sources take a glob `path` (relative to the project folder): one partition per f
 assumes one record per line: no quoted newlines in CSV).
 
 Sinks write one file per partition, `part-NNNNN.<ext>` in the folder `path`, through a
-temporary file renamed into place, so a repeated partition replaces its file rather than adding
-to it. With `merge`, the parts are joined in partition order into that one file once every
-partition is in.
+temporary file renamed into place (`runex.atomic_write`: synced, then renamed, then the folder
+synced), so a repeated partition replaces its file rather than adding to it, and a partition is
+on disk before runex records it as done. With `merge`, the parts are joined in partition order
+into that one file, the same way, once every partition is in.
 """
 
 import csv
@@ -15,7 +16,7 @@ import glob
 import json
 import os
 
-from runex import DataSourceSpec, SinkSpec
+from runex import DataSourceSpec, SinkSpec, atomic_write
 
 
 def file_partitions(path, chunk_bytes=None):
@@ -126,34 +127,14 @@ def part_name(folder, index, ext):
     return os.path.join(folder, f"part-{index:05d}.{ext}")
 
 
-def write_atomically(target, fill):
-    """Write `target` through `fill(file)` into a temporary file, flushed to disk, then renamed
-    over `target`: a reader (or a crash) sees the old file or the whole new one."""
-    folder = os.path.dirname(target) or "."
-    os.makedirs(folder, exist_ok=True)
-    temp = f"{target}.tmp-{os.getpid()}"
-    try:
-        with open(temp, "w", encoding="utf-8", newline="") as f:
-            fill(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, target)
-    except BaseException:
-        if os.path.exists(temp):
-            os.unlink(temp)
-        raise
-
-
 def write_jsonl(ctx, records):
-    def fill(f):
-        dumps = json.dumps
+    dumps = json.dumps
+    with atomic_write(part_name(ctx.params["path"], ctx.index, "jsonl")) as f:
         f.writelines(dumps(r, default=str) + "\n" for r in records)
-
-    write_atomically(part_name(ctx.params["path"], ctx.index, "jsonl"), fill)
 
 
 def write_csv(ctx, records):
-    def fill(f):
+    with atomic_write(part_name(ctx.params["path"], ctx.index, "csv")) as f:
         writer = None
         for record in records:
             if writer is None:
@@ -161,15 +142,13 @@ def write_csv(ctx, records):
                 writer.writeheader()
             writer.writerow(record)
 
-    write_atomically(part_name(ctx.params["path"], ctx.index, "csv"), fill)
-
 
 def merge_parts(ctx, ext, skip_header):
     merge = ctx.params.get("merge")
     if not merge:
         return
 
-    def fill(out):
+    with atomic_write(merge) as out:
         header_written = False
         for index in range(ctx.partition_count):
             with open(part_name(ctx.params["path"], index, ext), encoding="utf-8",
@@ -182,8 +161,6 @@ def merge_parts(ctx, ext, skip_header):
                 while copy:
                     out.write(copy)
                     copy = part.read(1 << 20)
-
-    write_atomically(merge, fill)
 
 
 jsonl_sink = SinkSpec(name="jsonl", write=write_jsonl, configure=configure_files,

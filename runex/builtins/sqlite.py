@@ -10,7 +10,9 @@ its journal mode as it is (a new file: the rollback journal, a little faster for
 
 Each partition commits its rows and a marker row `(run_id, partition_index)` in
 `_runex_commits` in one transaction; a partition whose marker is already there writes nothing,
-so a repeated partition never duplicates rows. Rows are held in
+so a repeated partition never duplicates rows. In WAL mode a commit is not synced (SQLite's
+`synchronous=NORMAL`); the sink's `sync` syncs the log once per chunk of partitions, before
+runex records them as done. With `wal = false` SQLite syncs every commit itself. Rows are held in
 memory up to `spill_rows`, then staged in a temporary file beside the database, so memory does
 not grow with the partition and the write lock is held only for the final copy.
 """
@@ -22,6 +24,7 @@ import sqlite3
 import time
 
 from runex import DataSourceSpec, SinkSpec
+from runex.durable import fsync_dir, fsync_path, make_dirs
 from runex.ledger import BUSY_TIMEOUT, begin_immediate, retry_locked
 
 
@@ -86,7 +89,7 @@ def connect(path, wal=True):
     key = (os.getpid(), os.path.abspath(path))
     conn = _connections.get(key)
     if conn is None:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        make_dirs(os.path.dirname(os.path.abspath(path)))
         conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None)
         if wal:
             # Switching a new file to WAL fails at once, not after the busy timeout, while
@@ -96,6 +99,31 @@ def connect(path, wal=True):
         conn.execute(MARKERS)
         _connections[key] = conn
     return conn
+
+
+def sync_sqlite(ctx):
+    """Make durable every commit this process made to the file so far. In WAL mode: fsync the
+    write-ahead log (this process's connection keeps it from being removed), and, the first
+    time, the folder that names it. With a rollback journal SQLite synced each commit, but a
+    commit ends by deleting the journal, and a power cut that undid the deletion would roll
+    the commit back: the folder is synced each time."""
+    path = os.path.abspath(ctx.params["path"])
+    key = (os.getpid(), path)
+    conn = _connections.get(key)
+    if conn is None:
+        return  # this process wrote nothing here
+    folder = os.path.dirname(path)
+    if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+        fsync_dir(folder)
+        return
+    if os.path.exists(f"{path}-wal"):
+        fsync_path(f"{path}-wal")
+    if key not in _synced:
+        fsync_dir(folder)
+        _synced.add(key)
+
+
+_synced = set()  # (pid, path) whose folder was synced since the write-ahead log was made
 
 
 def configure_sqlite(path, table, spill_rows=50_000, wal=True):
@@ -239,4 +267,5 @@ class Stage:
                 os.unlink(self.path)
 
 
-sqlite_sink = SinkSpec(name="sqlite", write=write_sqlite, configure=configure_sqlite)
+sqlite_sink = SinkSpec(name="sqlite", write=write_sqlite, configure=configure_sqlite,
+                      sync=sync_sqlite)

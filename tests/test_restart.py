@@ -1,0 +1,119 @@
+"""After a power cut: a consumer that starts on a new boot recovers at once, and a home
+written by an earlier runex opens and keeps working."""
+
+import json
+import shutil
+import sqlite3
+import subprocess
+import time
+
+from runex import Runex, reaper, trace, worker
+
+from .conftest import TESTS, runex_cli, show, work_pipeline, write
+
+
+def slow_reaper(project):
+    """A profile whose reaper looks every minute: what a test sees in seconds came from the
+    consumer's first look, at its start."""
+    write(project / "workers" / "slow.toml", "reap_every = 60\nmax_delay = 0.1\n")
+
+
+def after_a_power_cut(rx, run_id, running=True):
+    """What a power cut leaves: the queue's unsynced messages gone, partitions queued long
+    a moment ago, and (`running`) partition 0 held by a worker of the previous boot whose pid and
+    start time happen to match a live process (this one), with a lease not yet expired."""
+    rx.huey.storage.flush_queue()
+    with rx.ledger.tx() as conn:
+        conn.execute("UPDATE partitions SET queued_at = queued_at - 10")
+    if running:
+        rx.ledger.claim(run_id, 0, trace.HOST, worker.os.getpid(),
+                        worker.process_start(worker.os.getpid()), boot_id="an-earlier-boot")
+    rx.ledger.add_consumer(trace.HOST, worker.os.getpid(),
+                           worker.process_start(worker.os.getpid()), "an-earlier-boot", 2)
+    rx.ledger.close()
+
+
+def test_a_consumer_on_a_new_boot_requeues_at_once_what_the_old_boot_held(project):
+    work_pipeline(project, stop=30, size=10)
+    slow_reaper(project)
+    rx = Runex()
+    run_id = rx.submit("pipelines/p.toml")
+    after_a_power_cut(rx, run_id)
+    started = time.monotonic()
+    runex_cli("worker", "--burst", "-w", "1", "--profile", "slow", cwd=project, check=True,
+              timeout=60)
+    assert time.monotonic() - started < 60  # not after the reaper's next round
+    data = show(Runex(), run_id)
+    assert data["status"] == "succeeded"
+    first = data["partitions"][0]["attempts"][0]
+    assert first["status"] == "lost"
+    assert first["error"].endswith("is gone: the machine restarted")
+    with sqlite3.connect(project / "out" / "sq.db") as conn:
+        assert conn.execute("SELECT COUNT(*), COUNT(DISTINCT n) FROM sq").fetchone() == (30, 30)
+    # The consumer of the earlier boot was forgotten, and this one removed itself.
+    assert Runex().ledger.consumers() == []
+
+
+def test_vanished_messages_are_requeued_at_once_when_no_other_consumer_runs(project):
+    work_pipeline(project, stop=30, size=10)
+    slow_reaper(project)
+    rx = Runex()
+    run_id = rx.submit("pipelines/p.toml")
+    after_a_power_cut(rx, run_id, running=False)
+    runex_cli("worker", "--burst", "-w", "1", "--profile", "slow", cwd=project, check=True,
+              timeout=60)
+    assert show(Runex(), run_id)["status"] == "succeeded"
+
+
+def test_another_live_consumer_is_seen_and_one_of_an_earlier_boot_is_not(project):
+    work_pipeline(project, stop=10)
+    rx = Runex()
+    state = worker.setup(rx.registry, rx.ledger, rx.huey)
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        started = worker.process_start(other.pid)
+        rx.ledger.add_consumer(trace.HOST, other.pid, started, "an-earlier-boot", 1)
+        assert not reaper.others_alive(state)
+        rx.ledger.add_consumer(trace.HOST, other.pid, started, worker.BOOT_ID, 1)
+        assert reaper.others_alive(state)
+        reaper.register(state, 2)  # this process: not another one
+        assert reaper.others_alive(state)
+        other.kill()
+        other.wait()
+        assert not reaper.others_alive(state)
+        reaper.register(state, 2)  # forgets the dead one
+        assert [c["pid"] for c in rx.ledger.consumers()] == [worker.os.getpid()]
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_alive_knows_a_process_of_an_earlier_boot_is_gone():
+    me, started = worker.os.getpid(), worker.process_start(worker.os.getpid())
+    assert worker.alive(me, started, worker.BOOT_ID)
+    assert worker.alive(me, started, None)  # recorded by runex 0.1: no boot id
+    assert not worker.alive(me, started, "an-earlier-boot")
+
+
+def test_a_home_written_by_runex_0_1_opens_and_keeps_working(project):
+    """tests/fixtures/home-0.1.0: ledger schema 1, one succeeded and one failed run."""
+    shutil.copytree(TESTS / "fixtures" / "home-0.1.0", project / ".runex",
+                    ignore=shutil.ignore_patterns("README.md"))
+    runs = json.loads(runex_cli("runs", "--json", cwd=project, check=True).stdout)
+    assert [(r["pipeline"], r["status"]) for r in runs] == [("example", "failed"),
+                                                            ("example", "succeeded")]
+    old = json.loads(runex_cli("show", runs[1]["id"], "--json", cwd=project, check=True).stdout)
+    assert old["records_out"] == 43 and [p["status"] for p in old["partitions"]] == [
+        "succeeded", "succeeded"]
+    with sqlite3.connect(project / ".runex" / "ledger.db") as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (2,)
+        assert conn.execute("SELECT boot_id FROM attempts").fetchall() == [(None,)] * 4
+    work_pipeline(project, stop=20)
+    run_id = runex_cli("submit", "pipelines/p.toml", cwd=project, check=True).stdout.strip()
+    runex_cli("worker", "--burst", "-w", "1", cwd=project, check=True)
+    runs = json.loads(runex_cli("runs", "--json", cwd=project, check=True).stdout)
+    assert [(r["id"] == run_id, r["status"]) for r in runs] == [
+        (True, "succeeded"), (False, "failed"), (False, "succeeded")]
+    new = json.loads(runex_cli("show", run_id, "--json", cwd=project, check=True).stdout)
+    assert all(a["boot_id"] == worker.BOOT_ID for p in new["partitions"]
+               for a in p["attempts"])
