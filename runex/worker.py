@@ -130,6 +130,9 @@ CHUNK_SECONDS = 0.05  # about this much work (as measured so far) is claimed at 
 MAX_CHUNK = 256
 
 
+_chunk_size = ("", 1)  # (run id, chunk size) learned by the last pack run in this process
+
+
 def _never() -> bool:
     return False
 
@@ -142,13 +145,16 @@ def execute(run_id: str, indexes: list[int]) -> None:
 
     Partitions are claimed in chunks, one ledger transaction to claim a chunk and one to
     record how its partitions ended; a chunk is one partition at first, then as many as take
-    about CHUNK_SECONDS by the time measured so far. What is not started after PACK_SLICE
+    about CHUNK_SECONDS by the time measured so far (in this pack, or for the first chunk, in
+    the process's previous pack of the run). What is not started after PACK_SLICE
     goes back to the queue for any idle worker (see `Holding`), and so does everything not
     started when the consumer stops."""
     state = _state
     assert state is not None, "runex.worker.setup() was not called in this process"
+    global _chunk_size
     _holding.pack(state, run_id, indexes)
-    size = 1
+    # One partition first, to time it, unless an earlier pack of this run in this process did.
+    size = _chunk_size[1] if _chunk_size[0] == run_id else 1
     try:
         # No new chunk once the consumer stops, or the disk under the home is full.
         while not stopping() and state.reserve.ok() and (chunk := _holding.take(size)):
@@ -163,6 +169,7 @@ def execute(run_id: str, indexes: list[int]) -> None:
                 done = run_chunk(state, claims)
                 each = (time.perf_counter() - started) / max(done, 1)
                 size = min(MAX_CHUNK, max(1, int(CHUNK_SECONDS / each) if each else MAX_CHUNK))
+                _chunk_size = (run_id, size)
             _holding.give_back(state.huey, state.ledger)
     except DiskFull as exc:
         # The home's disk is full: take nothing more. A chunk whose outcome not even the
