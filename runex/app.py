@@ -99,6 +99,7 @@ class Runex:
             tasks.enqueue(self.huey, run_id, range(len(keys)), pipe.options.priority)
         else:
             self.ledger.finish_run(run_id, "succeeded")
+        self.ledger.sync()  # on disk before its id is returned (and printed)
         return run_id
 
     def _partition_keys(self, plan: Plan) -> list[Any]:
@@ -147,6 +148,9 @@ class Runex:
             raise DiskFull(f"{describe_full(self.project.home)}; stopped, nothing is lost: "
                            "what was not done is queued, and `runex worker` does it once there "
                            "is room")
+        # What the caller reads next (a run's end, to print it) is on disk, whichever worker
+        # wrote it.
+        self.ledger.sync()
         return runner
 
     def _wait_for_room(self, wait: bool) -> None:
@@ -217,6 +221,7 @@ class Runex:
         cancelled, running, complete = self.ledger.cancel(run_id, events=trace.drain())
         if complete:
             worker.finalize_run(worker.setup(self.registry, self.ledger, self.huey), run_id)
+        self.ledger.sync()
         return {"run_id": run_id, "cancelled": cancelled, "running": running,
                 "status": self.ledger.run(run_id)["status"]}
 
@@ -234,6 +239,7 @@ class Runex:
             "run.retried", partitions=indexes)
         self.ledger.add_events(trace.drain())
         tasks.enqueue(self.huey, run["id"], indexes, run["priority"])
+        self.ledger.sync()
         return indexes
 
     def _partition_index(self, run_id: str, ref: int | str) -> int:

@@ -150,9 +150,11 @@ def run(ctx: click.Context, pipeline: str, params: tuple[str, ...], workers: int
     report_load_errors(rx, ctx.obj["verbose"])
     started = time.monotonic()
     progress = Progress() if sys.stderr.isatty() else None
-    result = rx.run(pipeline, params, workers=workers, profile=profile, on_progress=progress)
-    if progress:
-        progress.done()
+    try:
+        result = rx.run(pipeline, params, workers=workers, profile=profile, on_progress=progress)
+    finally:  # an error (a full disk) is printed below the bar, not over it
+        if progress:
+            progress.done()
     print_summary(rx, result, time.monotonic() - started)
     if result["status"] not in TERMINAL_RUN:
         click.echo(f"interrupted: the run goes on with `runex worker`; "

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runex.durable import Reserve, describe_full, free_bytes
+from runex.durable import Reserve, describe_full, free_bytes, fsync_dir, fsync_path
 from runex.errors import DiskFull, NotFound, StorageError
 
 TERMINAL_RUN = ("succeeded", "failed", "cancelled")  # a run in one of these is over
@@ -160,6 +160,7 @@ class Ledger:
         self._conn: sqlite3.Connection | None = None
         self._pid = 0
         self._abandoned: list[sqlite3.Connection] = []
+        self._folder_synced = False
 
     # -- connection --------------------------------------------------------------------
 
@@ -215,36 +216,46 @@ class Ledger:
         self._conn = None
 
     @contextlib.contextmanager
-    def tx(self, durable: bool = False) -> Iterator[sqlite3.Connection]:
+    def tx(self) -> Iterator[sqlite3.Connection]:
         """One short write transaction; a full or read-only disk rolls it back whole and
-        raises `StorageError`.
-
-        The ledger runs `synchronous=NORMAL`: a commit survives a crash of the process, and
-        is on disk after the next checkpoint (every `reap_every`) or the next durable commit.
-        What a power cut can take is then a claim or an outcome, which only costs running a
-        partition again (sinks make that harmless). A `durable` transaction is synced before
-        it returns: for what is acknowledged to a person or recorded once (a submit, a fire,
-        a cancel, a retry, a run's end)."""
+        raises `StorageError`. It is not synced: see `sync`."""
         try:
             conn = self.conn
-            if durable:
-                conn.execute("PRAGMA synchronous=FULL")  # the commit syncs the log
+            begin_immediate(conn)
             try:
-                begin_immediate(conn)
-                try:
-                    yield conn
-                    conn.execute("COMMIT")
-                except BaseException:
-                    # A failed COMMIT (a full disk) may leave the transaction open, or SQLite
-                    # may have rolled it back by itself.
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
-            finally:
-                if durable:
-                    conn.execute("PRAGMA synchronous=NORMAL")
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                # A failed COMMIT (a full disk) may leave the transaction open, or SQLite may
+                # have rolled it back by itself.
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
         except sqlite3.OperationalError as exc:
             raise storage_error(self.path, exc) from exc
+
+    def sync(self) -> None:
+        """Make every transaction committed so far survive a power cut: one fsync of the
+        write-ahead log (and, the first time, of the folder that names it).
+
+        The ledger runs `synchronous=NORMAL`: a commit survives a crash of the process, and
+        reaches the disk at the next checkpoint (consumers make one every `reap_every`) or the
+        next `sync`. What a power cut can take is then a claim or an outcome, which only costs
+        running a partition again (sinks make that harmless). runex calls `sync` before it
+        acknowledges anything: a submit, a cancel, a retry, a run's end."""
+        conn = self.conn  # the open connection keeps the log from being removed
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                return  # in another mode, SQLite synced each commit
+            wal = self.path.with_name(self.path.name + "-wal")
+            if wal.exists():
+                fsync_path(wal)
+            if not self._folder_synced:
+                fsync_dir(self.path.parent)
+                self._folder_synced = True
+        except OSError as exc:
+            raise StorageError(f"cannot sync the ledger {self.path} to disk ({exc}); check "
+                               f"{self.path.parent}") from exc
 
     def _rows(self, sql: str, params: tuple = ()) -> list[dict[str, Any]]:
         cur = self.conn.execute(sql, params)
@@ -264,7 +275,7 @@ class Ledger:
         anything was written."""
         now = time.time()
         encoded = [json.dumps(k) for k in keys]
-        with self.tx(durable=True) as conn:
+        with self.tx() as conn:
             if fire == "new":
                 cur = conn.execute(
                     "INSERT INTO fires (pipeline, fire_time, status, run_id, created_at) "
@@ -302,7 +313,7 @@ class Ledger:
         row = self.conn.execute("SELECT since FROM schedules WHERE pipeline = ?",
                                 (pipeline,)).fetchone()
         if row is None:
-            with self.tx(durable=True) as conn:
+            with self.tx() as conn:
                 conn.execute("INSERT INTO schedules (pipeline, since) VALUES (?, ?) "
                              "ON CONFLICT DO NOTHING", (pipeline, now))
             row = self.conn.execute("SELECT since FROM schedules WHERE pipeline = ?",
@@ -331,7 +342,7 @@ class Ledger:
                     events: list[tuple[Any, ...]] = ()) -> bool:
         """A fire without a run: `skipped`, `waiting` or `error`. It changes a fire that was
         waiting, and no other: False when the fire time has another row."""
-        with self.tx(durable=True) as conn:
+        with self.tx() as conn:
             cur = conn.execute(
                 "INSERT INTO fires (pipeline, fire_time, status, reason, created_at) "
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT (pipeline, fire_time) DO UPDATE "
@@ -548,7 +559,7 @@ class Ledger:
         """Cancel a run: queued partitions never start, running ones stop at their next batch.
         Returns (partitions cancelled now, partitions still running, run_complete)."""
         now = time.time()
-        with self.tx(durable=True) as conn:
+        with self.tx() as conn:
             conn.execute("UPDATE runs SET cancel_requested = 1 WHERE id = ? "
                          "AND status IN ('queued', 'running')", (run_id,))
             cancelled = conn.execute(
@@ -573,7 +584,7 @@ class Ledger:
         indexes re-queued."""
         now = time.time()
         only = "" if index is None else " AND idx = ?"
-        with self.tx(durable=True) as conn:
+        with self.tx() as conn:
             rows = conn.execute(
                 "UPDATE partitions SET status = 'queued', attempt_base = attempt, error = NULL, "
                 "finished_at = NULL, queued_at = ? WHERE run_id = ? AND status IN "
@@ -597,7 +608,7 @@ class Ledger:
     def finish_run(self, run_id: str, status: str, error: str | None = None,
                    events: list[tuple[Any, ...]] = ()) -> None:
         """Set the run's final status, and its totals from its partitions."""
-        with self.tx(durable=True) as conn:
+        with self.tx() as conn:
             conn.execute(
                 "UPDATE runs SET status = ?, error = ?, finished_at = ?, "
                 "records_in = (SELECT SUM(records_in) FROM partitions WHERE run_id = ?), "

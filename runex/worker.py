@@ -528,6 +528,7 @@ def finalize_run(state: WorkerState, run_id: str) -> None:
              records_in=sum(p["records_in"] or 0 for p in parts),
              records_out=sum(p["records_out"] or 0 for p in parts), error=error)
     state.ledger.finish_run(run_id, status, error, events=trace.drain())
+    state.ledger.sync()  # on disk before anyone reads that the run is over
 
 
 def backoff(attempt: int, base: float, cap: float) -> float:

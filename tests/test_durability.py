@@ -391,3 +391,45 @@ def test_a_kill_at_a_random_moment_leaves_every_database_whole(project):
     assert query(sink, "SELECT COUNT(*) FROM _runex_commits") == [(300,)]
     lost = query(ledger, "SELECT COUNT(*) FROM attempts WHERE status = 'lost'")[0][0]
     assert lost > 0, "the kills hit no running partition"
+
+
+# -- what a command acknowledges is synced before it says so ----------------------------------
+
+def acknowledged_unsynced(trace: Path, ledger: str) -> tuple[int, list[str]]:
+    """(ledger syncs, problems) of the process strace started: a write to stdout while its
+    writes to the ledger were not yet synced is a problem."""
+    calls = parse(trace)
+    root = calls[0].tid
+    syncs, dirty, problems = 0, None, []  # dirty: the first ledger write since a sync
+    for call in sorted((c for c in calls if c.tid == root and order(c) is not None), key=order):
+        if call.result is not None and call.result < 0:
+            continue
+        path = descriptor_path(call)
+        if call.name in WRITES and path in (ledger, ledger + "-wal"):
+            dirty = dirty or call
+        elif call.name in SYNCS and path in (ledger, ledger + "-wal"):
+            syncs, dirty = syncs + 1, None
+        elif call.name in WRITES and call.args.startswith("1<") and call.result and dirty:
+            problems += [*call.show(), "was printed after this unsynced ledger write:",
+                         *dirty.show()]
+    return syncs, problems
+
+
+def test_submit_cancel_and_retry_sync_the_ledger_before_they_answer(project, tmp_path):
+    require(shutil.which("strace") is not None, "strace is not installed")
+    require(strace_works(), "strace cannot trace processes here (ptrace is not allowed)")
+    work_pipeline(project, stop=30, size=10)
+    ledger = os.path.join(os.path.realpath(project), ".runex", "ledger.db")
+    run_id = None
+    for command in (["submit", "pipelines/p.toml"], ["cancel", "last"], ["retry", "last"]):
+        trace = tmp_path / f"{command[0]}.txt"
+        result = subprocess.run(
+            ["strace", "-f", "-y", "-qq", "-e", f"trace={TRACED}", "-o", str(trace),
+             sys.executable, "-m", "runex", *command], cwd=project, capture_output=True,
+            text=True, timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+        run_id = run_id or result.stdout.strip()
+        assert run_id in result.stdout or command[0] == "retry", result.stdout
+        syncs, problems = acknowledged_unsynced(trace, ledger)
+        assert syncs > 0, f"`runex {command[0]}` never synced the ledger ({trace})"
+        assert not problems, "\n".join([f"`runex {command[0]}`:", *problems])
