@@ -25,7 +25,7 @@ HOST = socket.gethostname()
 # Events not yet in the ledger, as its rows: (ts, run_id, idx, attempt, event, data as JSON).
 _pending: list[tuple[Any, ...]] = []
 _state: dict[str, Any] = {"dir": None, "fd": None, "until": 0.0, "pid": None,
-                         "configured": False, "dropped": 0, "console": False}
+                         "configured": False, "console": False}
 
 
 def _stamp(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
@@ -57,7 +57,6 @@ def _write(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
         except OSError as exc:
             # A trace line is not worth stopping work for: it is dropped (the ledger keeps
             # the event). A full disk releases the home's reserve (see runex.durable).
-            _state["dropped"] += 1
             if is_disk_full(exc):
                 Reserve(Path(folder).parent).release()
     return event

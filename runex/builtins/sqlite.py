@@ -12,7 +12,8 @@ Each partition commits its rows and a marker row `(run_id, partition_index)` in
 `_runex_commits` in one transaction; a partition whose marker is already there writes nothing,
 so a repeated partition never duplicates rows. In WAL mode a commit is not synced (SQLite's
 `synchronous=NORMAL`); the sink's `sync` syncs the log once per chunk of partitions, before
-runex records them as done. With `wal = false` SQLite syncs every commit itself. Rows are held in
+runex records them as done. With `wal = false` SQLite syncs every commit itself, and `sync`
+syncs the folder (see `sync_sqlite`). Rows are held in
 memory up to `spill_rows`, then staged in a temporary file beside the database, so memory does
 not grow with the partition and the write lock is held only for the final copy.
 """
