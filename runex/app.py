@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from runex import consumer, extensions, tasks, trace, worker
-from runex.durable import Reserve, describe_full
 from runex.errors import DiskFull, NotFound, PipelineError
 from runex.ledger import TERMINAL_RUN, Ledger, new_run_id
 from runex.pipeline import Pipeline, Plan, check, load
 from runex.project import Project, chdir, cpu_count, load_profile, open_project
 from runex.registry import Registry
+from runex.reserve import Reserve
 from runex.schedule import iso
 from runex.scheduler import Scheduler, fire_times
 
@@ -95,10 +95,15 @@ class Runex:
             "run.submitted", partitions=len(keys), source=pipe.source.use, sink=pipe.sink.use,
             scheduled_for=scheduled_for)
         self.ledger.add_events(trace.drain())
-        if keys:
-            tasks.enqueue(self.huey, run_id, range(len(keys)), pipe.options.priority)
-        else:
-            self.ledger.finish_run(run_id, "succeeded")
+        try:
+            if keys:
+                tasks.enqueue(self.huey, run_id, range(len(keys)), pipe.options.priority)
+            else:
+                self.ledger.finish_run(run_id, "succeeded")
+        except DiskFull as exc:  # the run is recorded: a consumer queues it again
+            self.ledger.sync()
+            raise DiskFull(f"{exc}; run {run_id} is recorded, and a consumer queues its "
+                           "partitions once there is room") from exc
         self.ledger.sync()  # on disk before its id is returned (and printed)
         return run_id
 
@@ -135,7 +140,7 @@ class Runex:
         count = workers or settings.get("workers") or cpu_count()
         self.ensure_trace(console=None)
         stops = [f for f in (until, self._nothing_left if burst else None) if f]
-        self._wait_for_room(wait=not stops)
+        self._wait_for_room(wait=not stops)  # a consumer that must not wait raises DiskFull
         state = worker.setup(self.registry, self.ledger, self.huey)
         jobs = [(1.0, Scheduler(self).tick)] if schedules and not burst else []
         runner = consumer.make(state, count, float(settings.get("max_delay", 0.5)),
@@ -145,9 +150,8 @@ class Runex:
                                stop_on_full=bool(stops))
         runner.run()
         if runner.disk_full and runner.stop_on_full:
-            raise DiskFull(f"{describe_full(self.project.home)}; stopped, nothing is lost: "
-                           "what was not done is queued, and `runex worker` does it once there "
-                           "is room")
+            raise DiskFull(f"{runner.reserve.describe()}; stopped, nothing is lost: what was "
+                           "not done is queued, and `runex worker` does it once there is room")
         # What the caller reads next (a run's end, to print it) is on disk, whichever worker
         # wrote it.
         self.ledger.sync()
@@ -161,9 +165,10 @@ class Runex:
         if reserve.make():
             return
         home = self.project.home
+        why = reserve.problem or reserve.describe()
         if not wait:
-            raise DiskFull(f"{describe_full(home)}; nothing was started")
-        message = f"{describe_full(home)}; runex waits for room before it takes work"
+            raise DiskFull(f"{why}; no worker was started")
+        message = f"{why}; runex waits until it can write there before it takes work"
         trace.logger().error("disk.full", home=str(home), message=message)
         trace.tell_operator(message)
         while not reserve.make():
@@ -186,7 +191,11 @@ class Runex:
             return self.ledger.run(run_id)["status"] in TERMINAL_RUN
 
         if not finished():
-            self.work(workers, profile, until=finished, schedules=False)
+            try:
+                self.work(workers, profile, until=finished, schedules=False)
+            except DiskFull as exc:
+                raise DiskFull(f"{exc} (run {run_id}; `runex show {run_id}` tells how far it "
+                               "got)") from exc
         return self.ledger.run(run_id)
 
     def backfill(self, pipeline: str | os.PathLike, start: dt.datetime, end: dt.datetime,

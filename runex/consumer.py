@@ -21,8 +21,8 @@ from typing import Any
 from huey.consumer import Consumer, ConsumerStopped, Worker
 
 from runex import reaper, tasks, trace, worker
-from runex.durable import Reserve, describe_full, free_bytes
-from runex.errors import StorageError
+from runex.errors import DiskFull
+from runex.reserve import Reserve, free_bytes
 from runex.worker import WorkerState
 
 DISK_CHECK = 1.0  # seconds between looks at the home's reserve (a stat) while it is full
@@ -110,6 +110,10 @@ class RunexWorker(Worker):
         if not self.reserve.ok():  # the consumer makes it again once there is room
             self.stop_flag.wait(DISK_CHECK)
             return
+        try:
+            worker.redo_deferred()  # what the full disk kept from the ledger, first
+        except DiskFull:
+            return
         super().loop(now)
 
     def sleep(self) -> None:
@@ -137,10 +141,11 @@ class RunexConsumer(Consumer):
         # SIGTERM drains like SIGINT: no new partitions, running ones finish within the
         # grace period (shutdown_timeout); a second signal stops at once.
         self._signal_actions[signal.SIGTERM] = (False, True)
-        jobs = [(DISK_CHECK, self._watch_disk), *jobs]
-        self.jobs = [[every, job, 0.0] for every, job in jobs]  # [seconds, job, next run]
+        # [seconds, job, next run, runs while the disk is full]
+        self.jobs = [[DISK_CHECK, self._watch_disk, 0.0, True],
+                     *([every, job, 0.0, False] for every, job in jobs)]
         if stop_when is not None:  # short-lived (burst, `run`): notice the end sooner
-            self.jobs.append([check_every, self._stop_if(stop_when), 0.0])
+            self.jobs.append([check_every, self._stop_if(stop_when), 0.0, True])
             self._stop_flag_timeout = min(self._stop_flag_timeout, check_every)
 
     def start(self) -> None:
@@ -150,7 +155,7 @@ class RunexConsumer(Consumer):
         gc.freeze()
         super().start()
         if self.state is not None:
-            with contextlib.suppress(StorageError):  # a full disk: the watch says so
+            with contextlib.suppress(DiskFull):  # the watch says so
                 reaper.register(self.state, self.workers)
 
     def run(self) -> None:
@@ -158,7 +163,7 @@ class RunexConsumer(Consumer):
             super().run()
         finally:
             if self.state is not None:
-                with contextlib.suppress(StorageError):
+                with contextlib.suppress(DiskFull):
                     reaper.unregister(self.state)
 
     def stop(self, graceful: bool = False) -> None:
@@ -183,8 +188,9 @@ class RunexConsumer(Consumer):
             return
         if not self.disk_full:
             self.disk_full = True
-            message = (f"{describe_full(self.home)}; runex takes no more work until there "
-                       "is room" + ("" if self.stop_on_full else ", then goes on by itself"))
+            message = ((self.reserve.problem or self.reserve.describe())
+                       + "; runex takes no more work until it can write there"
+                       + ("" if self.stop_on_full else ", then goes on by itself"))
             trace.logger().error("disk.full", home=self.home, free_bytes=free_bytes(self.home),
                                  message=message)
             trace.tell_operator(message)
@@ -204,12 +210,14 @@ class RunexConsumer(Consumer):
         0.1 s; worker health)."""
         now = time.monotonic()
         for job in self.jobs:
-            if now >= job[2]:
+            if now >= job[2] and (job[3] or not self.disk_full):
                 job[2] = now + job[0]
                 try:
                     job[1]()
                 except ConsumerStopped:
                     raise
+                except DiskFull:  # `_watch_disk` says so, once
+                    pass
                 except Exception:  # noqa: BLE001 - the next round tries again
                     trace.logger().exception("consumer.job_failed", job=job[1].__qualname__)
         return super().loop(health_check_ts)

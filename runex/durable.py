@@ -1,27 +1,19 @@
-"""Writes that survive a power cut, and what runex does when the disk under its home is full.
+"""Writes that survive a power cut.
 
 A power cut loses whatever the operating system had not yet written to the disk. A change is
 durable once `fsync` returned for its file and, for a file created or renamed, for the folder
 that names it. runex records a partition as succeeded only after its output is durable (see
-`SinkSpec.sync`); `atomic_write` is the helper a file sink needs for that.
-
-A full disk under the home (ledger, queue, traces) would leave a worker unable to record even
-its failure. Every home keeps a small `reserve` file: the first process that finds the disk
-full deletes it, which frees room to record what it was doing and tells every consumer on this
-machine to take no more work. A consumer's main process makes the reserve again once there is
-room for it and work resumes by itself (see `Reserve`).
+`SinkSpec.sync`); `atomic_write` is the helper a file sink needs for that, and `sync_log` the
+one for an SQLite file in WAL mode.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
-
-RESERVE_BYTES = 1 << 20  # enough for thousands of ledger rows; less on a disk under 32 MiB
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:
@@ -86,78 +78,18 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
         raise
 
 
-def is_disk_full(exc: BaseException) -> bool:
-    """A write refused for want of space (SQLite's SQLITE_FULL, or ENOSPC/EDQUOT)."""
-    if isinstance(exc, OSError):
-        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    return "database or disk is full" in str(exc)  # sqlite3's error for SQLITE_FULL
-
-
-def free_bytes(folder: str | os.PathLike) -> int:
+def sync_log(database: str | os.PathLike, synced: dict[str, tuple[int, int]]) -> None:
+    """Make durable every transaction committed so far to the SQLite file `database` in WAL
+    mode (with `synchronous=NORMAL`, SQLite syncs its write-ahead log only at checkpoints): one
+    fsync of the log and, when the log file is new since the last call (`synced` remembers
+    each log's identity), of the folder that names it. A connection of the caller's must be
+    open on the file, which keeps the log from being removed meanwhile."""
+    log = os.fspath(database) + "-wal"
     try:
-        st = os.statvfs(folder)
-    except OSError:
-        return 0
-    return st.f_bavail * st.f_frsize
-
-
-def describe_full(folder: str | os.PathLike) -> str:
-    """What a person reads when the disk under `folder` is full, and what to do."""
-    return (f"the disk under {folder} is full ({free_bytes(folder):,} bytes free): free some "
-            "space there (old traces, old output)")
-
-
-class Reserve:
-    """The reserve file of a home: present while its disk has room, gone once a process of
-    this machine found the disk full. Looking costs a `stat`; nothing is written while the
-    disk has room."""
-
-    def __init__(self, home: str | os.PathLike, size: int = RESERVE_BYTES):
-        self.home = Path(home)
-        self.path = self.home / "reserve"
-        self.size = size
-
-    def _size(self) -> int:
-        """The reserve's size: `size`, or a 32nd of a smaller disk."""
-        try:
-            st = os.statvfs(self.home)
-        except OSError:
-            return self.size
-        return max(1 << 16, min(self.size, st.f_blocks * st.f_frsize // 32) >> 16 << 16)
-
-    def ok(self) -> bool:
-        return self.path.exists()
-
-    def release(self) -> bool:
-        """Free the reserve's space (the disk is full); True if this call freed it."""
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            return False
-        return True
-
-    def make(self) -> bool:
-        """Write the reserve if it is missing and the disk has room for it and some more;
-        True when it is in place."""
-        if self.ok():
-            return True
-        size = self._size()
-        if free_bytes(self.home) < 2 * size:  # room for it, and as much again to work in
-            return False
-        temp = self.path.with_name(f".reserve.tmp-{os.getpid()}")
-        try:
-            with open(temp, "wb") as f:
-                # Real blocks, not a sparse file: deleting it must give space back.
-                chunk = b"\0" * (1 << 16)
-                for _ in range(size // len(chunk)):
-                    f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temp, self.path)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
-            if is_disk_full(exc):
-                return False
-            raise
-        return True
+        st = os.stat(log)
+    except FileNotFoundError:
+        return  # nothing in a log: the last checkpoint synced the database
+    fsync_path(log)
+    if synced.get(log) != (st.st_dev, st.st_ino):
+        fsync_dir(os.path.dirname(os.path.abspath(log)))
+        synced[log] = (st.st_dev, st.st_ino)

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runex.durable import Reserve, describe_full, free_bytes, fsync_dir, fsync_path
-from runex.errors import DiskFull, NotFound, StorageError
+from runex.durable import sync_log
+from runex.errors import NotFound, StorageError
+from runex.reserve import Reserve, free_bytes
 
 TERMINAL_RUN = ("succeeded", "failed", "cancelled")  # a run in one of these is over
 # A partition is over unless it is `queued` or `running`: succeeded, failed, cancelled or
@@ -160,7 +161,7 @@ class Ledger:
         self._conn: sqlite3.Connection | None = None
         self._pid = 0
         self._abandoned: list[sqlite3.Connection] = []
-        self._folder_synced = False
+        self._logs: dict[str, tuple[int, int]] = {}  # see `durable.sync_log`
 
     # -- connection --------------------------------------------------------------------
 
@@ -236,7 +237,7 @@ class Ledger:
 
     def sync(self) -> None:
         """Make every transaction committed so far survive a power cut: one fsync of the
-        write-ahead log (and, the first time, of the folder that names it).
+        write-ahead log (and, when the log file is new, of the folder that names it).
 
         The ledger runs `synchronous=NORMAL`: a commit survives a crash of the process, and
         reaches the disk at the next checkpoint (consumers make one every `reap_every`) or the
@@ -245,14 +246,8 @@ class Ledger:
         acknowledges anything: a submit, a cancel, a retry, a run's end."""
         conn = self.conn  # the open connection keeps the log from being removed
         try:
-            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                return  # in another mode, SQLite synced each commit
-            wal = self.path.with_name(self.path.name + "-wal")
-            if wal.exists():
-                fsync_path(wal)
-            if not self._folder_synced:
-                fsync_dir(self.path.parent)
-                self._folder_synced = True
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal":  # else: synced
+                sync_log(self.path, self._logs)
         except OSError as exc:
             raise StorageError(f"cannot sync the ledger {self.path} to disk ({exc}); check "
                                f"{self.path.parent}") from exc
@@ -598,11 +593,12 @@ class Ledger:
         return sorted(r[0] for r in rows)
 
     def claim_finalize(self, run_id: str, worker: str) -> bool:
-        """Exactly one caller wins the right to finalize a run whose partitions are all done."""
+        """Exactly one caller wins the right to finalize a run whose partitions are all done
+        (the winner may claim it again)."""
         with self.tx() as conn:
             cur = conn.execute(
-                "UPDATE runs SET finalizer = ? WHERE id = ? AND finalizer IS NULL "
-                "AND status IN ('queued', 'running')", (worker, run_id))
+                "UPDATE runs SET finalizer = ? WHERE id = ? AND (finalizer IS NULL OR "
+                "finalizer = ?) AND status IN ('queued', 'running')", (worker, run_id, worker))
             return cur.rowcount == 1
 
     def finish_run(self, run_id: str, status: str, error: str | None = None,
@@ -681,14 +677,13 @@ class Ledger:
 
 def storage_error(path: Path, exc: sqlite3.OperationalError) -> Exception:
     """A clear error for the disk problems a user can fix; others are returned as they are.
-    A full disk also releases the home's reserve (`runex.durable.Reserve`): room to record
+    A full disk also releases the home's reserve (`runex.reserve`): room to record
     what was going on, and the sign for every consumer here to take no more work."""
     text = str(exc)
     # SQLite reports a full disk met while creating a write-ahead log as an I/O error.
     if "full" in text or ("disk I/O error" in text and free_bytes(path.parent) < 1 << 20):
-        Reserve(path.parent).release()
-        return DiskFull(f"cannot write the ledger {path}: {describe_full(path.parent)}. The "
-                        "change was rolled back whole; nothing stored was changed")
+        return Reserve(path.parent).full(f"cannot write the ledger {path}", ". The change was "
+                                         "rolled back whole; nothing stored was changed")
     if "readonly" in text or "read-only" in text:
         why = f"it is read-only: check that you may write to {path.parent}"
     elif "disk I/O error" in text or "unable to open" in text:

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runex.durable import Reserve
 from runex.errors import ConfigError
+from runex.reserve import Reserve
 
 CONFIG_FILE = "runex.toml"
 PACKAGE_DIR = Path(__file__).parent
@@ -45,7 +45,7 @@ class Project:
 
     def ensure_home(self) -> None:
         """Create the data folder (0700), its traces folder, and its reserve (see
-        `runex.durable.Reserve`) when there is room for it."""
+        `runex.reserve`) when there is room for it."""
         for folder in (self.home, self.traces_dir):
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         Reserve(self.home).make()

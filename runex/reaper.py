@@ -17,7 +17,15 @@ from typing import Any
 
 from runex import tasks, trace
 from runex.pipeline import Pipeline
-from runex.worker import BOOT_ID, WorkerState, alive, finalize_run, process_start
+from runex.worker import (
+    BOOT_ID,
+    WorkerState,
+    alive,
+    finalize_run,
+    holder_alive,
+    process_start,
+    rebooted,
+)
 
 # Partitions queued at least this long ago, without a message, are queued again by a consumer
 # that starts while no other runs: not zero, for a submit between its ledger write and its
@@ -58,7 +66,7 @@ def reap_lost(state: WorkerState, now: float | None = None) -> int:
         # all there is to go by.
         local = a["host"] == trace.HOST
         expired = (a["lease_until"] or 0) <= now
-        rebooted = local and a["boot_id"] is not None and BOOT_ID not in (None, a["boot_id"])
+        restarted = local and rebooted(a["boot_id"])
         if not expired and (not local or alive(a["pid"], a["pid_started"], a["boot_id"])):
             continue
         if a["run_id"] not in runs:
@@ -66,7 +74,7 @@ def reap_lost(state: WorkerState, now: float | None = None) -> int:
             runs[a["run_id"]] = (run, Pipeline.from_dict(json.loads(run["spec"])).options)
         run, options = runs[a["run_id"]]
         reason = (f"worker pid {a['pid']} on {a['host']} is gone: the machine restarted"
-                  if rebooted else f"lease of worker pid {a['pid']} on {a['host']} expired"
+                  if restarted else f"lease of worker pid {a['pid']} on {a['host']} expired"
                   if expired else f"worker pid {a['pid']} on {a['host']} is gone")
         trace.logger(run_id=a["run_id"], pipeline=run["pipeline"], partition_index=a["idx"],
                      attempt=a["attempt"]).warning("partition.lost", reason=reason)
@@ -113,8 +121,7 @@ def reap_unfinalized(state: WorkerState) -> int:
     runs = state.ledger.unfinalized_runs()
     for run_id, finalizer in runs:
         if finalizer:
-            host, _, pid = finalizer.rpartition(":")
-            if host != trace.HOST or alive(int(pid), None):
+            if holder_alive(finalizer) is not False:
                 continue  # being finalized right now, or by another host
             state.ledger.release_finalizer(run_id, finalizer)
         finalize_run(state, run_id)

@@ -25,10 +25,10 @@ from huey.serializer import Serializer
 from huey.storage import SqliteStorage
 
 from runex import trace
-from runex.durable import Reserve, describe_full, is_disk_full
 from runex.errors import DiskFull
 from runex.ledger import AUTOCHECKPOINT_PAGES
 from runex.project import cpu_count
+from runex.reserve import Reserve, is_disk_full
 
 QUEUE_NAME = "runex"
 TASK_NAME = "runex.tasks.partition"  # huey's identity for the task: module + name
@@ -96,7 +96,7 @@ class QueueStorage(SqliteStorage):
     def dequeue(self) -> bytes | None:
         """huey's dequeue; on a full disk, nothing (the message stays queued) and the home's
         reserve released, which stops this machine's consumers taking work until there is
-        room (see `runex.durable`)."""
+        room (see `runex.reserve`)."""
         return self._unless_full(super().dequeue, None)
 
     def read_schedule(self, ts: Any) -> list[bytes]:
@@ -131,7 +131,12 @@ class Queue(SqliteHuey):
 
     def enqueue(self, task: Any) -> Any:
         """huey's enqueue (its scheduler moves due retries with it), waking idle workers."""
-        result = super().enqueue(task)
+        try:
+            with queue_write(self):
+                result = super().enqueue(task)
+        except DiskFull as exc:  # huey took it off the schedule: the reaper queues it again
+            trace.logger().warning("message.not_queued", error=str(exc))
+            return None
         poke(self)
         return result
 
@@ -190,16 +195,14 @@ def enqueue(huey: SqliteHuey, run_id: str, indexes: Iterable[int], priority: int
 @contextlib.contextmanager
 def queue_write(huey: SqliteHuey) -> Iterator[None]:
     """A full disk refusing a write to the queue becomes `DiskFull`, and releases the home's
-    reserve (see `runex.durable`)."""
+    reserve (see `runex.reserve`)."""
     try:
         yield
     except sqlite3.OperationalError as exc:
         if not is_disk_full(exc):
             raise
-        home = os.path.dirname(huey.storage.filename)
-        Reserve(home).release()
-        raise DiskFull(f"cannot write the queue {huey.storage.filename}: "
-                       f"{describe_full(home)}") from exc
+        reserve = Reserve(os.path.dirname(huey.storage.filename))
+        raise reserve.full(f"cannot write the queue {huey.storage.filename}") from exc
 
 
 def poke(huey: SqliteHuey) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from runex.durable import Reserve, is_disk_full
+from runex.reserve import Reserve, is_disk_full
 
 HOST = socket.gethostname()
 # Events not yet in the ledger, as its rows: (ts, run_id, idx, attempt, event, data as JSON).
@@ -56,7 +56,7 @@ def _write(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
             os.write(_state["fd"], (data + "\n").encode())
         except OSError as exc:
             # A trace line is not worth stopping work for: it is dropped (the ledger keeps
-            # the event). A full disk releases the home's reserve (see runex.durable).
+            # the event). A full disk releases the home's reserve (see runex.reserve).
             if is_disk_full(exc):
                 Reserve(Path(folder).parent).release()
     return event

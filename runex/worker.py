@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import islice
@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from runex import tasks, trace
-from runex.durable import Reserve, describe_full, is_disk_full
 from runex.errors import DiskFull, PartitionTimeout
 from runex.ledger import LEASE_SECONDS, Claim, Ledger, Outcome
 from runex.pipeline import Pipeline, Plan, check
 from runex.project import chdir
 from runex.registry import Records, Registry, SinkContext
+from runex.reserve import Reserve, describe_full, is_disk_full
 
 
 @dataclass
@@ -38,6 +38,7 @@ class WorkerState:
     huey: Any
     plans: dict[str, Plan] = field(default_factory=dict)
     reserve: Reserve = field(init=False)  # gone while the disk under the home is full
+    chunk: tuple[str, int] = ("", 1)  # (run id, chunk size) learned by this process's last pack
 
     def __post_init__(self) -> None:
         self.reserve = Reserve(self.ledger.path.parent)
@@ -76,11 +77,16 @@ def boot_id() -> str | None:
 BOOT_ID = boot_id()
 
 
+def rebooted(boot: str | None) -> bool:
+    """Whether this host restarted since boot `boot` (False where either is unknown)."""
+    return boot is not None and BOOT_ID is not None and boot != BOOT_ID
+
+
 def alive(pid: int, started: str | None, boot: str | None = None) -> bool:
     """Whether process `pid` of this host, started at `started` during boot `boot` (either
     may be unknown), still runs."""
-    if boot is not None and BOOT_ID is not None and boot != BOOT_ID:
-        return False  # the machine restarted since
+    if rebooted(boot):
+        return False
     if started is not None and os.path.exists("/proc/self/stat"):
         return process_start(pid) == started
     try:
@@ -93,6 +99,22 @@ def alive(pid: int, started: str | None, boot: str | None = None) -> bool:
 
 
 _START = process_start(os.getpid())  # this process's start time, reset after a fork
+
+
+def holder() -> str:
+    """This process, as the ledger records who finalizes a run: `host:pid:start:boot`."""
+    return f"{trace.HOST}:{os.getpid()}:{_START}:{BOOT_ID}"
+
+
+def holder_alive(text: str) -> bool | None:
+    """Whether the process `holder()` gave `text` runs (`host:pid` from runex 0.1 too); None
+    for a process of another host, which cannot be told from here."""
+    host, pid, *rest = text.split(":")
+    if host != trace.HOST:
+        return None
+    started, boot = rest if len(rest) == 2 else ("None", "None")
+    return alive(int(pid), None if started == "None" else started,
+                 None if boot == "None" else boot)
 
 
 def after_fork() -> None:
@@ -130,9 +152,6 @@ CHUNK_SECONDS = 0.05  # about this much work (as measured so far) is claimed at 
 MAX_CHUNK = 256
 
 
-_chunk_size = ("", 1)  # (run id, chunk size) learned by the last pack run in this process
-
-
 def _never() -> bool:
     return False
 
@@ -151,11 +170,11 @@ def execute(run_id: str, indexes: list[int]) -> None:
     started when the consumer stops."""
     state = _state
     assert state is not None, "runex.worker.setup() was not called in this process"
-    global _chunk_size
     _holding.pack(state, run_id, indexes)
     # One partition first, to time it, unless an earlier pack of this run in this process did.
-    size = _chunk_size[1] if _chunk_size[0] == run_id else 1
+    size = state.chunk[1] if state.chunk[0] == run_id else 1
     try:
+        _holding.redo()  # what a full disk kept from the ledger, before anything new
         # No new chunk once the consumer stops, or the disk under the home is full.
         while not stopping() and state.reserve.ok() and (chunk := _holding.take(size)):
             try:
@@ -169,13 +188,12 @@ def execute(run_id: str, indexes: list[int]) -> None:
                 done = run_chunk(state, claims)
                 each = (time.perf_counter() - started) / max(done, 1)
                 size = min(MAX_CHUNK, max(1, int(CHUNK_SECONDS / each) if each else MAX_CHUNK))
-                _chunk_size = (run_id, size)
+                state.chunk = (run_id, size)
             _holding.give_back(state.huey, state.ledger)
-    except DiskFull as exc:
-        # The home's disk is full: take nothing more. A chunk whose outcome not even the
-        # reserve's room could record stays `running` until the reaper, once there is room,
-        # finds it let go and queues it again.
-        trace.logger(run_id=run_id).error("worker.disk_full", error=str(exc))
+    except DiskFull:
+        # The disk under the home is full: take nothing more. What could not be written is
+        # kept (see `Holding.defer`) and written once there is room.
+        pass
     finally:
         try:
             _holding.give_back(state.huey, state.ledger, now=True)
@@ -254,7 +272,8 @@ def failed(claim: Claim, exc: BaseException, done: Stats | Outcome, log: Any
     error = f"{type(exc).__name__}: {exc}"
     if is_disk_full(exc):  # most likely under the sink's output, when the sink has a path
         target = claim.spec.get("sink", {}).get("params", {}).get("path")
-        folder = os.path.dirname(os.path.abspath(target)) if isinstance(target, str) else "."
+        target = os.path.abspath(target if isinstance(target, str) else ".")
+        folder = target if os.path.isdir(target) else os.path.dirname(target)
         error += f" ({describe_full(folder)}; then `runex retry {claim.run_id}`)"
     log.error("partition.failed", status=status, error=error,
               retry_in=round(delay, 3) if retry else None)
@@ -295,31 +314,63 @@ def run_one(state: WorkerState, claim: Claim, cancel: Cancellation) -> tuple[Out
 
 def _record(state: WorkerState, run_id: str, outcomes: list[Outcome],
             delays: dict[int, float]) -> None:
-    """Write the outcomes of a chunk, queue again what goes back, finalize a complete run."""
-    events = trace.drain()
+    """Write how a chunk ended (see `Recording`); what a full disk refuses is kept and
+    written once there is room (`Holding.defer`), and `DiskFull` raised."""
+    recording = Recording(state, run_id, outcomes, delays)
     try:
-        applied, complete = state.ledger.finish_many(outcomes, events=events)
+        recording()
     except DiskFull:
-        # The failed write released the home's reserve: room to record the outcomes (the
-        # trace events are left out; they are in the trace files, if those had room).
-        applied, complete = state.ledger.finish_many(outcomes)
-    now, later = [], []
-    for o, ok in zip(outcomes, applied, strict=True):
-        if not ok:
-            trace.logger(run_id=run_id, partition_index=o.claim.index,
-                         attempt=o.claim.attempt).warning(
-                "partition.fenced", reason="a newer attempt holds this partition")
-        elif o.requeue:
-            (later if delays.get(o.claim.index) else now).append(o.claim.index)
-    state.ledger.add_events(trace.drain())
-    if now or later:
-        priority = Pipeline.from_dict(outcomes[0].claim.spec).options.priority
+        _holding.defer(recording, [o.claim for o in outcomes])
+        raise
+
+
+class Recording:
+    """Writing how a chunk ended: its outcomes to the ledger, what goes back to the queue,
+    then the run's end if it is complete. Called again after a full disk stopped it, it goes
+    on from the write that failed.
+
+    A full disk that refuses the ledger write has released the home's reserve, which leaves
+    room to try once more at once, without the trace events (they are in the trace files,
+    if those had room)."""
+
+    def __init__(self, state: WorkerState, run_id: str, outcomes: list[Outcome],
+                 delays: dict[int, float]):
+        self.state, self.run_id, self.outcomes, self.delays = state, run_id, outcomes, delays
+        self.events = trace.drain()
+        self.applied: list[bool] | None = None
+        self.complete = self.queued = False
+
+    def __call__(self) -> None:
+        state, run_id, outcomes = self.state, self.run_id, self.outcomes
+        if self.applied is None:
+            try:
+                self.applied, self.complete = state.ledger.finish_many(outcomes, self.events)
+            except DiskFull:
+                self.applied, self.complete = state.ledger.finish_many(outcomes)
+        if not self.queued:
+            self._queue_again()
+            self.queued = True
+        if self.complete:
+            finalize_run(state, run_id)
+
+    def _queue_again(self) -> None:
+        now, later = [], []
+        for o, ok in zip(self.outcomes, self.applied, strict=True):
+            if not ok:
+                trace.logger(run_id=self.run_id, partition_index=o.claim.index,
+                             attempt=o.claim.attempt).warning(
+                    "partition.fenced", reason="a newer attempt holds this partition")
+            elif o.requeue:
+                (later if self.delays.get(o.claim.index) else now).append(o.claim.index)
+        self.state.ledger.add_events(trace.drain())
+        if not (now or later):
+            return
+        huey = self.state.huey
+        priority = Pipeline.from_dict(self.outcomes[0].claim.spec).options.priority
         if now:
-            tasks.enqueue(state.huey, run_id, now, priority, one_pack=True)
+            tasks.enqueue(huey, self.run_id, now, priority, one_pack=True)
         for index in later:
-            tasks.enqueue(state.huey, run_id, [index], priority, delay=delays[index])
-    if complete:
-        finalize_run(state, run_id)
+            tasks.enqueue(huey, self.run_id, [index], priority, delay=self.delays[index])
 
 
 def _log_steps(log: Any, stats: Stats) -> None:
@@ -358,6 +409,9 @@ class Holding:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._claims: list[Claim] = []
+        # Ledger and queue writes that a full disk refused, to redo in order once there is
+        # room, with the claims whose lease is renewed meanwhile.
+        self._deferred: list[tuple[Callable[[], None], list[Claim]]] = []
         self._run_id = ""
         self._pending: list[int] = []
         self._due = 0.0  # when the pending partitions go back (time.monotonic)
@@ -386,6 +440,22 @@ class Holding:
     def untake(self, chunk: list[int]) -> None:
         with self._lock:
             self._pending = chunk + self._pending
+
+    def defer(self, write: Callable[[], None], claims: list[Claim] = ()) -> None:
+        """Keep a write that a full disk refused (recording a chunk, finalizing a run), to
+        redo once there is room; meanwhile `claims` stay held (their lease renewed)."""
+        with self._lock:
+            self._deferred.append((write, list(claims)))
+        self._start()
+
+    def redo(self) -> None:
+        """Redo the deferred writes in order; one that fails again (`DiskFull`) stays, with
+        those after it."""
+        while self._deferred:
+            write, _ = self._deferred[0]
+            write()
+            with self._lock:
+                self._deferred.pop(0)
 
     def give_back(self, huey: Any, ledger: Ledger, now: bool = False) -> list[int]:
         """Queue again the pending partitions, if the pack was held long enough (or `now`)."""
@@ -427,7 +497,8 @@ class Holding:
             self._wake.clear()
             with self._lock:
                 claims, pending, (ledger_path, queue_path) = (
-                    self._claims, self._pending, self._paths)
+                    self._claims + [c for _, held in self._deferred for c in held],
+                    self._pending, self._paths)
             if time.monotonic() < renew_at:
                 claims = []
             else:
@@ -445,11 +516,19 @@ class Holding:
                     if huey is None or huey.storage.filename != queue_path:
                         huey = tasks.make_huey(queue_path)
                     self.give_back(huey, ledger)
+            except DiskFull:  # the consumer says so; the next round tries again
+                pass
             except Exception:  # noqa: BLE001 - the next round tries again
                 trace.logger().exception("holding.failed")
 
 
 _holding = Holding()
+
+
+def redo_deferred() -> None:
+    """Write what a full disk kept from the ledger and the queue in this process (see
+    `Holding.defer`); raises `DiskFull` if the disk is still full."""
+    _holding.redo()
 
 
 def process(plan: Plan, claim: Claim, stats: Stats, cancel: Cancellation | None = None) -> None:
@@ -494,8 +573,9 @@ def stream(records: Iterable[dict], plan: Plan, stats: Stats,
 
 
 def finalize_run(state: WorkerState, run_id: str) -> None:
-    """Called when the last partition of a run is over; exactly one caller proceeds."""
-    if not state.ledger.claim_finalize(run_id, f"{trace.HOST}:{os.getpid()}"):
+    """Called when the last partition of a run is over; exactly one process proceeds (and
+    may call again, if a full disk stopped it)."""
+    if not state.ledger.claim_finalize(run_id, holder()):
         return
     run = state.ledger.run(run_id)
     log = trace.logger(run_id=run_id, pipeline=run["pipeline"])

@@ -42,7 +42,7 @@ def test_a_consumer_on_a_new_boot_requeues_at_once_what_the_old_boot_held(projec
     started = time.monotonic()
     runex_cli("worker", "--burst", "-w", "1", "--profile", "slow", cwd=project, check=True,
               timeout=60)
-    assert time.monotonic() - started < 60  # not after the reaper's next round
+    assert time.monotonic() - started < 30  # well before the reaper's next round, at 60 s
     data = show(Runex(), run_id)
     assert data["status"] == "succeeded"
     first = data["partitions"][0]["attempts"][0]

@@ -25,7 +25,7 @@ import sqlite3
 import time
 
 from runex import DataSourceSpec, SinkSpec
-from runex.durable import fsync_dir, fsync_path, make_dirs
+from runex.durable import fsync_dir, make_dirs, sync_log
 from runex.ledger import BUSY_TIMEOUT, begin_immediate, retry_locked
 
 
@@ -104,27 +104,20 @@ def connect(path, wal=True):
 
 def sync_sqlite(ctx):
     """Make durable every commit this process made to the file so far. In WAL mode: fsync the
-    write-ahead log (this process's connection keeps it from being removed), and, the first
-    time, the folder that names it. With a rollback journal SQLite synced each commit, but a
-    commit ends by deleting the journal, and a power cut that undid the deletion would roll
-    the commit back: the folder is synced each time."""
+    write-ahead log (see `runex.durable.sync_log`). With a rollback journal SQLite synced each
+    commit, but a commit ends by deleting the journal, and a power cut that undid the deletion
+    would roll the commit back: the folder is synced."""
     path = os.path.abspath(ctx.params["path"])
-    key = (os.getpid(), path)
-    conn = _connections.get(key)
+    conn = _connections.get((os.getpid(), path))
     if conn is None:
         return  # this process wrote nothing here
-    folder = os.path.dirname(path)
-    if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-        fsync_dir(folder)
-        return
-    if os.path.exists(f"{path}-wal"):
-        fsync_path(f"{path}-wal")
-    if key not in _synced:
-        fsync_dir(folder)
-        _synced.add(key)
+    if conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+        sync_log(path, _logs)
+    else:
+        fsync_dir(os.path.dirname(path))
 
 
-_synced = set()  # (pid, path) whose folder was synced since the write-ahead log was made
+_logs = {}  # see `runex.durable.sync_log`
 
 
 def configure_sqlite(path, table, spill_rows=50_000, wal=True):
