@@ -81,7 +81,7 @@ class Reserve:
             return False
         temp = self.path.with_name(f".reserve.tmp-{os.getpid()}")
         try:
-            with open(temp, "wb") as f:
+            with open(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
                 # Real blocks, not a sparse file: deleting it must give space back.
                 chunk = b"\0" * (1 << 16)
                 for _ in range(size // len(chunk)):
