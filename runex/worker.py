@@ -197,7 +197,7 @@ def execute(run_id: str, indexes: list[int]) -> None:
     finally:
         try:
             _holding.give_back(state.huey, state.ledger, now=True)
-        except DiskFull:  # the reaper queues them again once there is room
+        except DiskFull:  # kept: the holding thread gives them back once there is room
             pass
 
 
