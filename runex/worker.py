@@ -54,14 +54,19 @@ class WorkerState:
 _state: WorkerState | None = None
 
 
-def process_start(pid: int) -> str | None:
+def process_start(pid: int, running: bool = False) -> str | None:
     """The start time of process `pid` in clock ticks since boot (Linux), which tells a pid
-    reused by a new process from the one that claimed a partition; None where unknown."""
+    reused by a new process from the one that claimed a partition; None where unknown, or,
+    with `running`, for a process that has exited but was not yet reaped (a zombie: a killed
+    consumer's workers are zombies for a moment)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
         return None
+    if len(fields) < 20 or (running and fields[0] in ("Z", "X")):
+        return None
+    return fields[19]
 
 
 def boot_id() -> str | None:
@@ -88,7 +93,7 @@ def alive(pid: int, started: str | None, boot: str | None = None) -> bool:
     if rebooted(boot):
         return False
     if started is not None and os.path.exists("/proc/self/stat"):
-        return process_start(pid) == started
+        return process_start(pid, running=True) == started
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

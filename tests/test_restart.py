@@ -117,3 +117,19 @@ def test_a_home_written_by_runex_0_1_opens_and_keeps_working(project):
     new = json.loads(runex_cli("show", run_id, "--json", cwd=project, check=True).stdout)
     assert all(a["boot_id"] == worker.BOOT_ID for p in new["partitions"]
                for a in p["attempts"])
+
+
+def test_an_exited_process_not_yet_reaped_is_not_alive():
+    """A killed consumer's workers are zombies until their parent is reaped: the reaper of a
+    consumer started meanwhile must not take them for live workers."""
+    child = subprocess.Popen(["sleep", "30"])
+    started = worker.process_start(child.pid)
+    assert worker.alive(child.pid, started)
+    child.kill()
+    deadline = time.monotonic() + 10
+    while worker.process_start(child.pid) is not None and worker.alive(child.pid, started):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert worker.process_start(child.pid) == started  # a zombie: not waited for yet
+    assert not worker.alive(child.pid, started)
+    child.wait()
