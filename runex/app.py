@@ -159,7 +159,7 @@ class Runex:
 
     def _wait_for_room(self, wait: bool) -> None:
         """A consumer that starts while the disk under the home is full (its reserve cannot
-        be made, see `runex.durable`) waits for room before it opens anything, or raises
+        be made, see `runex.reserve`) waits for room before it opens anything, or raises
         `DiskFull` when it must not wait (`runex run`, burst)."""
         reserve = Reserve(self.project.home)
         if reserve.make():

@@ -22,6 +22,7 @@ from runex.worker import (
     WorkerState,
     alive,
     finalize_run,
+    holder,
     holder_alive,
     process_start,
     rebooted,
@@ -118,9 +119,11 @@ def requeue_vanished(state: WorkerState, older_than: float = 30.0) -> int:
 
 
 def reap_unfinalized(state: WorkerState) -> int:
+    """Finalize the runs whose partitions are all over and that nobody finalizes: nobody
+    began, their finalizer died, or this process began and a full disk stopped it."""
     runs = state.ledger.unfinalized_runs()
     for run_id, finalizer in runs:
-        if finalizer:
+        if finalizer and finalizer != holder():
             if holder_alive(finalizer) is not False:
                 continue  # being finalized right now, or by another host
             state.ledger.release_finalizer(run_id, finalizer)

@@ -133,3 +133,21 @@ def test_an_exited_process_not_yet_reaped_is_not_alive():
     assert worker.process_start(child.pid) == started  # a zombie: not waited for yet
     assert not worker.alive(child.pid, started)
     child.wait()
+
+
+def test_the_reaper_finalizes_runs_whose_finalizer_is_gone_or_was_itself(project):
+    """A finalizer of an earlier boot is gone even if its pid now runs; one that is this
+    process (a full disk stopped it mid-way) is taken up again."""
+    work_pipeline(project, stop=20)
+    rx = Runex()
+    state = worker.setup(rx.registry, rx.ledger, rx.huey)
+    runs = []
+    for finalizer in (f"{trace.HOST}:{worker.os.getpid()}:{worker._START}:an-earlier-boot",
+                      worker.holder()):
+        run_id = rx.submit("pipelines/p.toml")
+        for claim in rx.ledger.claim_many(run_id, [0, 1], trace.HOST, 1, None):
+            rx.ledger.finish_attempt(claim, "succeeded")
+        assert rx.ledger.claim_finalize(run_id, finalizer)
+        runs.append(run_id)
+    assert reaper.reap_unfinalized(state) == 2
+    assert [rx.ledger.run(r)["status"] for r in runs] == ["succeeded", "succeeded"]
