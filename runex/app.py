@@ -98,8 +98,8 @@ class Runex:
         try:
             if keys:
                 tasks.enqueue(self.huey, run_id, range(len(keys)), pipe.options.priority)
-            else:
-                self.ledger.finish_run(run_id, "succeeded")
+            else:  # nothing to run: finalized now, like any run (a merge of nothing)
+                worker.finalize_run(worker.setup(self.registry, self.ledger, self.huey), run_id)
         except DiskFull as exc:  # the run is recorded: a consumer queues it again
             self.ledger.sync()
             raise DiskFull(f"{exc}; run {run_id} is recorded, and a consumer queues its "
@@ -235,14 +235,16 @@ class Runex:
                 "status": self.ledger.run(run_id)["status"]}
 
     def retry(self, ref: str, partition: int | str | None = None) -> list[int]:
-        """Queue again the failed, quarantined or cancelled partitions of a run (or one of
-        them, by index or key), with a fresh retry budget; the earlier attempts are kept."""
+        """Queue again the failed, timed-out, quarantined or cancelled partitions of a run (or
+        one of them, by index or key), with a fresh retry budget; the earlier attempts are
+        kept."""
         run = self.ledger.run(self.ledger.resolve_run_id(ref))
         if partition is not None:
             partition = self._partition_index(run["id"], partition)
         indexes = self.ledger.retry(run["id"], partition)
         if not indexes:
-            raise NotFound(f"run {run['id']} has no failed, quarantined or cancelled partition"
+            raise NotFound(f"run {run['id']} has no failed, timed-out, quarantined or cancelled "
+                           "partition"
                            + ("" if partition is None else f" with index {partition}"))
         trace.logger(run_id=run["id"], pipeline=run["pipeline"]).info(
             "run.retried", partitions=indexes)
@@ -277,6 +279,10 @@ class Runex:
                 "records_out": p["records_out"], "error": p["error"],
                 "seconds": _with_seconds(dict(p))["seconds"],
             })
+        if run["records_in"] is None:  # not over: what is committed so far
+            done = [p for p in partitions if p["status"] == "succeeded"]
+            run["records_in"] = sum(p["records_in"] or 0 for p in done)
+            run["records_out"] = sum(p["records_out"] or 0 for p in done)
         spec = json.loads(run.pop("spec"))
         run.pop("finalizer")
         return {**_with_seconds(run), "spec": spec, "partitions": partitions}

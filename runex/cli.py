@@ -354,7 +354,7 @@ def show(ctx: click.Context, run_ref: str, as_json: bool, home: str | None,
             if a["error"]:
                 click.echo(f"\npartition {p['index']} attempt {a['attempt']} ({a['status']}, "
                            f"pid {a['pid']} on {a['host']}): {a['error']}")
-                if ctx.obj["verbose"] or a is p["attempts"][-1]:
+                if a["traceback"] and (ctx.obj["verbose"] or a is p["attempts"][-1]):
                     click.echo(a["traceback"].rstrip())
 
 
@@ -402,7 +402,7 @@ def cancel(run_ref: str, as_json: bool, home: str | None, extension_dirs: tuple[
 @project_options
 def retry(run_ref: str, partition: str | None, as_json: bool, home: str | None,
           extension_dirs: tuple[str, ...]) -> None:
-    """Queue again the failed, quarantined or cancelled partitions of a run, with a fresh
+    """Queue again the failed, timed-out, quarantined or cancelled partitions of a run, with a fresh
     retry budget (earlier attempts are kept). `runex worker` then runs them."""
     rx = open_runex(home, extension_dirs)
     rx.trace_to_home(console=False)

@@ -574,7 +574,7 @@ class Ledger:
         return bool(row and row[0])
 
     def retry(self, run_id: str, index: int | None = None) -> list[int]:
-        """Re-queue the failed, quarantined and cancelled partitions of a run (or only
+        """Re-queue the failed, timed-out, quarantined and cancelled partitions of a run (or only
         `index`), with a fresh retry budget; their earlier attempts are kept. Returns the
         indexes re-queued."""
         now = time.time()
@@ -583,7 +583,7 @@ class Ledger:
             rows = conn.execute(
                 "UPDATE partitions SET status = 'queued', attempt_base = attempt, error = NULL, "
                 "finished_at = NULL, queued_at = ? WHERE run_id = ? AND status IN "
-                f"('failed', 'quarantined', 'cancelled'){only} RETURNING idx",
+                f"('failed', 'timeout', 'quarantined', 'cancelled'){only} RETURNING idx",
                 (now, run_id) + (() if index is None else (index,))).fetchall()
             if rows:
                 conn.execute(
@@ -603,13 +603,18 @@ class Ledger:
 
     def finish_run(self, run_id: str, status: str, error: str | None = None,
                    events: list[tuple[Any, ...]] = ()) -> None:
-        """Set the run's final status, and its totals from its partitions."""
+        """Set the run's final status, and its totals: the records of its committed
+        partitions (what a failed attempt read is not in them)."""
+        now = time.time()
         with self.tx() as conn:
             conn.execute(
                 "UPDATE runs SET status = ?, error = ?, finished_at = ?, "
-                "records_in = (SELECT SUM(records_in) FROM partitions WHERE run_id = ?), "
-                "records_out = (SELECT SUM(records_out) FROM partitions WHERE run_id = ?) "
-                "WHERE id = ?", (status, error, time.time(), run_id, run_id, run_id))
+                "started_at = COALESCE(started_at, ?), "
+                "records_in = (SELECT COALESCE(SUM(records_in), 0) FROM partitions "
+                "WHERE run_id = ? AND status = 'succeeded'), "
+                "records_out = (SELECT COALESCE(SUM(records_out), 0) FROM partitions "
+                "WHERE run_id = ? AND status = 'succeeded') "
+                "WHERE id = ?", (status, error, now, now, run_id, run_id, run_id))
             self._insert_events(conn, events)
 
     def add_events(self, events: list[tuple[Any, ...]]) -> None:

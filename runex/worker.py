@@ -609,9 +609,10 @@ def finalize_run(state: WorkerState, run_id: str) -> None:
             log.error("run.finalize_failed", error=error,
                       traceback="".join(traceback.format_exception(exc)))
     status = ("cancelled" if run["cancel_requested"] else "failed" if error else "succeeded")
+    done = [p for p in parts if p["status"] == "succeeded"]
     log.info("run.finished", status=status, partitions=len(parts),
-             records_in=sum(p["records_in"] or 0 for p in parts),
-             records_out=sum(p["records_out"] or 0 for p in parts), error=error)
+             records_in=sum(p["records_in"] or 0 for p in done),
+             records_out=sum(p["records_out"] or 0 for p in done), error=error)
     state.ledger.finish_run(run_id, status, error, events=trace.drain())
     state.ledger.sync()  # on disk before anyone reads that the run is over
 

@@ -153,7 +153,7 @@ def test_cancel_before_start_and_retry_with_a_fresh_budget(project):
     assert rx.retry(run_id) == [0]
     drain(rx)
     assert show(rx, run_id)["status"] == "succeeded"
-    with pytest.raises(Exception, match="has no failed, quarantined or cancelled partition"):
+    with pytest.raises(Exception, match="has no failed, timed-out, quarantined or cancelled"):
         rx.retry(run_id)
 
 

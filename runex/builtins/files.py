@@ -37,11 +37,17 @@ def file_partitions(path, chunk_bytes=None):
     return keys
 
 
+def text_encoding(encoding):
+    """UTF-8 files may begin with a byte-order mark (spreadsheet programs write one): read it
+    as one, not as part of the first line."""
+    return "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
+
+
 def read_lines(partition, encoding="utf-8", skip_header=False):
     """The text lines of a partition key made by `file_partitions`; with `skip_header`, the
     first line of the file is left out (it is in the first chunk only)."""
     if isinstance(partition, str):
-        with open(partition, encoding=encoding, newline="") as f:
+        with open(partition, encoding=text_encoding(encoding), newline="") as f:
             if skip_header:
                 next(f, None)
             yield from f
@@ -53,6 +59,8 @@ def read_lines(partition, encoding="utf-8", skip_header=False):
             f.readline()  # finish the line the previous chunk owns
         elif skip_header:
             f.readline()
+        elif text_encoding(encoding) == "utf-8-sig" and f.read(3) != b"\xef\xbb\xbf":
+            f.seek(0)
         while f.tell() < end:
             line = f.readline()
             if not line:
@@ -62,13 +70,13 @@ def read_lines(partition, encoding="utf-8", skip_header=False):
 
 def header_of(partition, encoding, delimiter):
     name = partition if isinstance(partition, str) else partition[0]
-    with open(name, encoding=encoding, newline="") as f:
+    with open(name, encoding=text_encoding(encoding), newline="") as f:
         return next(csv.reader(f, delimiter=delimiter), [])
 
 
 def read_csv(partition, delimiter=",", encoding="utf-8"):
     if isinstance(partition, str):  # a whole file: the csv module reads it directly
-        with open(partition, encoding=encoding, newline="") as f:
+        with open(partition, encoding=text_encoding(encoding), newline="") as f:
             rows = csv.reader(f, delimiter=delimiter)
             yield from as_dicts(rows, next(rows, []))
         return
