@@ -232,6 +232,9 @@ class Signature:
     accepted: list[str]
     required: list[str]
     any_keyword: bool
+    # The type a parameter must have, where its annotation is one of TYPES, or, without an
+    # annotation, where its default is of one: (type, how the user can tell).
+    types: dict[str, tuple[type, str]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, fn: Callable, skip: int) -> Signature:
@@ -244,6 +247,7 @@ class Signature:
             accepted=[p.name for p in named],
             required=[p.name for p in named if p.default is p.empty],
             any_keyword=any(p.kind == p.VAR_KEYWORD for p in params),
+            types={p.name: t for p in named if (t := _declared_type(p)) is not None},
         )
 
     def select(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -253,8 +257,40 @@ class Signature:
         return {k: v for k, v in params.items() if k in self.accepted}
 
 
+TYPES = {t.__name__: t for t in (bool, int, float, str, list, dict)}
+
+
+def _declared_type(p: inspect.Parameter) -> tuple[type, str] | None:
+    if isinstance(p.annotation, str):  # `from __future__ import annotations` in its file
+        name = p.annotation
+    elif isinstance(p.annotation, type):
+        name = p.annotation.__name__ if TYPES.get(p.annotation.__name__) is p.annotation else ""
+    else:
+        name = ""
+    if name in TYPES:
+        return TYPES[name], f"annotated {name}"
+    if p.annotation is p.empty and type(p.default) in TYPES.values():
+        return type(p.default), f"its default is {p.default!r}"
+    return None
+
+
+def _of_type(value: Any, wanted: type) -> bool:
+    if isinstance(value, bool) and wanted is not bool:
+        return False  # a bool is an int to Python, not to a person
+    if wanted is float:
+        return isinstance(value, int | float)
+    return isinstance(value, wanted)
+
+
 def _check_params(params: dict[str, Any], sigs: list[Signature], label: str) -> list[str]:
     problems = []
+    for key, value in params.items():
+        for sig in sigs:
+            if key in sig.types and not _of_type(value, sig.types[key][0]):
+                wanted, why = sig.types[key]
+                problems.append(f"{label}: parameter {key!r} must be {wanted.__name__} ({why}), "
+                                f"not {value!r}")
+                break
     any_keyword = any(s.any_keyword for s in sigs)
     accepted = sorted({a for s in sigs for a in s.accepted})
     takes = ", ".join(accepted) if accepted else "no parameters"

@@ -21,7 +21,47 @@ from runex.reserve import Reserve
 
 CONFIG_FILE = "runex.toml"
 PACKAGE_DIR = Path(__file__).parent
-PROFILE_KEYS = {"workers", "max_delay", "grace", "reap_every", "extensions"}
+
+
+def _folders(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(e, str) for e in v)
+
+
+def _number(low: float, above: bool) -> Any:
+    def check(v: Any) -> bool:
+        return (isinstance(v, int | float) and not isinstance(v, bool)
+                and (v > low if above else v >= low))
+    return check
+
+
+# What each key of runex.toml and of a worker profile takes: (what to say, a check).
+CONFIG_KEYS = {
+    "home": ("a folder name", lambda v: isinstance(v, str) and v != ""),
+    "extensions": ("a list of folder names", _folders),
+    "pipelines": ("a glob of pipeline files, e.g. \"pipelines/*.toml\"",
+                  lambda v: isinstance(v, str) and v != ""),
+}
+PROFILE_KEYS = {
+    "workers": ("a whole number of at least 1",
+                lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+    "max_delay": ("a number of seconds above 0", _number(0, above=True)),
+    "grace": ("a number of seconds, 0 or more", _number(0, above=False)),
+    "reap_every": ("a number of seconds above 0", _number(0, above=True)),
+    "extensions": ("a list of folder names", _folders),
+}
+
+
+def check_keys(path: Path, data: dict[str, Any], keys: dict[str, tuple[str, Any]],
+               what: str) -> None:
+    """Every key known and of its type, or a `ConfigError` naming the file and the key."""
+    unknown = sorted(set(data) - set(keys))
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; {what} accepts: "
+                          f"{', '.join(sorted(keys))}")
+    for key, value in data.items():
+        wanted, ok = keys[key]
+        if not ok(value):
+            raise ConfigError(f"{path}: key {key!r} must be {wanted}, not {value!r}")
 
 
 @dataclass
@@ -79,10 +119,9 @@ def open_project(
     root_path = Path(root).resolve() if root else find_root()
     config_path = root_path / CONFIG_FILE
     config = read_toml(config_path) if config_path.is_file() else {}
+    check_keys(config_path, config, CONFIG_KEYS, "runex.toml")
     home = home or os.environ.get("RUNEX_HOME") or config.get("home", ".runex")
     conf_ext = config.get("extensions", ["extensions"])
-    if isinstance(conf_ext, str) or not all(isinstance(e, str) for e in conf_ext):
-        raise ConfigError(f"{config_path}: key 'extensions' must be a list of folder names")
     env_ext = [e for e in os.environ.get("RUNEX_EXTENSIONS", "").split(os.pathsep) if e]
     dirs = [root_path / e for e in conf_ext] + [Path(e).resolve() for e in (*env_ext, *extensions)]
     return Project(root_path, (root_path / home).resolve(), dirs, config)
@@ -110,10 +149,7 @@ def load_profile(project: Project, name: str | None) -> dict[str, Any]:
     for path in candidates:
         if path.is_file():
             profile = read_toml(path)
-            unknown = set(profile) - PROFILE_KEYS
-            if unknown:
-                raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; "
-                                  f"a profile accepts: {', '.join(sorted(PROFILE_KEYS))}")
+            check_keys(path, profile, PROFILE_KEYS, "a worker profile")
             profile["extensions"] = [project.root / e for e in profile.get("extensions", [])]
             return profile
     known = sorted({p.stem for folder in (project.root / "workers", PACKAGE_DIR / "profiles")

@@ -101,3 +101,63 @@ def test_json_and_sqlite_of_a_run_without_partitions(project):
     assert row == ("succeeded", 0, 0)
     data = json.loads(runex_cli("show", run_id, "--json", cwd=project, check=True).stdout)
     assert data["partitions"] == []
+
+
+def test_a_parameter_of_the_wrong_type_is_refused_at_submit(project):
+    """Found at submit (exit 3, nothing stored), not after every retry is spent."""
+    write(project / "extensions" / "k.py", """
+        from runex import register_kernel
+
+        @register_kernel("longer")
+        def longer(record, min_length=3):
+            return record if len(str(record["n"])) >= min_length else None
+
+        @register_kernel("scale")
+        def scale(record, by: float = 1, label: "str" = ""):
+            return {**record, "x": record["n"] * by}
+    """)
+    write(project / "p.toml", '[source]\nuse = "range"\nstop = 10\n\n[[steps]]\nuse = "longer"'
+                              '\n\n[[steps]]\nuse = "scale"\n\n[sink]\nuse = "null"\n')
+    bad = runex_cli("submit", "p.toml", "-p", "steps.0.min_length=three", cwd=project)
+    assert bad.returncode == 3, bad.stderr
+    assert ("steps[0] (kernel 'longer', extensions/k.py:3): parameter 'min_length' must be "
+            "int (its default is 3), not 'three'") in bad.stderr
+    assert "must be float (annotated float), not True" in runex_cli(
+        "submit", "p.toml", "-p", "steps.1.by=true", cwd=project).stderr
+    assert "must be str (annotated str), not 5" in runex_cli(
+        "submit", "p.toml", "-p", "steps.1.label=5", cwd=project).stderr
+    assert not (project / ".runex" / "ledger.db").exists() or json.loads(runex_cli(
+        "runs", "--json", cwd=project, check=True).stdout) == []
+    ok = runex_cli("submit", "p.toml", "-p", "steps.1.by=2", "-p", "steps.0.min_length=1",
+                   cwd=project)
+    assert ok.returncode == 0, ok.stderr  # an int where a float is asked is fine
+
+
+def test_config_and_profiles_are_checked_key_by_key(project):
+    from runex.errors import EXIT_INVALID
+
+    write(project / "extensions" / "k.py", EXT)
+    write(project / "p.toml", '[source]\nuse = "range"\nstop = 10\n\n[sink]\nuse = "null"\n')
+    cases = {
+        "workers/bad.toml": ('workers = "two"\n',
+                             "key 'workers' must be a whole number of at least 1, not 'two'"),
+        "workers/zero.toml": ("workers = 0\n", "key 'workers' must be a whole number"),
+        "workers/slow.toml": ('max_delay = "fast"\n',
+                              "key 'max_delay' must be a number of seconds above 0"),
+        "workers/neg.toml": ("grace = -5\n", "key 'grace' must be a number of seconds, 0 or"),
+    }
+    for file, (text, message) in cases.items():
+        write(project / file, text)
+        result = runex_cli("run", "p.toml", "--profile", file.split("/")[1][:-5], cwd=project)
+        assert result.returncode == EXIT_INVALID, (file, result.stderr)
+        assert f"{project / file}: {message}" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    for text, message in (('home = 5\nextensions = ["extensions"]\n',
+                           "key 'home' must be a folder name, not 5"),
+                          ('extension = ["extensions"]\n',
+                           "unknown key(s) extension; runex.toml accepts: extensions, home, "
+                           "pipelines")):
+        write(project / "runex.toml", text)
+        result = runex_cli("runs", cwd=project)
+        assert result.returncode == EXIT_INVALID, result.stderr
+        assert f"{project / 'runex.toml'}: {message}" in result.stderr, result.stderr
