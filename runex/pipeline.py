@@ -257,6 +257,20 @@ class Signature:
         return {k: v for k, v in params.items() if k in self.accepted}
 
 
+def _check_arguments(fn: Callable, count: int, what: str, label: str, example: str
+                     ) -> list[str]:
+    """A callable must take its first `count` arguments by position (`what` they are)."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # builtins without a signature: accept anything
+        return []
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) >= count or any(p.kind == p.VAR_POSITIONAL for p in params):
+        return []
+    return [f"{label} must take the {what} as its first argument{'s' if count > 1 else ''}, "
+            f"as in `{example}`; it takes ({', '.join(p.name for p in params)})"]
+
+
 TYPES = {t.__name__: t for t in (bool, int, float, str, list, dict)}
 
 
@@ -335,6 +349,8 @@ def check(pipeline: Pipeline, registry: Registry) -> Plan:
 
     source = lookup("source", pipeline.source.use, "source.use")
     if source is not None:
+        problems += _check_arguments(source.read, 1, "partition", f"source {source.name!r}'s "
+                                     f"read ({source.origin})", "def read(partition, ...)")
         sigs = [Signature.of(source.read, 1)]
         if source.partitions is not None:
             sigs.append(Signature.of(source.partitions, 0))
@@ -344,13 +360,20 @@ def check(pipeline: Pipeline, registry: Registry) -> Plan:
     for i, step in enumerate(pipeline.steps):
         kernel = lookup("kernel", step.use, f"steps[{i}].use")
         if kernel is not None:
+            what = "records" if kernel.batch else "record"
+            problems += _check_arguments(kernel.fn, 1, what, f"steps[{i}] (kernel "
+                                         f"{kernel.name!r}, {kernel.origin})",
+                                         f"def {kernel.name}({what}, ...)")
             problems += _check_params(step.params, [Signature.of(kernel.fn, 1)],
                                       f"steps[{i}] (kernel {kernel.name!r}, {kernel.origin})")
             kernels.append((kernel, step.params))
     sink = lookup("sink", pipeline.sink.use, "sink.use")
     sink_params = pipeline.sink.params
-    if sink is not None and sink.configure is not None:
+    if sink is not None:
         label = f"[sink] (sink {sink.name!r}, {sink.origin})"
+        problems += _check_arguments(sink.write, 2, "ctx and records", f"{label}: its write",
+                                     "def write(ctx, records)")
+    if sink is not None and sink.configure is not None:
         before = len(problems)
         problems += _check_params(sink_params, [Signature.of(sink.configure, 0)], label)
         if len(problems) == before:
@@ -358,6 +381,10 @@ def check(pipeline: Pipeline, registry: Registry) -> Plan:
                 sink_params = sink.configure(**sink_params)
             except (ValueError, TypeError) as exc:
                 problems.append(f"{label}: {exc}")
+            else:
+                if not isinstance(sink_params, dict):
+                    problems.append(f"{label}: its configure must return the parameters as a "
+                                    f"dict (they become ctx.params), not {sink_params!r}")
     if problems:
         raise PipelineError(f"{where}: " + (problems[0] if len(problems) == 1 else
                             f"{len(problems)} problems:\n  " + "\n  ".join(problems)))

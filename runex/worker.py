@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import islice
@@ -549,19 +549,21 @@ def stream(records: Iterable[dict], plan: Plan, stats: Stats,
            cancel: Cancellation | None = None) -> Iterator[list[dict]]:
     """Batches of `batch_size` records through every step; memory stays one batch deep."""
     steps = []
-    for kernel, params in plan.kernels:
+    for i, (kernel, params) in enumerate(plan.kernels):
         fn = partial(kernel.fn, **params) if params else kernel.fn
         step = StepStats(kernel.name)
         stats.steps.append(step)
-        steps.append((fn, kernel.batch, step))
+        steps.append((fn, kernel.batch, step, f"step {i} (kernel {kernel.name!r})"))
     size = plan.pipeline.options.batch_size
     source = iter(records)
     clock = time.perf_counter
+    origin = f"the source {plan.pipeline.source.use!r}"
     while batch := list(islice(source, size)):
         if cancel is not None:
             cancel.check()
         stats.records_in += len(batch)
-        for fn, is_batch, step in steps:
+        check_records(batch, origin)
+        for fn, is_batch, step, name in steps:
             step.records_in += len(batch)
             t0 = clock()
             if is_batch:
@@ -572,9 +574,20 @@ def stream(records: Iterable[dict], plan: Plan, stats: Stats,
             step.records_out += len(batch)
             if not batch:
                 break
+            check_records(batch, name)
         stats.records_out += len(batch)
         if batch:
             yield batch
+
+
+def check_records(batch: list[Any], origin: str) -> None:
+    """Records are mappings (dicts): say which source or step made one that is not, before a
+    sink fails on it somewhere inside. One pass over the batch's types, in C."""
+    odd = set(map(type, batch)) - {dict}
+    if odd and not all(issubclass(t, Mapping) for t in odd):
+        bad = next(r for r in batch if not isinstance(r, Mapping))
+        raise TypeError(f"{origin} made a record that is not a mapping: {bad!r:.80} "
+                        f"({type(bad).__name__}); records are dicts of field names to values")
 
 
 def finalize_run(state: WorkerState, run_id: str) -> None:

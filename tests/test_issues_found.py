@@ -161,3 +161,61 @@ def test_config_and_profiles_are_checked_key_by_key(project):
         result = runex_cli("runs", cwd=project)
         assert result.returncode == EXIT_INVALID, result.stderr
         assert f"{project / 'runex.toml'}: {message}" in result.stderr, result.stderr
+
+
+BAD_EXTENSIONS = """
+    from runex import DataSourceSpec, SinkSpec, register_kernel
+
+    @register_kernel("nothing")
+    def nothing():
+        return {}
+
+    @register_kernel("word")
+    def word(record):
+        return record["n"] == 3 and "three" or record
+
+    strings = DataSourceSpec(name="strings", read=lambda partition: iter(["a", "b"]))
+    unconfigured = SinkSpec(name="unconfigured", write=lambda ctx, records: None,
+                            configure=lambda path: None)
+    one_argument = SinkSpec(name="one_argument", write=lambda records: None)
+"""
+
+
+def test_signatures_and_configure_are_checked_at_validate(project):
+    write(project / "extensions" / "bad.py", BAD_EXTENSIONS)
+    cases = [
+        ('[source]\nuse = "range"\nstop = 3\n[[steps]]\nuse = "nothing"\n[sink]\nuse = "null"\n',
+         "steps[0] (kernel 'nothing', extensions/bad.py:3) must take the record as its first "
+         "argument, as in `def nothing(record, ...)`; it takes ()"),
+        ('[source]\nuse = "range"\nstop = 3\n[sink]\nuse = "unconfigured"\npath = "x"\n',
+         "its configure must return the parameters as a dict (they become ctx.params), not None"),
+        ('[source]\nuse = "range"\nstop = 3\n[sink]\nuse = "one_argument"\n',
+         "its write must take the ctx and records as its first arguments, as in "
+         "`def write(ctx, records)`; it takes (records)"),
+    ]
+    for text, message in cases:
+        write(project / "p.toml", text)
+        result = runex_cli("validate", "p.toml", cwd=project)
+        assert result.returncode == 3, result.stdout
+        assert message in result.stderr, result.stderr
+
+
+def test_a_record_that_is_not_a_mapping_fails_naming_where_it_came_from(project):
+    write(project / "extensions" / "bad.py", BAD_EXTENSIONS)
+    rx = Runex()
+    for sink in ('use = "null"', 'use = "jsonl"\npath = "out/j"',
+                 'use = "sqlite"\npath = "out/s.db"\ntable = "t"'):
+        write(project / "p.toml", f'[source]\nuse = "strings"\n[sink]\n{sink}\n')
+        run_id = rx.submit("p.toml")
+        drain(rx)
+        data = show(rx, run_id)
+        assert data["status"] == "failed", sink
+        assert data["partitions"][0]["error"] == (
+            "TypeError: the source 'strings' made a record that is not a mapping: 'a' (str); "
+            "records are dicts of field names to values"), sink
+    write(project / "p.toml", '[source]\nuse = "range"\nstop = 5\n[[steps]]\nuse = "word"\n'
+                              '[sink]\nuse = "null"\n')
+    run_id = rx.submit("p.toml")
+    drain(rx)
+    assert show(rx, run_id)["partitions"][0]["error"].startswith(
+        "TypeError: step 0 (kernel 'word') made a record that is not a mapping: 'three' (str)")
