@@ -3,6 +3,15 @@
 
 Fire times are exact instants: cron ones fall on whole minutes, interval ones on multiples of
 the interval counted from the Unix epoch, so every consumer computes the same fire times.
+`Schedule.between` is the one definition of them: next fire times, catch-up and backfill all
+read it.
+
+A cron line means what it means in a crontab (crontab(5), POSIX): when day-of-month and
+day-of-week are both restricted, a day matching either one fires. Across a daylight saving
+change, as cronie does for jobs at a fixed hour: a local time that does not exist fires once
+at the first valid time after the gap, and a local time that happens twice fires at its first
+occurrence only. A schedule with `*` in its hour field (`0 * * * *`, `*/5 * * * *`) keeps
+the real clock instead: the skipped times do not fire and the repeated ones fire both times.
 """
 
 from __future__ import annotations
@@ -10,7 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -18,6 +27,7 @@ from huey import crontab
 
 UTC = dt.UTC
 MINUTE = dt.timedelta(minutes=1)
+WILDCARD = "*"
 MAX_SCAN = dt.timedelta(days=366)  # the furthest back or ahead a cron schedule is searched
 
 
@@ -55,24 +65,61 @@ class Schedule:
             raise ScheduleError(f"schedule {cron!r}: {exc}") from None
         return schedule
 
-    def _matcher(self):  # noqa: ANN202 - huey's crontab test function
+    def _matcher(self) -> Callable[[dt.datetime], bool]:
+        """Whether a local wall-clock time matches the cron line.
+
+        huey's `crontab` parses the fields (0-7 for the weekday, 0 and 7 being Sunday) but
+        requires day-of-month and day-of-week to match both. crontab(5) and POSIX fire on a
+        day matching either when both are restricted, so that case asks huey twice, each time
+        with one day field opened up. A field with a `*` in it (`*`, `*/2`) is unrestricted,
+        as crontab(5) says, and then the other field alone decides, as in huey."""
         minute, hour, day, month, weekday = self.expression.split()
-        return crontab(minute=minute, hour=hour, day=day, month=month, day_of_week=weekday,
-                       strict=True)
+
+        def huey_crontab(day: str, weekday: str) -> Callable[[dt.datetime], bool]:
+            return crontab(minute=minute, hour=hour, day=day, month=month,
+                           day_of_week=weekday, strict=True)
+
+        if WILDCARD in day or WILDCARD in weekday:
+            return huey_crontab(day, weekday)
+        by_day, by_weekday = huey_crontab(day, WILDCARD), huey_crontab(WILDCARD, weekday)
+        return lambda wall: by_day(wall) or by_weekday(wall)
+
+    @property
+    def fixed_hours(self) -> bool:
+        """Whether a daylight saving change moves the fire times (see the module): the cron
+        line's hour field has no `*`."""
+        return self.every is None and WILDCARD not in self.expression.split()[1]
 
     def between(self, start: dt.datetime, end: dt.datetime) -> Iterator[dt.datetime]:
-        """Fire times t with start < t <= end, ascending, as aware UTC datetimes."""
+        """Fire times t with start < t <= end, ascending, as aware UTC datetimes.
+
+        Each UTC minute decides alone whether it is a fire time, from its own local time and
+        the one a minute before, so that any cut of a range into windows gives the same
+        fire times. With fixed hours, a minute fires when its local time matches at its
+        first occurrence, or when it ends a gap (the first valid time after a change forward)
+        in which some local time matched: several matches in the gap make one fire."""
         if self.every is not None:
             first = math.floor(start.timestamp() / self.every) + 1
             last = math.floor(end.timestamp() / self.every)
             for n in range(first, last + 1):
                 yield dt.datetime.fromtimestamp(n * self.every, UTC)
             return
-        matches, zone = self._matcher(), ZoneInfo(self.timezone)
+        matches, zone, fixed_hours = self._matcher(), ZoneInfo(self.timezone), self.fixed_hours
         t = start.astimezone(UTC).replace(second=0, microsecond=0) + MINUTE
         end = min(end, start + MAX_SCAN)
+        offset_before = (t - MINUTE).astimezone(zone).utcoffset()
         while t <= end:
-            if matches(t.astimezone(zone)):
+            local = t.astimezone(zone)
+            if not fixed_hours:
+                fires = matches(local)
+            else:
+                offset = local.utcoffset()
+                if offset > offset_before:  # the clocks went forward: t is the end of a gap
+                    fires = matches(local) or any(map(matches, skipped(t, zone)))
+                else:  # fold is 1 on the second occurrence of a local time
+                    fires = not local.fold and matches(local)
+                offset_before = offset
+            if fires:
                 yield t
             t += MINUTE
 
@@ -93,6 +140,19 @@ class Schedule:
     def after(self, start: dt.datetime, count: int) -> list[dt.datetime]:
         """The next `count` fire times after `start`."""
         return list(itertools.islice(self.between(start, start + MAX_SCAN), count))
+
+
+def wall_clock(t: dt.datetime, zone: ZoneInfo) -> dt.datetime:
+    """What a clock in `zone` shows at the instant `t`, as a naive datetime."""
+    return t.astimezone(zone).replace(tzinfo=None)
+
+
+def skipped(t: dt.datetime, zone: ZoneInfo) -> Iterator[dt.datetime]:
+    """The local times (naive) that the clocks of `zone` skipped in the minute before the
+    instant `t`: none, except when they went forward."""
+    before, after = wall_clock(t - MINUTE, zone), wall_clock(t, zone)
+    while (before := before + MINUTE) < after:
+        yield before
 
 
 def iso(t: dt.datetime) -> str:

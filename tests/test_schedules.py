@@ -2,18 +2,20 @@
 in this process, and with real consumers on the real clock."""
 
 import datetime as dt
+import itertools
 import json
 import signal
 import subprocess
 import sys
 import time
+from zoneinfo import ZoneInfo
 
 import pytest
 
 from runex import PipelineError, Runex
 from runex.pipeline import from_mapping
 from runex.schedule import Schedule
-from runex.scheduler import Scheduler
+from runex.scheduler import Scheduler, fire_times
 
 from .conftest import drain, runex_cli, write
 
@@ -246,3 +248,148 @@ def test_a_fire_that_cannot_be_submitted_is_recorded_once(project):
     failed = rx.ledger.conn.execute(
         "SELECT COUNT(*) FROM events WHERE event = 'schedule.failed'").fetchone()
     assert failed == (1,)
+
+
+# Daylight saving time in 2026, checked against zoneinfo by the first test below: Paris
+# springs forward on 03-29 (02:00 -> 03:00) and falls back on 10-25 (03:00 -> 02:00); Sydney,
+# in the other hemisphere, falls back on 04-05 (03:00 -> 02:00) and springs forward on 10-04
+# (02:00 -> 03:00).
+SPRING, FALL = "spring", "fall"
+TRANSITIONS = {
+    ("Europe/Paris", SPRING): dt.date(2026, 3, 29),
+    ("Europe/Paris", FALL): dt.date(2026, 10, 25),
+    ("Australia/Sydney", SPRING): dt.date(2026, 10, 4),
+    ("Australia/Sydney", FALL): dt.date(2026, 4, 5),
+}
+MINUTE = dt.timedelta(minutes=1)
+OFFSETS = {"Europe/Paris": ("+01:00", "+02:00"), "Australia/Sydney": ("+10:00", "+11:00")}
+
+
+def local_day(timezone, day, days=1):
+    """From local midnight of `day` to just before local midnight `days` later, in UTC."""
+    zone = ZoneInfo(timezone)
+    start = dt.datetime.combine(day, dt.time(), zone)
+    end = dt.datetime.combine(day + dt.timedelta(days=days), dt.time(), zone)
+    return start.astimezone(dt.UTC), end.astimezone(dt.UTC) - dt.timedelta(seconds=1)
+
+
+def local_fire_times(schedule, timezone, day, days=1):
+    """What `fire_times` (backfill's) gives over local days, as local `HH:MM+offset`, with
+    the date when more than one day is asked for."""
+    pipeline = from_mapping({"source": {"use": "range"}, "sink": {"use": "null"},
+                             "options": {"schedule": schedule, "timezone": timezone}},
+                            "p", "pipelines/p.toml")
+    local = [t.astimezone(ZoneInfo(timezone)).isoformat(timespec="minutes")
+             for t in fire_times(pipeline, *local_day(timezone, day, days))]
+    return [t[11:] if days == 1 else t[8:10] + "T" + t[11:] for t in local]
+
+
+def test_the_transitions_of_the_dst_tests_are_the_real_ones():
+    for (timezone, kind), day in TRANSITIONS.items():
+        zone, (winter, summer) = ZoneInfo(timezone), OFFSETS[timezone]
+        start, end = local_day(timezone, day)
+        before, after = (start.astimezone(zone).isoformat()[-6:],
+                         end.astimezone(zone).isoformat()[-6:])
+        assert (before, after) == ((winter, summer) if kind == SPRING else (summer, winter))
+        assert end - start == dt.timedelta(hours=23 if kind == SPRING else 25, seconds=-1)
+
+
+@pytest.mark.parametrize("timezone", ["Europe/Paris", "Australia/Sydney"])
+def test_a_daily_time_skipped_by_the_change_fires_once_at_the_first_valid_time(timezone):
+    day = TRANSITIONS[timezone, SPRING]
+    summer = OFFSETS[timezone][1]
+    assert local_fire_times("30 2 * * *", timezone, day) == [f"03:00{summer}"]
+    # Every day of the three around the change has its fire.
+    three = local_fire_times("30 2 * * *", timezone, day - dt.timedelta(days=1), days=3)
+    assert [t[:2] for t in three] == [f"{d.day:02}" for d in (
+        day - dt.timedelta(days=1), day, day + dt.timedelta(days=1))]
+    assert [t[3:8] for t in three] == ["02:30", "03:00", "02:30"]
+    # Several times inside the skipped hour make one fire, not four at once.
+    assert local_fire_times("*/15 2 * * *", timezone, day) == [f"03:00{summer}"]
+    # A skipped time and the first valid time both matched: still one fire at 03:00.
+    assert local_fire_times("0 2,3 * * *", timezone, day) == [f"03:00{summer}"]
+
+
+@pytest.mark.parametrize("timezone", ["Europe/Paris", "Australia/Sydney"])
+def test_a_daily_time_that_happens_twice_fires_once_at_its_first_occurrence(timezone):
+    day = TRANSITIONS[timezone, FALL]
+    summer = OFFSETS[timezone][1]
+    assert local_fire_times("30 2 * * *", timezone, day) == [f"02:30{summer}"]
+    assert local_fire_times("*/15 2 * * *", timezone, day) == [
+        f"02:{m}{summer}" for m in ("00", "15", "30", "45")]
+    three = local_fire_times("30 2 * * *", timezone, day - dt.timedelta(days=1), days=3)
+    assert [t[3:8] for t in three] == ["02:30"] * 3
+
+
+@pytest.mark.parametrize("timezone", ["Europe/Paris", "Australia/Sydney"])
+def test_a_wildcard_hour_keeps_the_real_clock_across_the_changes(timezone):
+    winter, summer = OFFSETS[timezone]
+    spring = local_fire_times("0 * * * *", timezone, TRANSITIONS[timezone, SPRING])
+    assert len(spring) == 23 and not any(t.startswith("02:") for t in spring)
+    assert spring[1:3] == [f"01:00{winter}", f"03:00{summer}"]  # an hour apart, as always
+    fall = local_fire_times("0 * * * *", timezone, TRANSITIONS[timezone, FALL])
+    assert len(fall) == 25
+    assert fall[2:4] == [f"02:00{summer}", f"02:00{winter}"]  # both 02:00, an hour apart
+    fall_15 = local_fire_times("*/15 * * * *", timezone, TRANSITIONS[timezone, FALL])
+    assert len(fall_15) == 25 * 4
+    # An interval is counted in UTC and knows nothing of the change.
+    start, end = local_day(timezone, TRANSITIONS[timezone, FALL])
+    hourly = list(Schedule.parse(None, 3600, timezone).between(start - MINUTE, end))
+    assert len(hourly) == 25 and all(t.minute == 0 for t in hourly)
+
+
+@pytest.mark.parametrize("expression", ["30 2 * * *", "*/15 2 * * *", "0 * * * *",
+                                        "0 2,3 * * *", "*/7 1-3 * * *"])
+@pytest.mark.parametrize("timezone, kind", list(TRANSITIONS))
+def test_next_latest_and_backfill_agree_across_the_changes(expression, timezone, kind):
+    schedule = Schedule.parse(expression, None, timezone)
+    start, end = local_day(timezone, TRANSITIONS[timezone, kind])
+    everything = list(schedule.between(start, end))
+    assert everything == schedule.after(start, len(everything))
+    assert everything == schedule.latest(start, end, len(everything))
+    # The day cut into one-minute windows, as a consumer ticking each minute cuts it, gives
+    # the same fire times: each minute is one or not whatever window it falls in.
+    cuts = [start + dt.timedelta(minutes=m, seconds=30) for m in range(25 * 60)]
+    windows = itertools.pairwise([start, *(c for c in cuts if c < end), end])
+    assert [t for a, b in windows for t in schedule.between(a, b)] == everything
+
+
+def test_consumers_fire_a_daily_time_once_on_both_change_days(project):
+    scheduled(project, 'schedule = "30 2 * * *"\ntimezone = "Europe/Paris"\ncatchup = "skip"\n'
+                       'overlap = "allow"')
+    rx = Runex()
+    scheduler = Scheduler(rx)
+    for day in (dt.datetime(2026, 3, 28, 23, 0, tzinfo=dt.UTC),
+                dt.datetime(2026, 10, 24, 23, 0, tzinfo=dt.UTC)):
+        for minute in range(0, 4 * 60, 2):  # a consumer ticking through the night
+            scheduler.tick(day + dt.timedelta(minutes=minute, seconds=5))
+    assert runs(rx) == [("2026-03-29T01:00:00Z", "queued"), ("2026-10-25T00:30:00Z", "queued")]
+
+
+@pytest.mark.parametrize("timezone, kind", list(TRANSITIONS))
+def test_backfill_command_makes_one_run_on_a_change_day(project, timezone, kind):
+    scheduled(project, f'schedule = "30 2 * * *"\ntimezone = "{timezone}"',
+              path='"out/{fire_time:%H%M%z}"')
+    start, end = local_day(timezone, TRANSITIONS[timezone, kind])
+    result = runex_cli("backfill", "pipelines/p.toml", "--from", start.isoformat(),
+                       "--to", end.isoformat(), "-w", "1", cwd=project)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-2:] == ["1 of 1 fire times queued", "1 succeeded"]
+    summer = OFFSETS[timezone][1].replace(":", "")
+    expected = "0300" if kind == SPRING else "0230"
+    assert [p.name for p in (project / "out").iterdir()] == [expected + summer]
+
+
+def test_day_of_month_and_day_of_week_both_given_fire_on_either_as_in_posix_cron():
+    def days(expression):
+        june = Schedule.parse(expression, None)  # June 2026: Monday the 1st
+        return [t.day for t in june.between(dt.datetime(2026, 5, 31, 23, 59, tzinfo=dt.UTC),
+                                            dt.datetime(2026, 6, 30, 23, 59, tzinfo=dt.UTC))]
+
+    assert days("0 0 1,15 * 1") == [1, 8, 15, 22, 29]  # the 1st, the 15th, every Monday
+    assert days("0 0 2,16 * 1") == [1, 2, 8, 15, 16, 22, 29]
+    assert days("0 0 2,16 * *") == [2, 16]  # one field restricted: it alone decides
+    assert days("0 0 * * 1") == [1, 8, 15, 22, 29]
+    assert days("0 0 20 * 0") == days("0 0 20 * 7") == [7, 14, 20, 21, 28]  # 0 and 7: Sunday
+    # A field with `*` in it counts as unrestricted, as in cronie: odd days that are Mondays.
+    assert days("0 0 */2 * 1") == [1, 15, 29]
