@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import itertools
+import multiprocessing
 import os
 import select
 import signal
@@ -100,11 +101,15 @@ class RunexWorker(Worker):
     """huey's worker, waiting for the queue file to change rather than polling it, and
     taking nothing while the disk under the home is full."""
 
+    slots: Any = None  # the consumer's shared `worker.Running` slots, and this one's
+    slot = 0
+
     def initialize(self) -> None:
         super().initialize()
         self.watch = QueueWatch(self.huey.storage.filename)
         self.reserve = Reserve(os.path.dirname(self.huey.storage.filename))
         worker.stopping = self.stop_flag.is_set  # a pack is handed back when it is set
+        worker.running = worker.Running(self.slots, self.slot)
 
     def loop(self, now: Any = None) -> None:
         if not self.reserve.ok():  # the consumer makes it again once there is room
@@ -132,6 +137,9 @@ class RunexConsumer(Consumer):
                  stop_when: Callable[[], bool] | None = None, check_every: float = 0.05,
                  stop_on_full: bool = False, state: WorkerState | None = None,
                  **options: Any):
+        # What each worker runs, and until when (see `worker.Running`): made before the
+        # workers are, and shared with them through the fork.
+        self.slots = multiprocessing.RawArray("d", 3 * options.get("workers", 1))
         super().__init__(huey, **options)
         self.state = state
         self.home = os.path.dirname(os.path.abspath(huey.storage.filename))
@@ -143,6 +151,7 @@ class RunexConsumer(Consumer):
         self._signal_actions[signal.SIGTERM] = (False, True)
         # [seconds, job, next run, runs while the disk is full]
         self.jobs = [[DISK_CHECK, self._watch_disk, 0.0, True],
+                     [1.0, self._kill_overdue, 0.0, False],
                      *([every, job, 0.0, False] for every, job in jobs)]
         if stop_when is not None:  # short-lived (burst, `run`): notice the end sooner
             self.jobs.append([check_every, self._stop_if(stop_when), 0.0, True])
@@ -171,6 +180,30 @@ class RunexConsumer(Consumer):
         self.stop_flag.set()
         tasks.poke(self.huey)
         super().stop(graceful)
+
+    def _create_process(self, process: Any, name: str) -> Any:
+        """huey's, giving each worker its slot: huey names them Worker-1, Worker-2... and
+        gives a restarted worker the name of the one it replaces."""
+        if isinstance(process, RunexWorker):
+            process.slots, process.slot = self.slots, int(name.rsplit("-", 1)[1]) - 1
+        return super()._create_process(process, name)
+
+    def _kill_overdue(self) -> None:
+        """The hard limit of `timeout`: kill a worker still at a partition past its time (see
+        `worker.Running`); huey's health check starts another in its place."""
+        now = time.time()
+        for i, (_, proc) in enumerate(self.worker_threads):
+            until, index, attempt = self.slots[3 * i:3 * i + 3]
+            if not until or now < until or self.state is None:
+                continue
+            self.slots[3 * i] = 0.0
+
+            def kill(proc: Any = proc) -> None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGKILL)
+                proc.join(10)
+
+            reaper.kill_overdue(self.state, proc.pid, int(index), int(attempt), kill)
 
     def _watch_disk(self) -> None:
         """While the home's reserve is missing (the disk is full), workers take nothing; make

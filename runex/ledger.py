@@ -384,15 +384,8 @@ class Ledger:
                 return []
             order = {idx: i for i, idx in enumerate(indexes)}
             rows.sort(key=lambda r: order[r[0]])
-            failures: dict[int, int] = {}
             again = [r[0] for r in rows if r[1] > r[2] + 1]  # tried before, since the base
-            if again:
-                failures = dict(conn.execute(
-                    "SELECT a.idx, COUNT(*) FROM attempts a JOIN partitions p ON "
-                    "p.run_id = a.run_id AND p.idx = a.idx WHERE a.run_id = ? AND a.idx IN "
-                    f"({', '.join('?' * len(again))}) AND a.attempt > p.attempt_base AND "
-                    "a.status IN ('failed', 'timeout') GROUP BY a.idx",
-                    (run_id, *again)).fetchall())
+            failures = self._failures(conn, run_id, again)
             conn.executemany(
                 "INSERT INTO attempts (run_id, idx, attempt, status, host, pid, pid_started, "
                 "boot_id, lease_until, started_at) VALUES (?, ?, ?, 'running', ?, ?, ?, ?, ?, ?)",
@@ -406,6 +399,32 @@ class Ledger:
         spec = json.loads(run[1])
         return [Claim(run_id, idx, json.loads(key), attempt, failures.get(idx, 0), run[0],
                       spec, run[2], run[3]) for idx, attempt, _, key in rows]
+
+    @staticmethod
+    def _failures(conn: sqlite3.Connection, run_id: str, indexes: Sequence[int]
+                  ) -> dict[int, int]:
+        """Failed or timed-out attempts of these partitions since `runex retry` last
+        re-queued them (what spends their retry budget)."""
+        if not indexes:
+            return {}
+        return dict(conn.execute(
+            "SELECT a.idx, COUNT(*) FROM attempts a JOIN partitions p ON "
+            "p.run_id = a.run_id AND p.idx = a.idx WHERE a.run_id = ? AND a.idx IN "
+            f"({', '.join('?' * len(indexes))}) AND a.attempt > p.attempt_base AND "
+            "a.status IN ('failed', 'timeout') GROUP BY a.idx", (run_id, *indexes)).fetchall())
+
+    def running_claim(self, host: str, pid: int, index: int, attempt: int) -> Claim | None:
+        """The claim of a running attempt of process `pid` on `host`, or None."""
+        row = self.conn.execute(
+            "SELECT r.id, p.key, r.pipeline, r.spec, r.project_dir, r.partition_count FROM "
+            "attempts a JOIN partitions p ON p.run_id = a.run_id AND p.idx = a.idx JOIN runs r "
+            "ON r.id = a.run_id WHERE a.host = ? AND a.pid = ? AND a.idx = ? AND a.attempt = ? "
+            "AND a.status = 'running'", (host, pid, index, attempt)).fetchone()
+        if row is None:
+            return None
+        failures = self._failures(self.conn, row[0], [index]).get(index, 0)
+        return Claim(row[0], index, json.loads(row[1]), attempt, failures, row[2],
+                     json.loads(row[3]), row[4], row[5])
 
     def finish_attempt(self, claim: Claim, status: str, *, records_in: int = 0,
                        records_out: int = 0, error: str | None = None,

@@ -13,14 +13,20 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from runex import tasks, trace
+from runex.errors import PartitionTimeout
 from runex.pipeline import Pipeline
 from runex.worker import (
     BOOT_ID,
+    HARD_GRACE,
+    Recording,
+    Stats,
     WorkerState,
     alive,
+    failed,
     finalize_run,
     holder,
     holder_alive,
@@ -92,6 +98,27 @@ def reap_lost(state: WorkerState, now: float | None = None) -> int:
         if complete:
             finalize_run(state, a["run_id"])
     return found
+
+
+def kill_overdue(state: WorkerState, pid: int, index: int, attempt: int,
+                 kill: Callable[[], None]) -> bool:
+    """Past its timeout and HARD_GRACE, worker `pid` still runs partition `index` (a kernel
+    in a long C call, or a stopped process): `kill` it, record the attempt as `timeout`, which
+    follows the partition's retries, and recover the rest of its chunk (lost, as the worker
+    is gone). Returns whether the attempt was still running."""
+    kill()
+    claim = state.ledger.running_claim(trace.HOST, pid, index, attempt)
+    if claim is not None:
+        timeout = Pipeline.from_dict(claim.spec).options.timeout
+        log = trace.logger(run_id=claim.run_id, pipeline=claim.pipeline, partition=claim.key,
+                           partition_index=index, attempt=attempt)
+        exc = PartitionTimeout(f"the attempt ran past its timeout of {timeout:g}s and had not "
+                               f"stopped {HARD_GRACE:g}s later: its worker (pid {pid}) was "
+                               "killed")
+        outcome, delay = failed(claim, exc, Stats(), log)
+        Recording(state, claim.run_id, [outcome], {index: delay})()
+    reap_lost(state)
+    return claim is not None
 
 
 def requeue_vanished(state: WorkerState, older_than: float = 30.0) -> int:

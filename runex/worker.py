@@ -163,6 +163,31 @@ def _never() -> bool:
 
 stopping = _never  # the consumer's stop flag, set in each worker process (`runex.consumer`)
 
+HARD_GRACE = 3.0  # seconds past its timeout before the consumer kills an attempt's worker
+
+
+class Running:
+    """The partition this worker process runs, in three numbers of memory shared with its
+    consumer: when the consumer must kill the process if it is still at it (the timeout plus
+    HARD_GRACE; 0: no limit), the partition's index and its attempt. The timeout raises in the
+    kernel (SIGALRM); a kernel inside one long C call, or a stopped process, never sees it,
+    and the consumer, which looks every second, is the hard limit (see `runex.consumer`)."""
+
+    def __init__(self, slots: Any = None, slot: int = 0):
+        self.slots, self.at = slots, 3 * slot
+
+    def begin(self, claim: Claim, timeout: float | None) -> None:
+        if self.slots is not None and timeout:
+            self.slots[self.at + 1], self.slots[self.at + 2] = claim.index, claim.attempt
+            self.slots[self.at] = time.time() + timeout + HARD_GRACE
+
+    def end(self) -> None:
+        if self.slots is not None:
+            self.slots[self.at] = 0.0
+
+
+running = Running()  # this process's slot, set in each worker process (`runex.consumer`)
+
 
 def execute(run_id: str, indexes: list[int]) -> None:
     """Run a pack of partitions of one run: the body of runex's huey task.
@@ -297,8 +322,13 @@ def run_one(state: WorkerState, claim: Claim, cancel: Cancellation) -> tuple[Out
     began, started = time.time(), time.perf_counter()
     try:
         plan = state.plan(claim.run_id, claim.spec)
-        with deadline(plan.pipeline.options.timeout):
-            process(plan, claim, stats, cancel)
+        timeout = plan.pipeline.options.timeout
+        running.begin(claim, timeout)
+        try:
+            with deadline(timeout):
+                process(plan, claim, stats, cancel)
+        finally:
+            running.end()
     except KeyboardInterrupt:
         # The consumer stopped this worker mid-partition: give the partition back.
         log.warning("partition.interrupted", records_in=stats.records_in)

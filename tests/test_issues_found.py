@@ -219,3 +219,74 @@ def test_a_record_that_is_not_a_mapping_fails_naming_where_it_came_from(project)
     drain(rx)
     assert show(rx, run_id)["partitions"][0]["error"].startswith(
         "TypeError: step 0 (kernel 'word') made a record that is not a mapping: 'three' (str)")
+
+
+HANGING = """
+    import os, time
+    from runex import register_kernel
+
+    @register_kernel("in_c")
+    def in_c(record):
+        return {**record, "s": sum(range(10**11))}  # minutes in one C call: no signal is seen
+
+    @register_kernel("hang")
+    def hang(record, flag=""):
+        if not os.path.exists(flag):
+            time.sleep(2)
+        return record
+"""
+
+
+def hard_timeout_project(project, step, options):
+    write(project / "extensions" / "hang.py", HANGING)
+    write(project / "workers" / "fast.toml", "reap_every = 0.5\nmax_delay = 0.1\n")
+    write(project / "p.toml", f'[source]\nuse = "range"\nstop = 1\n\n[[steps]]\n{step}\n\n'
+                              f'[sink]\nuse = "null"\n\n[options]\n{options}\n')
+
+
+def test_a_kernel_inside_one_long_c_call_is_stopped_at_its_timeout(project):
+    hard_timeout_project(project, 'use = "in_c"', 'timeout = "1s"\nretries = 0')
+    run_id = runex_cli("submit", "p.toml", cwd=project, check=True).stdout.strip()
+    # The C call alone would take minutes; the burst worker ends within the subprocess's
+    # time limit only because the consumer killed it a few seconds past its timeout.
+    runex_cli("worker", "--burst", "-w", "1", "--profile", "fast", cwd=project, check=True,
+              timeout=60)
+    data = show(Runex(), run_id)
+    assert data["status"] == "failed"
+    [attempt] = data["partitions"][0]["attempts"]
+    assert attempt["status"] == "timeout"
+    assert attempt["error"].startswith("PartitionTimeout: the attempt ran past its timeout of "
+                                       "1s and had not stopped 3s later: its worker (pid ")
+
+
+def test_a_stopped_worker_loses_its_partition_at_its_timeout_not_its_lease(project):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    flag = project / "go"
+    hard_timeout_project(project, f'use = "hang"\nflag = "{flag}"',
+                         'timeout = "1s"\nretries = 1\nretry_delay = "10ms"')
+    run_id = runex_cli("submit", "p.toml", cwd=project, check=True).stdout.strip()
+    proc = subprocess.Popen([sys.executable, "-m", "runex", "worker", "-w", "1", "--profile",
+                             "fast"], cwd=project, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        ledger = project / ".runex" / "ledger.db"
+        deadline = time.monotonic() + 30
+        while not (ledger.exists() and (pid := sqlite3.connect(ledger).execute(
+                "SELECT pid FROM attempts WHERE status = 'running'").fetchone())):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        os.kill(pid[0], signal.SIGSTOP)  # no SIGALRM reaches it, and its lease runs 60 s
+        flag.touch()
+        while show(Runex(), run_id)["status"] != "succeeded":
+            assert time.monotonic() < deadline, "not recovered before its lease would expire"
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    attempts = show(Runex(), run_id)["partitions"][0]["attempts"]
+    assert [a["status"] for a in attempts] == ["timeout", "succeeded"]
+    assert "its worker (pid" in attempts[0]["error"]
