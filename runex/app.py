@@ -74,6 +74,8 @@ class Runex:
         if not isinstance(pipeline, Pipeline):
             pipeline = load(pipeline, params)
         pipeline = pipeline.with_fire_time(fire_time or dt.datetime.now(dt.UTC))
+        # A long-lived caller (a consumer firing schedules) sees extension files as they are.
+        self._registry = extensions.refresh(self.registry)
         return check(pipeline, self.registry)
 
     def submit(self, pipeline: str | os.PathLike | Pipeline, params: Sequence[str] = (),

@@ -347,8 +347,10 @@ def show(ctx: click.Context, run_ref: str, as_json: bool, home: str | None,
         click.echo(f"error: {data['error']}")
     click.echo("")
     table([[p["index"], json.dumps(p["key"]), p["status"], len(p["attempts"]), p["records_in"],
-            p["records_out"], p["seconds"]] for p in data["partitions"]],
-          ["#", "KEY", "STATUS", "ATTEMPTS", "IN", "OUT", "SECONDS"])
+            p["records_out"], p["seconds"],
+            p["attempts"][-1]["code_version"] if p["attempts"] else None]
+           for p in data["partitions"]],
+          ["#", "KEY", "STATUS", "ATTEMPTS", "IN", "OUT", "SECONDS", "CODE"])
     for p in data["partitions"]:
         for a in p["attempts"]:
             if a["error"]:

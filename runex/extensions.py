@@ -7,6 +7,7 @@ load. Loading always builds a fresh `Registry`.
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import hashlib
 import importlib.util
@@ -18,7 +19,9 @@ import traceback
 from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
+from runex import trace
 from runex.errors import ExtensionError
 from runex.registry import (
     DataSourceSpec,
@@ -38,7 +41,9 @@ def load(dirs: Iterable[str | os.PathLike], *, builtins: bool = True) -> Registr
     A folder that does not exist is skipped. Problems are collected in `registry.errors`.
     """
     registry = Registry()
-    folders = ([BUILTINS_DIR] if builtins else []) + [Path(d) for d in dirs]
+    registry.dirs = [Path(d) for d in dirs]
+    registry.files = fingerprint(registry.dirs)  # before: a change while loading shows later
+    folders = ([BUILTINS_DIR] if builtins else []) + registry.dirs
     seen: set[Path] = set()
     for folder in folders:
         folder = folder.resolve()
@@ -57,6 +62,59 @@ def load(dirs: Iterable[str | os.PathLike], *, builtins: bool = True) -> Registr
                 continue
             load_file(registry, path, check_permissions=not trusted)
     return registry
+
+
+def fingerprint(dirs: Iterable[Path]) -> dict[str, tuple[int, int]]:
+    """Each extension file of `dirs` with its modification time and size: what tells a
+    running worker that a file was added, changed or removed."""
+    files = {}
+    for folder in dirs:
+        for path in sorted(Path(folder).glob("*.py")):
+            if not path.name.startswith(("_", ".")):
+                with contextlib.suppress(OSError):
+                    st = path.stat()
+                    files[str(path.resolve())] = (st.st_mtime_ns, st.st_size)
+    return files
+
+
+def refresh(registry: Registry) -> Registry:
+    """`registry` itself if its extension files are as they were when it was loaded, else a
+    registry loaded again from the same folders (and a trace event that says what changed).
+    A file that now fails to load is reported in the new registry's errors; the rest load."""
+    now = fingerprint(registry.dirs)
+    if now == registry.files:
+        return registry
+    fresh = load(registry.dirs)
+    before = registry.files
+    trace.logger().info(
+        "extensions.reloaded",
+        added=sorted(display_path(f) for f in now.keys() - before.keys()),
+        changed=sorted(display_path(f) for f in now.keys() & before.keys()
+                       if now[f] != before[f]),
+        removed=sorted(display_path(f) for f in before.keys() - now.keys()),
+        errors=[str(e) for e in fresh.errors])
+    return fresh
+
+
+def code_version(*fns: Any) -> str:
+    """A short hash of runex's version and the files that define `fns` (the callables of a
+    run's kernels, source and sink): what ran, recorded with each attempt."""
+    from runex import __version__
+
+    digest = hashlib.sha256(__version__.encode())
+    for path in sorted({_file_of(fn) for fn in fns} - {None}):
+        digest.update(os.path.basename(path).encode())
+        with contextlib.suppress(OSError):
+            digest.update(Path(path).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def _file_of(fn: Any) -> str | None:
+    """The file a callable (a function, a partial of one, an object with `__call__`) is
+    written in."""
+    fn = getattr(fn, "func", fn)
+    code = getattr(fn, "__code__", None) or getattr(type(fn).__call__, "__code__", None)
+    return code.co_filename if code else None
 
 
 def load_file(registry: Registry, path: Path, *, check_permissions: bool = True) -> None:

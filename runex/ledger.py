@@ -120,6 +120,10 @@ SCHEMA = [
             started_at REAL NOT NULL,
             PRIMARY KEY (host, pid))""",
     ],
+    # version 3: the code each attempt ran
+    [
+        "ALTER TABLE attempts ADD COLUMN code_version TEXT",
+    ],
 ]
 
 
@@ -153,6 +157,7 @@ class Outcome:
     traceback: str | None = None
     requeue: bool = False  # back to `queued`: retried, or given back
     started: float | None = None  # when it really started, if after its claim
+    code_version: str | None = None  # of the code it ran (`extensions.code_version`)
 
 
 class Ledger:
@@ -467,10 +472,11 @@ class Ledger:
                 applied.append(cur.rowcount == 1)
                 conn.execute(
                     "UPDATE attempts SET status = ?, started_at = COALESCE(?, started_at), "
-                    "finished_at = ?, records_in = ?, records_out = ?, error = ?, traceback = ? "
+                    "finished_at = ?, records_in = ?, records_out = ?, error = ?, traceback = ?, "
+                    "code_version = ? "
                     "WHERE run_id = ? AND idx = ? AND attempt = ? AND status = 'running'",
                     (o.status if applied[-1] else "fenced", o.started, now, o.records_in,
-                     o.records_out, o.error, o.traceback, *key))
+                     o.records_out, o.error, o.traceback, o.code_version, *key))
             self._insert_events(conn, events)
             over = [o.claim.run_id for o, ok in zip(outcomes, applied, strict=True)
                     if ok and not o.requeue]

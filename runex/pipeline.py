@@ -15,6 +15,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from runex.errors import PipelineError, RunexError, suggest
+from runex.extensions import code_version
 from runex.registry import Kernel, Registry, display_path
 from runex.schedule import Schedule, ScheduleError
 
@@ -332,6 +333,7 @@ class Plan:
     sink_finalize: Callable | None
     sink_sync: Callable | None
     sink_params: dict[str, Any]
+    code_version: str = ""  # see `extensions.code_version`
 
 
 def check(pipeline: Pipeline, registry: Registry) -> Plan:
@@ -401,4 +403,5 @@ def check(pipeline: Pipeline, registry: Registry) -> Plan:
         sink_finalize=sink.finalize,
         sink_sync=sink.sync,
         sink_params=sink_params,
+        code_version=code_version(source.read, *(k.fn for k, _ in kernels), sink.write),
     )

@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from runex.errors import DuplicateName, UnknownName, suggest
@@ -119,6 +120,9 @@ class Registry:
         self.errors: list[Exception] = []  # load problems, reported but not fatal
         self.failed_files: list[str] = []  # extension files that failed to load
         self._ambiguous: dict[tuple[str, str], DuplicateName] = {}
+        # What it was loaded from: the extension folders, and each file's (mtime, size) then.
+        self.dirs: list[Path] = []
+        self.files: dict[str, tuple[int, int]] = {}
 
     def _table(self, kind: str) -> dict[str, Any]:
         return {"kernel": self.kernels, "source": self.sources, "sink": self.sinks}[kind]
@@ -144,7 +148,9 @@ class Registry:
             return table[name]
         message = suggest(name, table.keys(), kind)
         if self.failed_files:
-            message += "; these extension files failed to load: " + ", ".join(self.failed_files)
+            failed = [str(e) for e in self.errors if getattr(e, "path", None) in self.failed_files]
+            message += "; these extension files failed to load: " + "; ".join(
+                failed or self.failed_files)
         raise UnknownName(message)
 
     def kernel(self, name: str) -> Kernel:

@@ -22,6 +22,7 @@ from typing import Any
 
 from runex import tasks, trace
 from runex.errors import DiskFull, PartitionTimeout
+from runex.extensions import refresh
 from runex.ledger import LEASE_SECONDS, Claim, Ledger, Outcome
 from runex.pipeline import Pipeline, Plan, check
 from runex.project import chdir
@@ -44,8 +45,12 @@ class WorkerState:
         self.reserve = Reserve(self.ledger.path.parent)
 
     def plan(self, run_id: str, spec: dict[str, Any]) -> Plan:
+        """The checked pipeline of a run, made when this process first meets the run, with
+        the extension files as they are then: added, changed and removed files are loaded
+        again first (`extensions.refresh`)."""
         plan = self.plans.get(run_id)
         if plan is None:
+            self.registry = refresh(self.registry)
             plan = check(Pipeline.from_dict(spec), self.registry)
             self.plans = {run_id: plan}  # one run at a time is the common case
         return plan
@@ -255,7 +260,8 @@ def run_chunk(state: WorkerState, claims: list[Claim]) -> int:
         ran = len(outcomes)
         if not synced:  # output that may not be on disk yet is not recorded as done
             outcomes = [Outcome(o.claim, "interrupted", o.records_in, o.records_out,
-                                "the worker was stopped", requeue=True, started=o.started)
+                                "the worker was stopped", requeue=True, started=o.started,
+                                code_version=o.code_version)
                         if o.status == "succeeded" else o for o in outcomes]
         outcomes += [Outcome(c, "released", requeue=True) for c in claims[ran:]]
         _record(state, first.run_id, outcomes, delays)
@@ -307,9 +313,10 @@ def failed(claim: Claim, exc: BaseException, done: Stats | Outcome, log: Any
         error += f" ({describe_full(folder)}; then `runex retry {claim.run_id}`)"
     log.error("partition.failed", status=status, error=error,
               retry_in=round(delay, 3) if retry else None)
-    started = done.started if isinstance(done, Outcome) else None
+    earlier = done if isinstance(done, Outcome) else None
     return Outcome(claim, status, done.records_in, done.records_out, error,
-                   "".join(traceback.format_exception(exc)), retry, started), delay
+                   "".join(traceback.format_exception(exc)), retry,
+                   earlier and earlier.started, earlier and earlier.code_version), delay
 
 
 def run_one(state: WorkerState, claim: Claim, cancel: Cancellation) -> tuple[Outcome, float]:
@@ -320,6 +327,7 @@ def run_one(state: WorkerState, claim: Claim, cancel: Cancellation) -> tuple[Out
     log.info("partition.claimed")
     stats = Stats()
     began, started = time.time(), time.perf_counter()
+    plan: Plan | None = None
     try:
         plan = state.plan(claim.run_id, claim.spec)
         timeout = plan.pipeline.options.timeout
@@ -333,18 +341,19 @@ def run_one(state: WorkerState, claim: Claim, cancel: Cancellation) -> tuple[Out
         # The consumer stopped this worker mid-partition: give the partition back.
         log.warning("partition.interrupted", records_in=stats.records_in)
         return Outcome(claim, "interrupted", stats.records_in, stats.records_out,
-                       error="the worker was stopped", requeue=True, started=began), 0.0
+                       error="the worker was stopped", requeue=True, started=began,
+                       code_version=plan and plan.code_version), 0.0
     except Exception as exc:  # noqa: BLE001 - a partition's failure must not stop the worker
         _log_steps(log, stats)
         outcome, delay = failed(claim, exc, stats, log.bind(
             seconds=round(time.perf_counter() - started, 4)))
-        outcome.started = began
+        outcome.started, outcome.code_version = began, plan and plan.code_version
         return outcome, delay
     _log_steps(log, stats)
     log.info("partition.committed", records_in=stats.records_in,
              records_out=stats.records_out, seconds=round(time.perf_counter() - started, 4))
     return Outcome(claim, "succeeded", stats.records_in, stats.records_out,
-                   started=began), 0.0
+                   started=began, code_version=plan.code_version), 0.0
 
 
 def _record(state: WorkerState, run_id: str, outcomes: list[Outcome],

@@ -106,7 +106,7 @@ def test_a_home_written_by_runex_0_1_opens_and_keeps_working(project):
     assert old["records_out"] == 43 and [p["status"] for p in old["partitions"]] == [
         "succeeded", "succeeded"]
     with sqlite3.connect(project / ".runex" / "ledger.db") as conn:
-        assert conn.execute("PRAGMA user_version").fetchone() == (2,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (3,)
         assert conn.execute("SELECT boot_id FROM attempts").fetchall() == [(None,)] * 4
     work_pipeline(project, stop=20)
     run_id = runex_cli("submit", "pipelines/p.toml", cwd=project, check=True).stdout.strip()
