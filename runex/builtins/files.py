@@ -1,8 +1,10 @@
 """Built-in file sources (`csv`, `jsonl`, `lines`) and file sinks (`jsonl`, `csv`).
 
 Sources take a glob `path` (relative to the project folder): one partition per file, or, with
-`chunk_bytes`, large files split into chunks of about that size at line boundaries (which
-assumes one record per line: no quoted newlines in CSV).
+`chunk_bytes`, large files split into chunks of about that size that begin where a record does.
+A `jsonl` or `lines` record is a line. A CSV record can span lines (a quoted field may hold a
+line end), so `csv` finds where its records begin with one scan of the file's bytes, done once
+when the partitions are listed (see `csv_chunks`); each chunk is then read on its own.
 
 Sinks write one file per partition, `part-NNNNN.<ext>` in the folder `path`, through a
 temporary file renamed into place (`runex.atomic_write`: synced, then renamed, then the folder
@@ -11,12 +13,20 @@ on disk before runex records it as done. With `merge`, the parts are joined in p
 into that one file, the same way, once every partition is in.
 """
 
+import codecs
 import csv
 import glob
+import io
 import json
+import mmap
 import os
+import re
 
 from runex import DataSourceSpec, SinkSpec, atomic_write
+
+# The last element of a `csv` chunk's key `[path, start, end, RECORDS]`: start and end are
+# where records begin. A key of three elements comes from a runex that cut chunks at line ends.
+RECORDS = "records"
 
 
 def file_partitions(path, chunk_bytes=None):
@@ -68,6 +78,125 @@ def read_lines(partition, encoding="utf-8", skip_header=False):
             yield line.decode(encoding)
 
 
+def csv_partitions(path, chunk_bytes=None, delimiter=",", encoding="utf-8"):
+    """One key per file (its path), or `[path, start, end, RECORDS]` per chunk of a large
+    file, cut where records begin (`csv_chunks`). Files are read whole when bytes cannot tell
+    where records begin (`record_pattern` is None)."""
+    keys = file_partitions(path)
+    if chunk_bytes and chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be a positive number of bytes, not {chunk_bytes}")
+    pattern = record_pattern(delimiter, encoding) if chunk_bytes else None
+    if pattern is None:
+        return keys
+    bom = codecs.lookup(text_encoding(encoding)).name == "utf-8-sig"
+    chunked = []
+    for name in keys:
+        if os.path.getsize(name) <= chunk_bytes:
+            chunked.append(name)
+        else:
+            chunked += [[name, start, end, RECORDS]
+                        for start, end in csv_chunks(name, chunk_bytes, pattern, bom)]
+    return chunked
+
+
+def record_pattern(delimiter, encoding):
+    """A regular expression that matches whole CSV records in a file's bytes, as the csv
+    module reads them (default dialect, this delimiter): fields split by the delimiter, up to
+    a line end (`\\r\\n`, `\\n` or `\\r`) outside quotes. A field that begins with `"` is quoted up
+    to the next `"` that is not doubled, and may go on unquoted after it (`"a"b` reads `ab`);
+    a `"` anywhere else is a plain character. The quantifiers never give back (`*+`), as the
+    csv module never goes back, so a scan is one pass.
+
+    None when bytes cannot tell: the delimiter is not one ASCII character (other than `"` or
+    a line end), or an ASCII byte of the encoding can be part of another character
+    (`bytes_are_ascii`)."""
+    if not (isinstance(delimiter, str) and len(delimiter) == 1 and delimiter.isascii()
+            and delimiter not in '"\r\n' and bytes_are_ascii(encoding)):
+        return None
+    d = re.escape(delimiter)
+    field = rf'"[^"]*+(?:""[^"]*+)*+"[^{d}\r\n]*+|[^"{d}\r\n][^{d}\r\n]*+|'
+    record = rf'(?:{field})(?:{d}(?:{field}))*+(?:\r\n?|\n)'
+    return re.compile(f"(?:{record})*+".encode())
+
+
+def bytes_are_ascii(encoding):
+    """Whether each ASCII byte in text of this encoding is that ASCII character: true of UTF-8
+    and of one-byte encodings that extend ASCII (Latin-1, cp1252), not of UTF-16 or Shift JIS,
+    where it can be half of another character."""
+    name = codecs.lookup(encoding).name
+    if name in ("utf-8", "utf-8-sig"):
+        return True
+    decoder = codecs.getincrementaldecoder(name)(errors="replace")
+    for byte in range(256):
+        decoder.reset()
+        text = decoder.decode(bytes([byte]))
+        if len(text) != 1 or (byte < 128 and text != chr(byte)):
+            return False
+    return True
+
+
+def csv_chunks(name, chunk_bytes, pattern, bom):
+    """`(start, end)` byte ranges that cover a file, each holding the whole records that end
+    within `chunk_bytes` of its start (within twice that if none does, and so on), found in
+    one pass over the file's bytes, mapped rather than read. With `bom`, a UTF-8 byte-order
+    mark at the start is left out of the first field."""
+    with open(name, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        start = 0
+        scan_from = 3 if bom and data[:3] == codecs.BOM_UTF8 else 0
+        while start < len(data):
+            end = records_end(data, scan_from, chunk_bytes, pattern)
+            yield start, end
+            start = scan_from = end
+
+
+def records_end(data, start, size, pattern):
+    """Where the last of the records from `start` (where one begins) that end within `size`
+    bytes of it ends, doubling `size` while none does; the end of the data if none ends."""
+    while start + size < len(data):
+        limit = start + size
+        if data.find(b'"', start, limit) < 0:  # no quote: every line end ends a record
+            end = max(data.rfind(b"\n", start, limit), data.rfind(b"\r", start, limit)) + 1
+        else:
+            end = pattern.match(data, start, limit).end()
+        if end > start:
+            return end + 1 if data[end - 1:end + 1] == b"\r\n" else end
+        size *= 2
+    return len(data)
+
+
+class ByteRange(io.RawIOBase):
+    """Bytes `start` to `end` of a file, read as a file of their own."""
+
+    def __init__(self, name, start, end):
+        super().__init__()
+        self.file = open(name, "rb", buffering=0)  # closed by close()
+        self.file.seek(start)
+        self.left = end - start
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        count = self.file.readinto(memoryview(buffer)[:self.left])
+        self.left -= count
+        return count
+
+    def close(self):
+        self.file.close()
+        super().close()
+
+
+def open_csv(partition, encoding):
+    """A whole file, or the chunk `[path, start, end, RECORDS]` of one, as text for the csv
+    module (lines split at `\\r\\n`, `\\n` and `\\r`, kept whole)."""
+    if isinstance(partition, str):
+        return open(partition, encoding=text_encoding(encoding), newline="")
+    name, start, end, _ = partition
+    chunk = io.BufferedReader(ByteRange(name, start, end), buffer_size=1 << 20)
+    return io.TextIOWrapper(chunk, text_encoding(encoding) if start == 0 else encoding,
+                            newline="")
+
+
 def header_of(partition, encoding, delimiter):
     name = partition if isinstance(partition, str) else partition[0]
     with open(name, encoding=text_encoding(encoding), newline="") as f:
@@ -75,20 +204,28 @@ def header_of(partition, encoding, delimiter):
 
 
 def read_csv(partition, delimiter=",", encoding="utf-8"):
-    if isinstance(partition, str):  # a whole file: the csv module reads it directly
-        with open(partition, encoding=text_encoding(encoding), newline="") as f:
-            rows = csv.reader(f, delimiter=delimiter)
-            yield from as_dicts(rows, next(rows, []))
+    if not isinstance(partition, str) and len(partition) == 3:
+        # A key of an older runex, whose chunks end at line ends: read as it read them.
+        fields = header_of(partition, encoding, delimiter)
+        lines = read_lines(partition, encoding, skip_header=True)
+        yield from as_dicts(csv.reader(lines, delimiter=delimiter), fields)
         return
-    fields = header_of(partition, encoding, delimiter)
-    lines = read_lines(partition, encoding, skip_header=True)
-    yield from as_dicts(csv.reader(lines, delimiter=delimiter), fields)
+    with open_csv(partition, encoding) as f:
+        rows = csv.reader(f, delimiter=delimiter)
+        if isinstance(partition, str) or partition[1] == 0:
+            fields = next(rows, [])  # the chunk begins with the header
+        else:
+            fields = header_of(partition, encoding, delimiter)
+        yield from as_dicts(rows, fields)
 
 
 def as_dicts(rows, fields):
     """Rows as dicts keyed by the header, as `csv.DictReader` makes them (blank lines
     skipped; a short row's missing fields None, a long row's extra values in a list under
     None), at about twice its speed."""
+    if not fields:  # a blank first line: every value is an extra one
+        yield from ({None: row} for row in rows if row)
+        return
     width = len(fields)
     for row in rows:
         if len(row) == width:
@@ -118,7 +255,7 @@ def read_text(partition, encoding="utf-8", field="text"):
         yield {field: line.rstrip("\r\n")}
 
 
-csv_source = DataSourceSpec(name="csv", partitions=file_partitions, read=read_csv)
+csv_source = DataSourceSpec(name="csv", partitions=csv_partitions, read=read_csv)
 jsonl_source = DataSourceSpec(name="jsonl", partitions=file_partitions, read=read_jsonl)
 lines_source = DataSourceSpec(name="lines", partitions=file_partitions, read=read_text)
 
