@@ -340,9 +340,16 @@ def show(ctx: click.Context, run_ref: str, as_json: bool, home: str | None,
         dump(data)
         return
     click.echo(f"run {data['id']}  pipeline {data['pipeline']}  status {data['status']}")
+    if data["status"] in TERMINAL_RUN:
+        took = f"finished {when(data['finished_at'])}  took {data['seconds']}s"
+    elif any(p["status"] == "running" for p in data["partitions"]):
+        took = f"running for {data['seconds']}s"
+    else:  # queued, waiting for a retry, or its consumer was stopped
+        took = "not finished, and nothing is running it now (`runex worker` goes on with it)"
     click.echo(f"created {when(data['created_at'])}  started {when(data['started_at'])}  "
-               f"finished {when(data['finished_at'])}  took {data['seconds']}s")
-    click.echo(f"records {data['records_in']} in, {data['records_out']} out")
+               + took)
+    committed = "" if data["status"] in TERMINAL_RUN else " so far"
+    click.echo(f"records {data['records_in']} in, {data['records_out']} out{committed}")
     if data["error"]:
         click.echo(f"error: {data['error']}")
     click.echo("")

@@ -290,3 +290,13 @@ def test_a_stopped_worker_loses_its_partition_at_its_timeout_not_its_lease(proje
     attempts = show(Runex(), run_id)["partitions"][0]["attempts"]
     assert [a["status"] for a in attempts] == ["timeout", "succeeded"]
     assert "its worker (pid" in attempts[0]["error"]
+
+
+def test_show_of_an_unfinished_run_says_whether_anything_runs_it(project):
+    rx = setup(project)
+    run_id = rx.submit(pipeline(project, stop=20, size=10, sink='use = "null"'))
+    waiting = runex_cli("show", run_id, cwd=project, check=True).stdout
+    assert "nothing is running it now" in waiting and "took" not in waiting
+    assert "records 0 in, 0 out so far" in waiting
+    rx.ledger.claim_many(run_id, [0], trace.HOST, os.getpid(), None)
+    assert "running for " in runex_cli("show", run_id, cwd=project, check=True).stdout
