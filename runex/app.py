@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ from runex.pipeline import Pipeline, Plan, check, load
 from runex.project import Project, chdir, cpu_count, load_profile, open_project
 from runex.registry import Registry
 from runex.reserve import Reserve
+from runex.runs import Run
 from runex.schedule import iso
 from runex.scheduler import Scheduler, fire_times
 
@@ -183,8 +185,11 @@ class Runex:
 
     def run(self, pipeline: str | os.PathLike | Pipeline, params: Sequence[str] = (),
             workers: int | None = None, profile: str | None = None,
-            on_progress: Callable[[dict[str, int]], None] | None = None) -> dict[str, Any]:
-        """Submit a pipeline and work the queue until its run ends; returns the run."""
+            on_progress: Callable[[dict[str, int]], None] | None = None) -> Run:
+        """Submit a pipeline and work the queue until its run ends; returns the run. With
+        `workers=0`, the partitions run in this process, through the same claims, commits
+        and ledger (for notebooks, debuggers and tests); as a burst worker does, it works what
+        else is queued on the way."""
         run_id = self.submit(pipeline, params)
 
         def finished() -> bool:
@@ -192,13 +197,45 @@ class Runex:
                 on_progress(self.ledger.progress(run_id))
             return self.ledger.run(run_id)["status"] in TERMINAL_RUN
 
-        if not finished():
+        if workers == 0:
+            self._work_here(finished)
+        elif not finished():
             try:
                 self.work(workers, profile, until=finished, schedules=False)
             except DiskFull as exc:
                 raise DiskFull(f"{exc} (run {run_id}; `runex show {run_id}` tells how far it "
                                "got)") from exc
-        return self.ledger.run(run_id)
+        return self.show(run_id)
+
+    def _work_here(self, done: Callable[[], bool]) -> None:
+        """Take messages off the queue and run them in this process until `done()`."""
+        huey = self.huey
+        worker.setup(self.registry, self.ledger, huey)
+        while not done():
+            for task in huey.read_schedule(huey._get_timestamp()):  # due retries
+                huey.enqueue(task)
+            task = huey.dequeue()
+            if task is None:
+                time.sleep(0.01)  # a retry's delay: nothing else to do here meanwhile
+            else:
+                huey.execute(task)
+
+    def wait(self, ref: str, timeout: float | None = None) -> Run:
+        """Block until the run is over (succeeded, failed or cancelled) and return it; raise
+        `TimeoutError` if `timeout` seconds pass first. It wakes when the ledger is written
+        (inotify on Linux), not on a fixed sleep."""
+        run_id = self.ledger.resolve_run_id(ref)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        watch, never = consumer.QueueWatch(str(self.ledger.path)), threading.Event()
+        try:
+            while (status := self.ledger.run(run_id)["status"]) not in TERMINAL_RUN:
+                left = 1.0 if deadline is None else deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"run {run_id} is still {status} after {timeout:g}s")
+                watch.wait(min(left, 1.0), never)
+        finally:
+            watch.close()
+        return self.show(run_id)
 
     def backfill(self, pipeline: str | os.PathLike, start: dt.datetime, end: dt.datetime,
                  force: bool = False) -> list[dict[str, Any]]:
@@ -266,8 +303,9 @@ class Runex:
         raise NotFound(f"run {run_id} has no partition {ref!r}; `runex show {run_id}` lists "
                        "them with their index and key")
 
-    def show(self, ref: str) -> dict[str, Any]:
-        """A run with its partitions and their attempts, as `runex show --json` prints it."""
+    def show(self, ref: str) -> Run:
+        """A run with its partitions and their attempts; `to_dict()` is what `runex show
+        --json` prints."""
         run = self.ledger.run(self.ledger.resolve_run_id(ref))
         attempts: dict[int, list[dict[str, Any]]] = {}
         for a in self.ledger.attempts(run["id"]):
@@ -287,7 +325,7 @@ class Runex:
             run["records_out"] = sum(p["records_out"] or 0 for p in done)
         spec = json.loads(run.pop("spec"))
         run.pop("finalizer")
-        return {**_with_seconds(run), "spec": spec, "partitions": partitions}
+        return Run.from_dict({**_with_seconds(run), "spec": spec, "partitions": partitions})
 
 
 def _with_seconds(row: dict[str, Any]) -> dict[str, Any]:

@@ -155,12 +155,12 @@ def run(ctx: click.Context, pipeline: str, params: tuple[str, ...], workers: int
     finally:  # an error (a full disk) is printed below the bar, not over it
         if progress:
             progress.done()
-    print_summary(rx, result, time.monotonic() - started)
-    if result["status"] not in TERMINAL_RUN:
+    print_summary(rx, result.to_dict(), time.monotonic() - started)
+    if not result.over:
         click.echo(f"interrupted: the run goes on with `runex worker`; "
-                   f"`runex show {result['id']}` tells how far it got", err=True)
+                   f"`runex show {result.id}` tells how far it got", err=True)
         ctx.exit(errors.EXIT_INTERRUPTED)
-    ctx.exit(errors.EXIT_OK if result["status"] == "succeeded" else errors.EXIT_RUN_FAILED)
+    ctx.exit(errors.EXIT_OK if result.status == "succeeded" else errors.EXIT_RUN_FAILED)
 
 
 class Progress:
@@ -195,7 +195,7 @@ def print_summary(rx: Runex, run: dict[str, Any], seconds: float) -> None:
                + ", ".join(f"{n} {s}" for s, n in sorted(parts.items())) + ")")
     if run["status"] in TERMINAL_RUN:
         click.echo(f"  records: {run['records_in'] or 0} in, {run['records_out'] or 0} out")
-    sink = json.loads(run["spec"])["sink"]
+    sink = run["spec"]["sink"]
     where = ", ".join(f"{k}={v}" for k, v in sink["params"].items() if v is not None)
     click.echo(f"  output: sink {sink['use']!r}" + (f" ({where})" if where else ""))
     if run["error"]:
@@ -335,7 +335,7 @@ def show(ctx: click.Context, run_ref: str, as_json: bool, home: str | None,
 
     RUN is a run id, a unique prefix of one, or `last`."""
     rx = open_runex(home, extension_dirs)
-    data = rx.show(run_ref)
+    data = rx.show(run_ref).to_dict()
     if as_json:
         dump(data)
         return

@@ -87,6 +87,11 @@ class QueueWatch:
             if self.fd in ready and self._queue_written():
                 return
 
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
     def _queue_written(self) -> bool:
         written, data, offset = False, os.read(self.fd, 65536), 0
         while offset < len(data):

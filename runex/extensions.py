@@ -29,6 +29,7 @@ from runex.registry import (
     Registry,
     SinkSpec,
     _loading,
+    default_registry,
     display_path,
 )
 
@@ -61,6 +62,11 @@ def load(dirs: Iterable[str | os.PathLike], *, builtins: bool = True) -> Registr
             if path.name.startswith(("_", ".")):
                 continue
             load_file(registry, path, check_permissions=not trusted)
+    # What the calling program registered itself (a script, a notebook): forked workers
+    # inherit it.
+    for kind in ("kernel", "source", "sink"):
+        for name, item in default_registry._table(kind).items():
+            registry.add(kind, name, item)
     return registry
 
 

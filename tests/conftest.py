@@ -108,4 +108,4 @@ def runex_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 1
 
 
 def show(rx: Runex, run_id: str) -> dict:
-    return json.loads(json.dumps(rx.show(run_id), default=str))
+    return json.loads(json.dumps(rx.show(run_id).to_dict(), default=str))

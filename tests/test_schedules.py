@@ -126,7 +126,7 @@ def test_fire_time_fills_parameters(project):
     scheduler = Scheduler(rx)
     scheduler.tick(at(0))
     (run_id,) = scheduler.tick(dt.datetime(2026, 11, 28, 8, 30, 5, tzinfo=dt.UTC))
-    spec = rx.show(run_id)["spec"]
+    spec = rx.show(run_id).to_dict()["spec"]
     assert spec["sink"]["params"]["path"] == "out/0930"  # 09:30 in Paris
 
 

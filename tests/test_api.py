@@ -1,0 +1,36 @@
+"""The README's Python API section, run as a script in a fresh project."""
+
+import re
+import subprocess
+import sys
+
+from .conftest import ROOT, write
+
+
+def readme_example() -> str:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Python API", 1)[1].split("\n## ", 1)[0]
+    return re.search(r"```python\n(.*?)```", section, re.S)[1]
+
+
+def test_the_readme_python_api_example_runs_as_it_says(tmp_path):
+    write(tmp_path / "runex.toml", 'extensions = ["extensions"]\n')
+    (tmp_path / "extensions").mkdir()
+    (tmp_path / "example.py").write_text(readme_example())
+    result = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["succeeded 1000", "succeeded"]
+
+
+def test_wait_gives_up_after_its_timeout(project):
+    import pytest
+
+    from runex import Runex
+
+    write(project / "p.toml", '[source]\nuse = "range"\nstop = 10\n\n[sink]\nuse = "null"\n')
+    rx = Runex()
+    run_id = rx.submit("p.toml")
+    with pytest.raises(TimeoutError, match=f"run {run_id} is still queued after 0.2s"):
+        rx.wait(run_id, timeout=0.2)
+    assert rx.run("p.toml", workers=0).over and rx.wait(run_id).status == "succeeded"
