@@ -34,3 +34,9 @@ def test_wait_gives_up_after_its_timeout(project):
     with pytest.raises(TimeoutError, match=f"run {run_id} is still queued after 0.2s"):
         rx.wait(run_id, timeout=0.2)
     assert rx.run("p.toml", workers=0).over and rx.wait(run_id).status == "succeeded"
+
+
+def test_the_repository_keeps_the_built_in_worker_profiles_in_workers():
+    shipped = {p.name: p.read_text() for p in (ROOT / "runex" / "profiles").glob("*.toml")}
+    assert {p.name: p.read_text() for p in (ROOT / "workers").glob("*.toml")} == shipped
+    assert set(shipped) == {"default.toml", "raspberry-pi.toml"}

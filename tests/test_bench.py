@@ -5,9 +5,12 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from .conftest import ROOT, require
 
 
+@pytest.mark.slow
 def test_bench_smoke_run(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench"), "--quick",
@@ -19,6 +22,7 @@ def test_bench_smoke_run(tmp_path):
     assert data["overhead"]["runex_per_s"] > 0 and data["records"]["loop_seconds"] > 0
 
 
+@pytest.mark.slow
 def test_bench_compare_smoke_run(tmp_path):
     require(shutil.which("git") is not None and (ROOT / ".git").exists(),
             "--compare needs git and a git checkout")

@@ -3,9 +3,12 @@
 import subprocess
 import sys
 
+import pytest
+
 from .conftest import ROOT
 
 
+@pytest.mark.slow
 def test_chaos_short_run_loses_and_doubles_nothing():
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "chaos"), "--seconds", "4",
                              "--partitions", "40", "--seed", "7"],

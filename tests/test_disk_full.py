@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from .conftest import require, runex_cli, write
 
 PAD = """
@@ -75,6 +77,7 @@ def worker(root: Path) -> subprocess.Popen:
                             text=True, start_new_session=True)
 
 
+@pytest.mark.slow
 def test_a_full_home_stops_run_with_exit_5_loses_nothing_and_a_worker_resumes(tmp_path):
     disk = tmp_path / "disk"
     with small_disk(disk, "4m") as remount:
@@ -113,6 +116,7 @@ def test_a_full_home_stops_run_with_exit_5_loses_nothing_and_a_worker_resumes(tm
         assert (home / "reserve").exists()
 
 
+@pytest.mark.slow
 def test_a_running_worker_pauses_on_a_full_home_and_resumes_at_once(tmp_path):
     disk = tmp_path / "disk"
     with small_disk(disk, "4m") as remount:
@@ -145,6 +149,7 @@ def test_a_running_worker_pauses_on_a_full_home_and_resumes_at_once(tmp_path):
         assert lost == [(0,)]
 
 
+@pytest.mark.slow
 def test_a_full_disk_under_the_sink_fails_only_what_could_not_be_written(tmp_path):
     disk = tmp_path / "disk"
     with small_disk(disk, "3m"):
@@ -168,6 +173,7 @@ def test_a_full_disk_under_the_sink_fails_only_what_could_not_be_written(tmp_pat
         assert rows == (20_000 * parts["succeeded"],) * 2
 
 
+@pytest.mark.slow
 def test_sigterm_stops_a_consumer_whose_partitions_keep_failing(tmp_path):
     disk = tmp_path / "disk"
     with small_disk(disk, "1m"):
@@ -191,6 +197,7 @@ def test_sigterm_stops_a_consumer_whose_partitions_keep_failing(tmp_path):
         assert running == [(0,)]  # nothing spent its retries while stopping
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_of_run_exits_at_once_with_one_line(tmp_path):
     root = tmp_path / "project"
     write(root / "runex.toml", 'extensions = ["extensions"]\n')

@@ -285,6 +285,7 @@ def strace_works() -> bool:
                           capture_output=True).returncode == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sink", SINKS)
 def test_the_ledger_records_output_only_after_the_sink_synced_it(tmp_path, sink):
     require(shutil.which("strace") is not None, "strace is not installed")
@@ -360,6 +361,7 @@ def committed_and_running(ledger: Path, before: int, since: float) -> bool:
         ledger, "SELECT 1 FROM attempts WHERE status = 'running' AND started_at >= ?", (since,)))
 
 
+@pytest.mark.slow
 def test_a_kill_at_a_random_moment_leaves_every_database_whole(project):
     # 300 partitions of 20 records, 2 ms each: about 6 s of work for two workers.
     work_pipeline(project, stop=6000, size=20, options="quarantine_after = 10\n", pause=0.002)
@@ -415,6 +417,7 @@ def acknowledged_unsynced(trace: Path, ledger: str) -> tuple[int, list[str]]:
     return syncs, problems
 
 
+@pytest.mark.slow
 def test_submit_cancel_and_retry_sync_the_ledger_before_they_answer(project, tmp_path):
     require(shutil.which("strace") is not None, "strace is not installed")
     require(strace_works(), "strace cannot trace processes here (ptrace is not allowed)")

@@ -101,6 +101,7 @@ def test_retry_succeeds_when_the_error_goes_away(rx, project):
     assert [a["status"] for a in data["partitions"][0]["attempts"]] == ["failed", "succeeded"]
 
 
+@pytest.mark.slow
 def test_timeout_is_enforced_and_recorded(rx, project):
     path = pipeline(project, '[[steps]]\nuse = "slow"\nseconds = 0.2', stop=10, size=10,
                     sink='use = "null"', options='timeout = "300ms"')

@@ -4,6 +4,8 @@ import json
 import os
 import sqlite3
 
+import pytest
+
 from runex import Runex, trace
 
 from .conftest import drain, runex_cli, show, write
@@ -15,6 +17,7 @@ def setup(project):
     return Runex()
 
 
+@pytest.mark.slow
 def test_show_prints_attempts_that_have_no_traceback(project):
     """An interrupted or lost attempt has an error but no traceback: `show` (and `-v`) print
     it without crashing."""
@@ -103,6 +106,7 @@ def test_json_and_sqlite_of_a_run_without_partitions(project):
     assert data["partitions"] == []
 
 
+@pytest.mark.slow
 def test_a_parameter_of_the_wrong_type_is_refused_at_submit(project):
     """Found at submit (exit 3, nothing stored), not after every retry is spent."""
     write(project / "extensions" / "k.py", """
@@ -133,6 +137,7 @@ def test_a_parameter_of_the_wrong_type_is_refused_at_submit(project):
     assert ok.returncode == 0, ok.stderr  # an int where a float is asked is fine
 
 
+@pytest.mark.slow
 def test_config_and_profiles_are_checked_key_by_key(project):
     from runex.errors import EXIT_INVALID
 
@@ -181,6 +186,7 @@ BAD_EXTENSIONS = """
 """
 
 
+@pytest.mark.slow
 def test_signatures_and_configure_are_checked_at_validate(project):
     write(project / "extensions" / "bad.py", BAD_EXTENSIONS)
     cases = [
@@ -244,6 +250,7 @@ def hard_timeout_project(project, step, options):
                               f'[sink]\nuse = "null"\n\n[options]\n{options}\n')
 
 
+@pytest.mark.slow
 def test_a_kernel_inside_one_long_c_call_is_stopped_at_its_timeout(project):
     hard_timeout_project(project, 'use = "in_c"', 'timeout = "1s"\nretries = 0')
     run_id = runex_cli("submit", "p.toml", cwd=project, check=True).stdout.strip()
@@ -259,6 +266,7 @@ def test_a_kernel_inside_one_long_c_call_is_stopped_at_its_timeout(project):
                                        "1s and had not stopped 3s later: its worker (pid ")
 
 
+@pytest.mark.slow
 def test_a_stopped_worker_loses_its_partition_at_its_timeout_not_its_lease(project):
     import signal
     import subprocess

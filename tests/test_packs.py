@@ -32,6 +32,7 @@ def test_partitions_are_packed_only_when_there_are_many():
     assert max(len(p) for p in tasks.packs(range(10**6), cpus=2)) == tasks.MAX_PACK
 
 
+@pytest.mark.slow
 def test_tiny_partitions_share_messages_and_ledger_transactions(project, monkeypatch):
     monkeypatch.setattr(tasks, "cpu_count", lambda: 2)
     work_pipeline(project, stop=1000, size=1)
@@ -54,6 +55,7 @@ def test_tiny_partitions_share_messages_and_ledger_transactions(project, monkeyp
             1000, 1000)
 
 
+@pytest.mark.slow
 def test_a_slow_partition_hands_back_the_rest_of_its_pack(project):
     write(project / "extensions" / "slow.py", SLOW_FIRST)
     write(project / "pipelines" / "p.toml", """
@@ -106,6 +108,7 @@ def test_a_stopping_worker_gives_back_what_it_has_not_started(project, monkeypat
     assert show(rx, run_id)["status"] == "succeeded"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signals", [1, 2])
 def test_stopping_mid_pack_loses_and_doubles_nothing(project, signals):
     """One SIGTERM: the partition in progress finishes, the rest of the chunk is released

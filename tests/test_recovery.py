@@ -51,6 +51,7 @@ def stop(proc):
     proc.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_a_killed_worker_loses_nothing_and_doubles_nothing(project):
     make(project, stop=40, size=10, pause=0.05)
     run_id = runex_cli("submit", "pipelines/p.toml", cwd=project, check=True).stdout.strip()
@@ -69,6 +70,7 @@ def test_a_killed_worker_loses_nothing_and_doubles_nothing(project):
     assert lost["error"].startswith(f"worker pid {lost['pid']} on ")
 
 
+@pytest.mark.slow
 def test_a_partition_that_kills_its_worker_is_quarantined(project):
     make(project, stop=30, size=10, die_on=15, options="quarantine_after = 2")
     runex_cli("submit", "pipelines/p.toml", cwd=project, check=True)
@@ -83,6 +85,7 @@ def test_a_partition_that_kills_its_worker_is_quarantined(project):
     assert ledger(project, "SELECT status FROM attempts WHERE idx = 1") == [("lost",), ("lost",)]
 
 
+@pytest.mark.slow
 def test_killing_the_consumer_leaves_no_orphan_worker(project):
     make(project, stop=10, size=10, pause=1.0)
     runex_cli("submit", "pipelines/p.toml", cwd=project, check=True)
@@ -93,6 +96,7 @@ def test_killing_the_consumer_leaves_no_orphan_worker(project):
     wait_for(lambda: not worker.alive(child, None), timeout=10)
 
 
+@pytest.mark.slow
 def test_sigterm_drains_running_partitions(project):
     make(project, stop=30, size=10, pause=0.05)
     runex_cli("submit", "pipelines/p.toml", cwd=project, check=True)
@@ -157,6 +161,7 @@ def test_cancel_before_start_and_retry_with_a_fresh_budget(project):
         rx.retry(run_id)
 
 
+@pytest.mark.slow
 def test_cancel_stops_a_running_partition_at_its_next_batch(project):
     make(project, stop=200, size=100, pause=0.02)
     run_id = runex_cli("submit", "pipelines/p.toml", cwd=project, check=True).stdout.strip()
@@ -172,6 +177,7 @@ def test_cancel_stops_a_running_partition_at_its_next_batch(project):
     assert status == "cancelled" and records_in < 100
 
 
+@pytest.mark.slow
 def test_the_lease_is_renewed_only_while_the_partition_is_held(project, monkeypatch):
     make(project, stop=10, size=10)
     rx = Runex()
@@ -189,6 +195,7 @@ def test_the_lease_is_renewed_only_while_the_partition_is_held(project, monkeypa
     assert lease_until() == renewed  # no longer held: no more writes
 
 
+@pytest.mark.slow
 def test_lost_attempts_do_not_spend_the_retry_budget(project):
     make(project, stop=10, size=10, fail_unless="never", options="retries = 1")
     rx = Runex()
@@ -225,6 +232,7 @@ DIE_AFTER_COMMIT = """
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sqlite", "jsonl", "csv"])
 def test_a_kill_between_sink_commit_and_ledger_update_doubles_nothing(project, kind):
     make(project, stop=30, size=10)
@@ -270,6 +278,7 @@ def test_a_paused_worker_that_stopped_renewing_its_lease_loses_the_partition(pro
     assert attempt["status"] == "lost" and "lease of worker pid" in attempt["error"]
 
 
+@pytest.mark.slow
 def test_an_unreadable_queue_message_is_traced_and_its_partition_recovered(project):
     import pickle
 
@@ -292,6 +301,7 @@ def test_an_unreadable_queue_message_is_traced_and_its_partition_recovered(proje
     assert [(e["run_id"], e["partition_index"]) for e in requeued] == [(run_id, 0)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["full", "read-only"])
 def test_a_full_or_read_only_disk_is_a_clear_error_and_changes_nothing(project, fault):
     from runex.errors import StorageError
@@ -314,6 +324,7 @@ def test_a_full_or_read_only_disk_is_a_clear_error_and_changes_nothing(project, 
     assert rx.ledger.runs() == [] and rx.huey.pending_count() == 0
 
 
+@pytest.mark.slow
 def test_a_second_signal_stops_at_once_and_gives_the_partition_back(project):
     make(project, stop=10, size=10, pause=0.5)  # one partition of five seconds
     run_id = runex_cli("submit", "pipelines/p.toml", cwd=project, check=True).stdout.strip()
@@ -334,6 +345,7 @@ def test_a_second_signal_stops_at_once_and_gives_the_partition_back(project):
         "interrupted", "succeeded"]
 
 
+@pytest.mark.slow
 def test_a_writer_waits_for_the_lock_then_gets_it_and_the_busy_timeout_is_kept(tmp_path):
     from runex.ledger import Ledger, begin_immediate
 

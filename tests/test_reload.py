@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from runex import Runex
 
 from .conftest import drain, runex_cli, show, write
@@ -43,6 +45,7 @@ def run_to_end(project, name):
     return run_id, status
 
 
+@pytest.mark.slow
 def test_a_running_worker_picks_up_added_changed_and_removed_extensions(project):
     write(project / "extensions" / "tag.py", TAG.replace("VERSION", "1"))
     write(project / "workers" / "fast.toml", "reap_every = 0.5\nmax_delay = 0.1\n")

@@ -7,6 +7,8 @@ import sqlite3
 import subprocess
 import time
 
+import pytest
+
 from runex import Runex, reaper, trace, worker
 
 from .conftest import TESTS, runex_cli, show, work_pipeline, write
@@ -95,6 +97,7 @@ def test_alive_knows_a_process_of_an_earlier_boot_is_gone():
     assert not worker.alive(me, started, "an-earlier-boot")
 
 
+@pytest.mark.slow
 def test_a_home_written_by_runex_0_1_opens_and_keeps_working(project):
     """tests/fixtures/home-0.1.0: ledger schema 1, one succeeded and one failed run."""
     shutil.copytree(TESTS / "fixtures" / "home-0.1.0", project / ".runex",

@@ -180,6 +180,7 @@ def test_backfill_command_processes_the_range_in_order(project):
     assert sorted((project / "out").iterdir())[0].name == "1200"
 
 
+@pytest.mark.slow
 def test_three_real_consumers_fire_every_second_once(project):
     write(project / "pipelines" / "tick.toml", """
         [source]
@@ -380,6 +381,7 @@ def test_backfill_command_makes_one_run_on_a_change_day(project, timezone, kind)
     assert [p.name for p in (project / "out").iterdir()] == [expected + summer]
 
 
+@pytest.mark.slow
 def test_day_of_month_and_day_of_week_both_given_fire_on_either_as_in_posix_cron():
     def days(expression):
         june = Schedule.parse(expression, None)  # June 2026: Monday the 1st

@@ -15,6 +15,7 @@ def make(project, stop=300, size=10, **params):
     return work_pipeline(project, stop, size, "retries = 0", **params)
 
 
+@pytest.mark.slow
 def test_two_burst_consumers_share_a_run_and_commit_each_partition_once(project):
     make(project, stop=600, size=10, pause=0.002)
     submitted = runex_cli("submit", "pipelines/p.toml", "--json", cwd=project, check=True)
@@ -50,6 +51,7 @@ def test_run_exits_0_on_success_and_prints_where_the_output_is(project):
             for r in runs] == [("p", "succeeded", 5, None)]
 
 
+@pytest.mark.slow
 def test_run_exits_1_when_a_partition_fails_and_show_has_the_traceback(project):
     make(project, stop=50, fail_on=23)
     result = runex_cli("run", "pipelines/p.toml", "-w", "2", cwd=project)
@@ -68,6 +70,7 @@ def test_run_exits_1_when_a_partition_fails_and_show_has_the_traceback(project):
     assert missing.returncode == 4 and "has no partition '[20, 31]'" in missing.stderr
 
 
+@pytest.mark.slow
 def test_show_json_shape(project):
     make(project, stop=20)
     runex_cli("run", "pipelines/p.toml", "-w", "1", cwd=project, check=True)
@@ -113,6 +116,7 @@ def test_an_unknown_run_exits_4(project):
     assert result.returncode == 4 and "no run 'nope'" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_worker_stops_on_sigint_and_leaves_queued_work_for_later(project):
     make(project, stop=40, size=10)
     runex_cli("submit", "pipelines/p.toml", cwd=project, check=True)
@@ -143,6 +147,7 @@ def test_init_scaffolds_a_project_that_runs(tmp_path):
     assert (project / "workers" / "raspberry-pi.toml").is_file()
 
 
+@pytest.mark.slow
 def test_the_bundled_example_runs(tmp_path):
     result = runex_cli("run", "examples/readings.toml", "-w", "2", "--home", str(tmp_path / "h"),
                        "-p", f"sink.path={tmp_path / 'readings.db'}", cwd=ROOT)
@@ -162,6 +167,7 @@ def test_every_command_has_help(command, tmp_path):
     assert len(summary) > 20
 
 
+@pytest.mark.slow
 def test_many_submitters_and_consumers_on_one_home(project):
     """Three consumers and three submitters at once: every run succeeds, no partition runs
     twice, and no 'database is locked' reaches anyone."""
@@ -196,6 +202,7 @@ def test_many_submitters_and_consumers_on_one_home(project):
             ("succeeded", 96)]
 
 
+@pytest.mark.slow
 def test_an_idle_consumer_writes_nothing_to_its_home(project):
     """After a run, a consumer (reaper and checkpoints every 0.3 s, scheduler every second)
     leaves every file of its home as it is: SD cards wear out."""
