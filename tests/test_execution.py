@@ -153,9 +153,8 @@ def test_priority_orders_the_queue(rx, project):
     low = rx.submit(pipeline(project, stop=10, size=10, sink='use = "null"'))
     high = rx.submit(pipeline(project, stop=10, size=10, sink='use = "null"',
                               options="priority = 5"))
-    first = rx.huey.dequeue()
-    assert first.args == (high, [0])
-    assert low != high
+    assert rx.huey.dequeue().args == (high, [0])
+    assert rx.huey.dequeue().args == (low, [0])
 
 
 def test_backoff_doubles_with_jitter_up_to_the_cap():

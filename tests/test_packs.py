@@ -25,10 +25,14 @@ SLOW_FIRST = """
 
 def test_partitions_are_packed_only_when_there_are_many():
     assert tasks.packs(range(40), cpus=2) == [[i] for i in range(40)]
-    packs = tasks.packs(range(3000), cpus=2)
-    assert len(packs) == 64 and {len(p) for p in packs[:-1]} == {47}
-    assert [i for p in packs for i in p] == list(range(3000))
-    assert {len(p) for p in tasks.packs(range(3000), cpus=64)} == {3}  # 16 messages per CPU
+    for count, cpus in ((3000, 2), (3000, 64), (100_000, 4)):
+        packs = tasks.packs(range(count), cpus=cpus)
+        # About 16 messages per CPU (at least MIN_MESSAGES), unless packs would pass MAX_PACK.
+        messages = max(tasks.MIN_MESSAGES, 16 * cpus, -(-count // tasks.MAX_PACK))
+        assert [i for p in packs for i in p] == list(range(count))  # every index, in order
+        assert len({len(p) for p in packs[:-1]}) == 1  # packs of one size, but the last
+        assert messages // 2 < len(packs) <= messages
+        assert max(map(len, packs)) <= tasks.MAX_PACK
     assert max(len(p) for p in tasks.packs(range(10**6), cpus=2)) == tasks.MAX_PACK
 
 

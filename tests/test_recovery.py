@@ -12,6 +12,7 @@ import time
 import pytest
 
 from runex import Runex, reaper, trace, worker
+from runex.errors import NotFound
 
 from .conftest import drain, runex_cli, show, work_pipeline, write
 
@@ -157,7 +158,7 @@ def test_cancel_before_start_and_retry_with_a_fresh_budget(project):
     assert rx.retry(run_id) == [0]
     drain(rx)
     assert show(rx, run_id)["status"] == "succeeded"
-    with pytest.raises(Exception, match="has no failed, timed-out, quarantined or cancelled"):
+    with pytest.raises(NotFound, match="has no failed, timed-out, quarantined or cancelled"):
         rx.retry(run_id)
 
 
@@ -201,8 +202,8 @@ def test_lost_attempts_do_not_spend_the_retry_budget(project):
     rx = Runex()
     run_id = rx.submit("pipelines/p.toml")
     for pid in (1, 2):  # two workers die holding it
-        rx.ledger.claim(run_id, 0, trace.HOST, pid, None)
-        rx.ledger.lose_attempt(run_id, 0, pid, "test", quarantine_after=3)
+        claim = rx.ledger.claim(run_id, 0, trace.HOST, pid, None)
+        rx.ledger.lose_attempt(run_id, 0, claim.attempt, "test", quarantine_after=3)
     drain(rx)
     attempts = [a["status"] for a in show(rx, run_id)["partitions"][0]["attempts"]]
     assert attempts == ["lost", "lost", "failed", "failed"]  # one try and one retry
