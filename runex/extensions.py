@@ -110,9 +110,24 @@ def code_version(*fns: Any) -> str:
     digest = hashlib.sha256(__version__.encode())
     for path in sorted({_file_of(fn) for fn in fns} - {None}):
         digest.update(os.path.basename(path).encode())
-        with contextlib.suppress(OSError):
-            digest.update(Path(path).read_bytes())
+        digest.update(_file_digest(path))
     return digest.hexdigest()[:12]
+
+
+_digests: dict[tuple[str, int, int], bytes] = {}  # (path, mtime, size) -> its content's hash
+
+
+def _file_digest(path: str) -> bytes:
+    """A file's content hash, read again only when its time or size changed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return b""
+    key = (path, st.st_mtime_ns, st.st_size)
+    if key not in _digests:
+        with contextlib.suppress(OSError):
+            _digests[key] = hashlib.sha256(Path(path).read_bytes()).digest()
+    return _digests.get(key, b"")
 
 
 def _file_of(fn: Any) -> str | None:
