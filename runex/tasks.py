@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import json
 import os
 import sqlite3
@@ -93,27 +94,35 @@ class QueueStorage(SqliteStorage):
     def checkpoint(self) -> None:
         self.sql("pragma wal_checkpoint(PASSIVE)")
 
+    @functools.cached_property
+    def reserve(self) -> Reserve:
+        return Reserve(os.path.dirname(self.filename))
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """A full disk refusing a write to the queue becomes `DiskFull`, and releases the
+        home's reserve, which stops this machine's consumers taking work until there is room
+        (see `runex.reserve`)."""
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            if not is_disk_full(exc):
+                raise
+            raise self.reserve.full(f"cannot write the queue {self.filename}") from exc
+
     def dequeue(self) -> bytes | None:
-        """huey's dequeue; on a full disk, nothing (the message stays queued) and the home's
-        reserve released, which stops this machine's consumers taking work until there is
-        room (see `runex.reserve`)."""
-        return self._unless_full(super().dequeue, None)
+        """huey's dequeue; on a full disk, nothing (the message stays queued)."""
+        with contextlib.suppress(DiskFull), self.writing():
+            return super().dequeue()
+        return None
 
     def read_schedule(self, ts: Any) -> list[bytes]:
         """The delayed messages that are due (retries), taken off the schedule; none while
         the disk is full: they stay there until there is room."""
-        if not Reserve(os.path.dirname(self.filename)).ok():
-            return []
-        return self._unless_full(lambda: super(QueueStorage, self).read_schedule(ts), [])
-
-    def _unless_full(self, write: Any, empty: Any) -> Any:
-        try:
-            return write()
-        except sqlite3.OperationalError as exc:
-            if not is_disk_full(exc):
-                raise
-            Reserve(os.path.dirname(self.filename)).release()
-            return empty
+        if self.reserve.ok():
+            with contextlib.suppress(DiskFull), self.writing():
+                return super().read_schedule(ts)
+        return []
 
 
 class Queue(SqliteHuey):
@@ -132,7 +141,7 @@ class Queue(SqliteHuey):
     def enqueue(self, task: Any) -> Any:
         """huey's enqueue (its scheduler moves due retries with it), waking idle workers."""
         try:
-            with queue_write(self):
+            with self.storage.writing():
                 result = super().enqueue(task)
         except DiskFull as exc:  # huey took it off the schedule: the reaper queues it again
             trace.logger().warning("message.not_queued", error=str(exc))
@@ -177,7 +186,7 @@ def enqueue(huey: SqliteHuey, run_id: str, indexes: Iterable[int], priority: int
     transaction (huey's own `enqueue` takes one transaction per message)."""
     task = huey._registry.string_to_task(TASK_NAME)
     messages = [list(indexes)] if one_pack else packs(indexes)
-    with queue_write(huey):
+    with huey.storage.writing():
         if delay:
             eta = datetime.datetime.now(datetime.UTC).replace(tzinfo=None) + \
                 datetime.timedelta(seconds=delay)
@@ -190,19 +199,6 @@ def enqueue(huey: SqliteHuey, run_id: str, indexes: Iterable[int], priority: int
             cursor.executemany("insert into task (queue, data, priority) values (?, ?, ?)",
                                rows)
     poke(huey)
-
-
-@contextlib.contextmanager
-def queue_write(huey: SqliteHuey) -> Iterator[None]:
-    """A full disk refusing a write to the queue becomes `DiskFull`, and releases the home's
-    reserve (see `runex.reserve`)."""
-    try:
-        yield
-    except sqlite3.OperationalError as exc:
-        if not is_disk_full(exc):
-            raise
-        reserve = Reserve(os.path.dirname(huey.storage.filename))
-        raise reserve.full(f"cannot write the queue {huey.storage.filename}") from exc
 
 
 def poke(huey: SqliteHuey) -> None:

@@ -112,8 +112,9 @@ _START = process_start(os.getpid())  # this process's start time, reset after a 
 
 
 def holder() -> str:
-    """This process, as the ledger records who finalizes a run: `host:pid:start:boot`."""
-    return f"{trace.HOST}:{os.getpid()}:{_START}:{BOOT_ID}"
+    """This process, as the ledger records who finalizes a run: `host:pid:start:boot` (the
+    last two empty where unknown)."""
+    return f"{trace.HOST}:{os.getpid()}:{_START or ''}:{BOOT_ID or ''}"
 
 
 def holder_alive(text: str) -> bool | None:
@@ -122,9 +123,8 @@ def holder_alive(text: str) -> bool | None:
     host, pid, *rest = text.split(":")
     if host != trace.HOST:
         return None
-    started, boot = rest if len(rest) == 2 else ("None", "None")
-    return alive(int(pid), None if started == "None" else started,
-                 None if boot == "None" else boot)
+    started, boot = (*rest, "", "")[:2]
+    return alive(int(pid), started or None, boot or None)
 
 
 def after_fork() -> None:

@@ -71,6 +71,22 @@ def wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout}s: {what}")
 
 
+def resume(proc: subprocess.Popen, remount, home: Path, sink: Path, within: float) -> None:
+    """Give the disk room: the paused worker `proc` finishes the run within `within` seconds,
+    having said once that the disk was full and once that it has room again; every row is
+    in the sink once."""
+    try:
+        remount("64m")
+        wait_for(lambda: query(home / "ledger.db", "SELECT status FROM runs") == [
+            ("succeeded",)], within, "the worker did not resume")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert err.count("is full") == 1, err
+    assert "has room again" in err and "Traceback" not in err, err
+    assert query(sink, "SELECT COUNT(*), COUNT(DISTINCT n) FROM t") == [(3000, 3000)]
+
+
 def worker(root: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "runex", "worker", "-w", "2", "--profile",
                              "fast"], cwd=root, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
@@ -101,18 +117,9 @@ def test_a_full_home_stops_run_with_exit_5_loses_nothing_and_a_worker_resumes(tm
         # A worker started on the full disk waits, says so once, and goes on once there is
         # room, without a restart.
         proc = worker(root)
-        try:
-            time.sleep(2)
-            assert proc.poll() is None
-            remount("64m")
-            wait_for(lambda: query(home / "ledger.db", "SELECT status FROM runs") == [
-                ("succeeded",)], 60, "the worker did not resume")
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            _, err = proc.communicate(timeout=30)
-        assert err.count("is full") == 1, err
-        assert "has room again" in err and "Traceback" not in err
-        assert query(sink, "SELECT COUNT(*), COUNT(DISTINCT n) FROM t") == [(3000, 3000)]
+        time.sleep(2)
+        assert proc.poll() is None
+        resume(proc, remount, home, sink, within=60)
         assert (home / "reserve").exists()
 
 
@@ -134,17 +141,12 @@ def test_a_running_worker_pauses_on_a_full_home_and_resumes_at_once(tmp_path):
             time.sleep(1)
             assert query(home / "ledger.db", "SELECT status, COUNT(*) FROM partitions "
                                              "GROUP BY status") == paused
-            remount("64m")
-            # Well before a lease (60 s) could expire: what the full disk kept from the
-            # ledger is written by the worker that kept it, not recovered by the reaper.
-            wait_for(lambda: query(home / "ledger.db", "SELECT status FROM runs") == [
-                ("succeeded",)], 20, "the worker did not resume at once")
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            _, err = proc.communicate(timeout=30)
-        assert err.count("is full") == 1, err
-        assert "has room again" in err and "Traceback" not in err, err
-        assert query(sink, "SELECT COUNT(*), COUNT(DISTINCT n) FROM t") == [(3000, 3000)]
+        except BaseException:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+        # Well before a lease (60 s) could expire: what the full disk kept from the ledger is
+        # written by the worker that kept it, not recovered by the reaper.
+        resume(proc, remount, home, sink, within=20)
         lost = query(home / "ledger.db", "SELECT COUNT(*) FROM attempts WHERE status = 'lost'")
         assert lost == [(0,)]
 
