@@ -4,24 +4,27 @@ layer over it, and so can a user's own script be."""
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import os
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from runex import consumer, extensions, tasks, trace, worker
-from runex.errors import DiskFull, NotFound, PipelineError
-from runex.ledger import TERMINAL_RUN, Ledger, new_run_id
+from runex import consumer, extensions, huey_private, tasks, trace
+from runex.cron import iso
+from runex.errors import DiskFull, ExtensionError, NotFound, PipelineError
+from runex.executor import execute
+from runex.finalizer import finalize_run
+from runex.ledger import TERMINAL_RUN, Ledger, NewRun, new_run_id
 from runex.pipeline import Pipeline, Plan, check, load
 from runex.project import Project, chdir, cpu_count, load_profile, open_project
 from runex.registry import Registry
 from runex.reserve import Reserve
 from runex.runs import Run
-from runex.schedule import iso
-from runex.scheduler import Scheduler, fire_times
+from runex.scheduler import DEFAULT_PIPELINES, Scheduler, fire_times
+from runex.worker import WorkerState
 
 
 class Runex:
@@ -52,11 +55,30 @@ class Runex:
         return self._ledger
 
     @property
-    def huey(self) -> Any:
+    def huey(self) -> tasks.Queue:
         if self._huey is None:
             self.project.ensure_home()
             self._huey = tasks.make_huey(self.project.queue_path)
         return self._huey
+
+    @property
+    def load_errors(self) -> list[ExtensionError]:
+        """The extension files that failed to load (the others did)."""
+        return list(self.registry.errors)
+
+    def worker_state(self) -> WorkerState:
+        """What worker processes work with, the queue's executor set to use it: made before
+        a consumer forks them, or to run partitions in this process."""
+        state = WorkerState(self.registry, self.ledger, self.huey, self.project.home)
+        self.huey.serve(functools.partial(execute, state))
+        return state
+
+    def scheduler(self) -> Scheduler:
+        """The project's scheduled pipelines, fired through this `Runex`."""
+        self.ensure_trace()
+        return Scheduler(self.project.root,
+                         self.project.config.get("pipelines", DEFAULT_PIPELINES),
+                         self.ledger, self.plan, self._submit)
 
     def trace_to_home(self, console: bool | None = None, verbose: bool = False) -> None:
         self.project.ensure_home()
@@ -80,36 +102,45 @@ class Runex:
         self._registry = extensions.refresh(self.registry)
         return check(pipeline, self.registry)
 
-    def submit(self, pipeline: str | os.PathLike | Pipeline, params: Sequence[str] = (),
-               fire_time: dt.datetime | None = None, fire: str | None = None) -> str | None:
-        """Check the pipeline, list its partitions, record the run and queue its partitions.
-        A scheduled run has its `fire_time`; see `Ledger.create_run` for `fire`. Returns the
-        run id, or None when the fire time was taken by another consumer."""
+    def submit(self, pipeline: str | os.PathLike | Pipeline, params: Sequence[str] = ()) -> str:
+        """Check the pipeline, list its partitions, record the run and queue its partitions;
+        returns the run id once all of that is on disk. Workers (`work`, `runex worker`)
+        run it; `wait` waits for it."""
+        run_id = self._submit(pipeline, params)
+        assert run_id is not None  # only a fire can find its fire time taken
+        return run_id
+
+    def _submit(self, pipeline: str | os.PathLike | Pipeline, params: Sequence[str] = (),
+                fire_time: dt.datetime | None = None,
+                record: Callable[[NewRun], bool] | None = None) -> str | None:
+        """`submit`, for a scheduled run too: its `fire_time`, and the ledger method that
+        records it with its fire (`Ledger.fire_run`, `fire_waiting_run`, `refire_run`), which
+        may find the fire time taken by another consumer: then None."""
         plan = self.plan(pipeline, params, fire_time)
         pipe = plan.pipeline
         self.ensure_trace()
         keys = self._partition_keys(plan)
-        run_id = new_run_id()
-        scheduled_for = iso(fire_time) if fire_time else None
-        if not self.ledger.create_run(run_id, pipe.name, pipe.to_dict(), str(self.project.root),
-                                      pipe.options.priority, keys, scheduled_for=scheduled_for,
-                                      fire=fire):
+        new = NewRun(new_run_id(), pipe.name, pipe.to_dict(), str(self.project.root),
+                     pipe.options.priority, keys, iso(fire_time) if fire_time else None)
+        if record is None:
+            self.ledger.create_run(new)
+        elif not record(new):
             return None
-        trace.logger(run_id=run_id, pipeline=pipe.name).info(
+        trace.logger(run_id=new.id, pipeline=pipe.name).info(
             "run.submitted", partitions=len(keys), source=pipe.source.use, sink=pipe.sink.use,
-            scheduled_for=scheduled_for)
+            scheduled_for=new.scheduled_for)
         self.ledger.add_events(trace.drain())
         try:
             if keys:
-                tasks.enqueue(self.huey, run_id, range(len(keys)), pipe.options.priority)
+                tasks.enqueue(self.huey, new.id, range(len(keys)), pipe.options.priority)
             else:  # nothing to run: finalized now, like any run (a merge of nothing)
-                worker.finalize_run(worker.setup(self.registry, self.ledger, self.huey), run_id)
+                finalize_run(self.worker_state(), new.id)
         except DiskFull as exc:  # the run is recorded: a consumer queues it again
             self.ledger.sync()
-            raise DiskFull(f"{exc}; run {run_id} is recorded, and a consumer queues its "
+            raise DiskFull(f"{exc}; run {new.id} is recorded, and a consumer queues its "
                            "partitions once there is room") from exc
         self.ledger.sync()  # on disk before its id is returned (and printed)
-        return run_id
+        return new.id
 
     def _partition_keys(self, plan: Plan) -> list[Any]:
         where = plan.pipeline.path or plan.pipeline.name
@@ -133,20 +164,27 @@ class Runex:
 
     def work(self, workers: int | None = None, profile: str | None = None, burst: bool = False,
              until: Callable[[], bool] | None = None,
-             schedules: bool = True) -> consumer.RunexConsumer:
+             schedules: bool = True) -> consumer.RunexConsumer | None:
         """Process the queue with `workers` processes until stopped by a signal, or (`burst`)
         until nothing is queued or running, or until `until()` is true. With `schedules`
-        (not in burst mode), fire the project's scheduled pipelines when due. Blocks."""
+        (not in burst mode), fire the project's scheduled pipelines when due. Blocks.
+        `workers=0` works in this process, without a consumer (for tests and notebooks),
+        and needs `burst` or `until`. Returns the consumer it ran, if any."""
+        stops = [f for f in (until, self._nothing_left if burst else None) if f]
+        if workers == 0:  # in this process, until a stop condition holds
+            if not stops:
+                raise ValueError("work(workers=0) needs burst=True or until=")
+            self._work_here(lambda: any(f() for f in stops))
+            return None
         settings = load_profile(self.project, profile)
         extra = list(settings.get("extensions", []))
         if extra != self._extra_extensions:
             self._extra_extensions, self._registry = extra, None
         count = workers or settings.get("workers") or cpu_count()
         self.ensure_trace(console=None)
-        stops = [f for f in (until, self._nothing_left if burst else None) if f]
         self._wait_for_room(wait=not stops)  # a consumer that must not wait raises DiskFull
-        state = worker.setup(self.registry, self.ledger, self.huey)
-        jobs = [(1.0, Scheduler(self).tick)] if schedules and not burst else []
+        state = self.worker_state()
+        jobs = [(1.0, self.scheduler().tick)] if schedules and not burst else []
         runner = consumer.make(state, count, float(settings.get("max_delay", 0.5)),
                                grace=float(settings.get("grace", 60)),
                                reap_every=float(settings.get("reap_every", 10)), jobs=jobs,
@@ -191,28 +229,33 @@ class Runex:
         and ledger (for notebooks, debuggers and tests); as a burst worker does, it works what
         else is queued on the way."""
         run_id = self.submit(pipeline, params)
-
-        def finished() -> bool:
-            if on_progress is not None:
-                on_progress(self.ledger.progress(run_id))
-            return self.ledger.run(run_id)["status"] in TERMINAL_RUN
-
-        if workers == 0:
-            self._work_here(finished)
-        elif not finished():
-            try:
-                self.work(workers, profile, until=finished, schedules=False)
-            except DiskFull as exc:
-                raise DiskFull(f"{exc} (run {run_id}; `runex show {run_id}` tells how far it "
-                               "got)") from exc
+        progress = None if on_progress is None else (
+            lambda: on_progress(self.ledger.progress(run_id)))
+        try:
+            self._work_until_over([run_id], workers, profile, progress)
+        except DiskFull as exc:
+            raise DiskFull(f"{exc} (run {run_id}; `runex show {run_id}` tells how far it "
+                           "got)") from exc
         return self.show(run_id)
+
+    def _work_until_over(self, run_ids: list[str], workers: int | None, profile: str | None,
+                         progress: Callable[[], None] | None = None) -> None:
+        """Work the queue here until every run of `run_ids` is over: with worker processes,
+        or (`workers=0`) in this process. `progress()` is called at each look."""
+        def over() -> bool:
+            if progress is not None:
+                progress()
+            return all(self.ledger.run(r)["status"] in TERMINAL_RUN for r in run_ids)
+
+        if workers == 0 or not over():
+            self.work(workers, profile, until=over, schedules=False)
 
     def _work_here(self, done: Callable[[], bool]) -> None:
         """Take messages off the queue and run them in this process until `done()`."""
         huey = self.huey
-        worker.setup(self.registry, self.ledger, huey)
+        self.worker_state()
         while not done():
-            for task in huey.read_schedule(huey._get_timestamp()):  # due retries
+            for task in huey.read_schedule(huey_private.now(huey)):  # due retries
                 huey.enqueue(task)
             task = huey.dequeue()
             if task is None:
@@ -226,22 +269,28 @@ class Runex:
         (inotify on Linux), not on a fixed sleep."""
         run_id = self.ledger.resolve_run_id(ref)
         deadline = None if timeout is None else time.monotonic() + timeout
-        watch, never = consumer.QueueWatch(str(self.ledger.path)), threading.Event()
+        watch = self.ledger.engine.watch()
         try:
             while (status := self.ledger.run(run_id)["status"]) not in TERMINAL_RUN:
                 left = 1.0 if deadline is None else deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError(f"run {run_id} is still {status} after {timeout:g}s")
-                watch.wait(min(left, 1.0), never)
+                watch.wait(min(left, 1.0))
         finally:
             watch.close()
         return self.show(run_id)
 
     def backfill(self, pipeline: str | os.PathLike, start: dt.datetime, end: dt.datetime,
-                 force: bool = False) -> list[dict[str, Any]]:
+                 force: bool = False, wait: bool = False, workers: int | None = None,
+                 profile: str | None = None,
+                 on_progress: Callable[[int, int], None] | None = None
+                 ) -> list[dict[str, Any]]:
         """One run per fire time of a scheduled pipeline from `start` to `end` (both
         included, not in the future), queued in fire-time order. A fire time whose run
-        succeeded, or is still going, is left alone; `force` runs the succeeded ones again."""
+        succeeded, or is still going, is left alone; `force` runs the succeeded ones again.
+        With `wait`, work the queue here (as `run` does) until every one of those runs is
+        over; `on_progress(over, total)` is called at each look. Returns, per fire time, its
+        run and whether it was submitted now, with the run's status at the end."""
         pipe = load(pipeline)
         now = dt.datetime.now(dt.UTC)
         if end > now:
@@ -256,9 +305,17 @@ class Runex:
                 result.append({"fire_time": when, "run_id": fire["run_id"], "status": status,
                                "submitted": False})
                 continue
-            run_id = self.submit(pipe, fire_time=fire_time, fire="replace")
+            run_id = self._submit(pipe, fire_time=fire_time, record=self.ledger.refire_run)
             result.append({"fire_time": when, "run_id": run_id, "status": "queued",
                            "submitted": True})
+        run_ids = [f["run_id"] for f in result]
+        if wait and run_ids:
+            progress = None if on_progress is None else (lambda: on_progress(
+                sum(self.ledger.run(r)["status"] in TERMINAL_RUN for r in run_ids),
+                len(run_ids)))
+            self._work_until_over(run_ids, workers, profile, progress)
+        for f in result:
+            f["status"] = self.ledger.run(f["run_id"])["status"]
         return result
 
     def cancel(self, ref: str) -> dict[str, Any]:
@@ -266,11 +323,11 @@ class Runex:
         batch, and the run ends `cancelled`."""
         run_id = self.ledger.resolve_run_id(ref)
         trace.logger(run_id=run_id).info("run.cancel_requested")
-        cancelled, running, complete = self.ledger.cancel(run_id, events=trace.drain())
-        if complete:
-            worker.finalize_run(worker.setup(self.registry, self.ledger, self.huey), run_id)
+        done = self.ledger.cancel(run_id, events=trace.drain())
+        if done.complete:
+            finalize_run(self.worker_state(), run_id)
         self.ledger.sync()
-        return {"run_id": run_id, "cancelled": cancelled, "running": running,
+        return {"run_id": run_id, "cancelled": done.cancelled, "running": done.running,
                 "status": self.ledger.run(run_id)["status"]}
 
     def retry(self, ref: str, partition: int | str | None = None) -> list[int]:
@@ -302,6 +359,44 @@ class Runex:
             return int(ref)
         raise NotFound(f"run {run_id} has no partition {ref!r}; `runex show {run_id}` lists "
                        "them with their index and key")
+
+    def runs(self, limit: int = 20, status: str | None = None) -> list[dict[str, Any]]:
+        """The newest runs (of one `status`), newest first, each as `runex runs --json`
+        prints it: the run without its partitions, with `seconds` it took (or so far)."""
+        rows = self.ledger.runs(limit, status)
+        for row in rows:
+            del row["spec"], row["finalizer"]
+            _with_seconds(row)
+        return rows
+
+    def trace(self, ref: str) -> list[dict[str, Any]]:
+        """The trace events of a run, in time order (each a dict with `ts` and `event`)."""
+        return [json.loads(e["data"]) for e in self.ledger.events(self.ledger.resolve_run_id(ref))]
+
+    def schedules(self, now: dt.datetime | None = None) -> list[dict[str, Any]]:
+        """Each pipeline file with a schedule: its next fire times, its last fire and that
+        run's status; and each pipeline file that has an error, with it."""
+        return self.scheduler().listing(now)
+
+    def extensions(self) -> dict[str, Any]:
+        """Every kernel, source and sink loaded, with where it is defined; the extension
+        files that failed to load; the extension folders."""
+        reg = self.registry
+        items = ([{"kind": "kernel", "name": k.name, "origin": k.origin, "batch": k.batch}
+                  for k in reg.kernels.values()]
+                 + [{"kind": "source", "name": s.name, "origin": s.origin}
+                    for s in reg.sources.values()]
+                 + [{"kind": "sink", "name": s.name, "origin": s.origin}
+                    for s in reg.sinks.values()])
+        items.sort(key=lambda i: (i["kind"], i["name"]))
+        return {"extensions": items, "errors": [str(e) for e in reg.errors],
+                "folders": [str(d) for d in self.project.extension_dirs]}
+
+    def validate(self, pipeline: str | os.PathLike | Pipeline, params: Sequence[str] = ()
+                 ) -> Plan:
+        """Check a pipeline against the loaded extensions without running it: raises
+        `PipelineError` (or `UnknownName`...) saying what is wrong; returns the checked plan."""
+        return self.plan(pipeline, params)
 
     def show(self, ref: str) -> Run:
         """A run with its partitions and their attempts; `to_dict()` is what `runex show

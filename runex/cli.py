@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from runex import errors
-from runex.ledger import TERMINAL_RUN
+from runex.runs import TERMINAL as TERMINAL_RUN
 
 if TYPE_CHECKING:
     from runex.app import Runex
@@ -79,7 +79,7 @@ def table(rows: list[list[Any]], headers: list[str]) -> None:
 
 
 def report_load_errors(rx: Runex, verbose: bool) -> None:
-    for error in rx.registry.errors:
+    for error in rx.load_errors:
         click.secho(f"warning: {error}", fg="yellow", err=True)
         if verbose and getattr(error, "traceback", None):
             click.echo(error.traceback, err=True)
@@ -155,7 +155,7 @@ def run(ctx: click.Context, pipeline: str, params: tuple[str, ...], workers: int
     finally:  # an error (a full disk) is printed below the bar, not over it
         if progress:
             progress.done()
-    print_summary(rx, result.to_dict(), time.monotonic() - started)
+    print_summary(result.to_dict(), time.monotonic() - started)
     if not result.over:
         click.echo(f"interrupted: the run goes on with `runex worker`; "
                    f"`runex show {result.id}` tells how far it got", err=True)
@@ -186,8 +186,10 @@ class Progress:
             click.echo("", err=True)
 
 
-def print_summary(rx: Runex, run: dict[str, Any], seconds: float) -> None:
-    parts = rx.ledger.progress(run["id"])
+def print_summary(run: dict[str, Any], seconds: float) -> None:
+    parts: dict[str, int] = {}
+    for p in run["partitions"]:
+        parts[p["status"]] = parts.get(p["status"], 0) + 1
     color = {"succeeded": "green", "failed": "red"}.get(run["status"], "yellow")
     click.echo(f"run {run['id']} ({run['pipeline']}): "
                + click.style(run["status"], fg=color) + f" in {seconds:.2f}s")
@@ -227,10 +229,7 @@ def worker(ctx: click.Context, workers: int | None, profile: str | None, burst: 
 def schedules(as_json: bool, home: str | None, extension_dirs: tuple[str, ...]) -> None:
     """List the scheduled pipelines (pipelines/*.toml with a schedule or every): their next
     fire times, their last fire and its run, and the files that have errors."""
-    from runex.scheduler import Scheduler
-
-    rx = open_runex(home, extension_dirs)
-    rows = Scheduler(rx).listing()
+    rows = open_runex(home, extension_dirs).schedules()
     if as_json:
         dump(rows)
         return
@@ -261,41 +260,32 @@ def backfill(ctx: click.Context, pipeline: str, start: str, end: str | None, for
     run succeeded are skipped unless --force. Then process them here, as `run` does.
 
     Exits 0 when every run of the range succeeded."""
-    import datetime as dt
-
-    from runex.schedule import ScheduleError, parse_time
+    from runex.cron import parse_time
 
     rx = open_runex(home, extension_dirs)
     rx.trace_to_home(console=False, verbose=ctx.obj["verbose"])
     report_load_errors(rx, ctx.obj["verbose"])
     try:
         first = parse_time(start)
-        last = parse_time(end) if end else dt.datetime.now(dt.UTC)
-    except ScheduleError as exc:
+        last = parse_time(end) if end else datetime.datetime.now(datetime.UTC)
+    except errors.ScheduleError as exc:
         raise click.BadParameter(str(exc)) from None
-    fires = rx.backfill(pipeline, first, last, force)
-    for f in fires:
-        note = "queued" if f["submitted"] else f"left alone: {f['status']}"
-        click.echo(f"{f['fire_time']}  run {f['run_id']}  {note}")
-    click.echo(f"{sum(f['submitted'] for f in fires)} of {len(fires)} fire times queued")
-    run_ids = [f["run_id"] for f in fires]
-    if no_wait or not run_ids:
-        return
+    tty = sys.stderr.isatty()
 
-    def statuses() -> list[str]:
-        return [rx.ledger.run(r)["status"] for r in run_ids]
+    def progress(over: int, total: int) -> None:
+        click.echo(f"\r{over}/{total} runs over", nl=False, err=True)
 
-    def over() -> bool:
-        done = sum(s in TERMINAL_RUN for s in statuses())
-        if sys.stderr.isatty():
-            click.echo(f"\r{done}/{len(run_ids)} runs over", nl=False, err=True)
-        return done == len(run_ids)
-
-    if not over():
-        rx.work(workers, profile, until=over, schedules=False)
-    if sys.stderr.isatty():
+    fires = rx.backfill(pipeline, first, last, force, wait=not no_wait, workers=workers,
+                        profile=profile, on_progress=progress if tty else None)
+    if tty and not no_wait and fires:
         click.echo("", err=True)
-    final = statuses()
+    for f in fires:
+        note = "queued" if f["submitted"] else "left alone"
+        click.echo(f"{f['fire_time']}  run {f['run_id']}  {note}: {f['status']}")
+    click.echo(f"{sum(f['submitted'] for f in fires)} of {len(fires)} fire times queued")
+    if no_wait or not fires:
+        return
+    final = [f["status"] for f in fires]
     click.echo(", ".join(f"{final.count(s)} {s}" for s in sorted(set(final))))
     ctx.exit(errors.EXIT_OK if set(final) == {"succeeded"} else errors.EXIT_RUN_FAILED)
 
@@ -308,19 +298,16 @@ def backfill(ctx: click.Context, pipeline: str, start: str, end: str | None, for
 @project_options
 def runs(limit: int, status: str | None, as_json: bool, home: str | None,
          extension_dirs: tuple[str, ...]) -> None:
-    """List runs, newest first."""
-    rx = open_runex(home, extension_dirs)
-    rows = rx.ledger.runs(limit, status)
+    """List runs, newest first: status, partitions, records written, when created, how
+    long each took."""
+    rows = open_runex(home, extension_dirs).runs(limit, status)
     if as_json:
-        for row in rows:
-            row.pop("spec")
-            row.pop("finalizer")
         dump(rows)
         return
     table([[r["id"], r["pipeline"], r["status"], r["partition_count"], r["records_out"],
             when(r["created_at"]),
-            f"{r['finished_at'] - r['started_at']:.2f}s" if r["finished_at"] and r["started_at"]
-            else None] for r in rows],
+            f"{r['seconds']:.2f}s" if r["finished_at"] and r["seconds"] is not None else None]
+           for r in rows],
           ["RUN", "PIPELINE", "STATUS", "PARTITIONS", "RECORDS OUT", "CREATED", "TOOK"])
 
 
@@ -373,9 +360,7 @@ def show(ctx: click.Context, run_ref: str, as_json: bool, home: str | None,
 @project_options
 def trace(run_ref: str, as_json: bool, home: str | None, extension_dirs: tuple[str, ...]) -> None:
     """The trace events of a run, in time order. RUN: a run id, a prefix, or `last`."""
-    rx = open_runex(home, extension_dirs)
-    events = rx.ledger.events(rx.ledger.resolve_run_id(run_ref))
-    data = [json.loads(e["data"]) for e in events]
+    data = open_runex(home, extension_dirs).trace(run_ref)
     if as_json:
         dump(data)
         return
@@ -431,24 +416,17 @@ def extensions(ctx: click.Context, as_json: bool, home: str | None,
     """List every kernel, source and sink with the file and line it comes from, and the
     extension files that failed to load."""
     rx = open_runex(home, extension_dirs)
-    reg = rx.registry
-    items = ([{"kind": "kernel", "name": k.name, "origin": k.origin, "batch": k.batch}
-              for k in reg.kernels.values()]
-             + [{"kind": "source", "name": s.name, "origin": s.origin}
-                for s in reg.sources.values()]
-             + [{"kind": "sink", "name": s.name, "origin": s.origin} for s in reg.sinks.values()])
-    items.sort(key=lambda i: (i["kind"], i["name"]))
+    data = rx.extensions()
     if as_json:
-        dump({"extensions": items, "errors": [str(e) for e in reg.errors],
-              "folders": [str(d) for d in rx.project.extension_dirs]})
+        dump(data)
         return
     table([[i["kind"], i["name"] + (" (batch)" if i.get("batch") else ""), i["origin"]]
-           for i in items], ["KIND", "NAME", "DEFINED AT"])
-    for error in reg.errors:
+           for i in data["extensions"]], ["KIND", "NAME", "DEFINED AT"])
+    for error in rx.load_errors:
         click.secho(f"error: {error}", fg="red", err=True)
         if ctx.obj["verbose"] and getattr(error, "traceback", None):
             click.echo(error.traceback, err=True)
-    if reg.errors:
+    if data["errors"]:
         ctx.exit(errors.EXIT_INVALID)
 
 
@@ -462,8 +440,7 @@ def validate(ctx: click.Context, pipeline: str, params: tuple[str, ...], home: s
     """Check PIPELINE against the loaded extensions without running it."""
     rx = open_runex(home, extension_dirs)
     report_load_errors(rx, ctx.obj["verbose"])
-    plan = rx.plan(pipeline, params)
-    p = plan.pipeline
+    p = rx.validate(pipeline, params).pipeline
     steps = " -> ".join(s.use for s in p.steps) or "no steps"
     click.echo(f"ok: {pipeline}: source {p.source.use!r} -> {steps} -> sink {p.sink.use!r}")
 

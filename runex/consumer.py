@@ -7,33 +7,25 @@ starts with them imported. SIGTERM and SIGINT both drain it; its workers die wit
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import itertools
 import multiprocessing
 import os
-import select
 import signal
-import struct
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
-from huey.consumer import Consumer, ConsumerStopped, Worker
+from huey.consumer import ConsumerStopped, Worker
 
-from runex import reaper, tasks, trace, worker
+from runex import huey_private, reaper, trace
 from runex.errors import DiskFull
 from runex.reserve import Reserve, free_bytes
-from runex.worker import WorkerState
+from runex.worker import Running, WorkerState
 
 DISK_CHECK = 1.0  # seconds between looks at the home's reserve (a stat) while it is full
-
-_fork_hook = False
-
-
-def _after_fork() -> None:
-    worker.after_fork()
-    die_with_parent()
 
 
 def die_with_parent() -> None:
@@ -41,98 +33,51 @@ def die_with_parent() -> None:
     consumer leaves no orphan consuming the queue (the reaper recovers what it held)."""
     if not sys.platform.startswith("linux"):
         return
-    import ctypes
-
     parent = os.getppid()
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
 
 
-class QueueWatch:
-    """Wakes an idle worker when the queue file is written (Linux inotify on its folder),
-    so pickup needs no polling; elsewhere, or if inotify is refused, it just sleeps."""
-
-    IN_MODIFY, IN_ATTRIB, IN_CREATE = 0x2, 0x4, 0x100
-
-    def __init__(self, queue_file: str):
-        self.name = os.path.basename(queue_file).encode()
-        self.fd = -1
-        if sys.platform.startswith("linux"):
-            import ctypes
-
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-            folder = os.path.dirname(os.path.abspath(queue_file)).encode()
-            mask = self.IN_MODIFY | self.IN_ATTRIB | self.IN_CREATE
-            if fd >= 0 and libc.inotify_add_watch(fd, folder, mask) >= 0:
-                self.fd = fd
-            elif fd >= 0:
-                os.close(fd)
-
-    def wait(self, seconds: float, stop_flag: Any) -> None:
-        """Return when the queue file was written, `stop_flag` is set, or after `seconds`."""
-        if self.fd < 0:
-            stop_flag.wait(seconds)
-            return
-        # huey's flag for worker processes is a pipe: wait on it too rather than wake to look
-        stop_fd = getattr(stop_flag, "_r", None)
-        fds, tick = ([self.fd], 0.1) if stop_fd is None else ([self.fd, stop_fd], seconds)
-        deadline = time.monotonic() + seconds
-        while not stop_flag.is_set():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            ready, _, _ = select.select(fds, [], [], min(left, tick))
-            if self.fd in ready and self._queue_written():
-                return
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def _queue_written(self) -> bool:
-        written, data, offset = False, os.read(self.fd, 65536), 0
-        while offset < len(data):
-            _, _, _, length = struct.unpack_from("iIII", data, offset)
-            name = data[offset + 16:offset + 16 + length].rstrip(b"\0")
-            written = written or name.startswith(self.name)  # queue.db, queue.db-wal
-            offset += 16 + length
-        return written
-
-
 class RunexWorker(Worker):
     """huey's worker, waiting for the queue file to change rather than polling it, and
     taking nothing while the disk under the home is full."""
 
+    state: WorkerState | None = None  # the consumer's, given before the fork
     slots: Any = None  # the consumer's shared `worker.Running` slots, and this one's
     slot = 0
 
     def initialize(self) -> None:
+        """In the new worker process, first: its own queue connection, and its stop flag and
+        timeout slot in the state it works with."""
+        huey_private.forget_connection(self.huey.storage)
+        die_with_parent()
         super().initialize()
-        self.watch = QueueWatch(self.huey.storage.filename)
+        self.watch = self.huey.storage.watch()
+        self.stop_fd = huey_private.stop_fd(self.stop_flag)
         self.reserve = Reserve(os.path.dirname(self.huey.storage.filename))
-        worker.stopping = self.stop_flag.is_set  # a pack is handed back when it is set
-        worker.running = worker.Running(self.slots, self.slot)
+        if self.state is not None:
+            self.state.stopping = self.stop_flag.is_set  # a pack is handed back when set
+            self.state.running = Running(self.slots, self.slot)
 
     def loop(self, now: Any = None) -> None:
         if not self.reserve.ok():  # the consumer makes it again once there is room
             self.stop_flag.wait(DISK_CHECK)
             return
         try:
-            worker.redo_deferred()  # what the full disk kept from the ledger, first
+            if self.state is not None:  # what the full disk kept from the ledger, first
+                self.state.holding.redo()
         except DiskFull:
             return
         super().loop(now)
 
     def sleep(self) -> None:
         self.delay = min(self.delay, self.max_delay)
-        self.watch.wait(self.delay, self.stop_flag)
+        self.watch.wait(self.delay, self.stop_flag.is_set, self.stop_fd)
         self.delay *= self.backoff
 
 
-class RunexConsumer(Consumer):
+class RunexConsumer(huey_private.ProcessHook):
     """huey's consumer with workers that wake on queue writes, and runex's periodic jobs in
     its main process: the reaper, the scheduler, and a stop condition (burst mode, `run`)."""
 
@@ -145,22 +90,22 @@ class RunexConsumer(Consumer):
         # What each worker runs, and until when (see `worker.Running`): made before the
         # workers are, and shared with them through the fork.
         self.slots = multiprocessing.RawArray("d", 3 * options.get("workers", 1))
-        super().__init__(huey, **options)
         self.state = state
+        super().__init__(huey, **options)
         self.home = os.path.dirname(os.path.abspath(huey.storage.filename))
         self.reserve = Reserve(self.home)
         self.disk_full = False
         self.stop_on_full = stop_on_full
         # SIGTERM drains like SIGINT: no new partitions, running ones finish within the
         # grace period (shutdown_timeout); a second signal stops at once.
-        self._signal_actions[signal.SIGTERM] = (False, True)
+        huey_private.drain_on_sigterm(self)
         # [seconds, job, next run, runs while the disk is full]
         self.jobs = [[DISK_CHECK, self._watch_disk, 0.0, True],
                      [1.0, self._kill_overdue, 0.0, False],
                      *([every, job, 0.0, False] for every, job in jobs)]
         if stop_when is not None:  # short-lived (burst, `run`): notice the end sooner
             self.jobs.append([check_every, self._stop_if(stop_when), 0.0, True])
-            self._stop_flag_timeout = min(self._stop_flag_timeout, check_every)
+            huey_private.check_stop_every(self, check_every)
 
     def start(self) -> None:
         """Fork the workers, with what is loaded so far kept out of the collector's reach:
@@ -183,15 +128,15 @@ class RunexConsumer(Consumer):
     def stop(self, graceful: bool = False) -> None:
         """Stop, and touch the queue file so that idle workers notice at once."""
         self.stop_flag.set()
-        tasks.poke(self.huey)
+        self.huey.storage.notify()
         super().stop(graceful)
 
-    def _create_process(self, process: Any, name: str) -> Any:
-        """huey's, giving each worker its slot: huey names them Worker-1, Worker-2... and
-        gives a restarted worker the name of the one it replaces."""
+    def worker_made(self, process: Any, name: str) -> None:
+        """Give each worker the state and its slot: huey names them Worker-1, Worker-2...
+        and gives a restarted worker the name of the one it replaces."""
         if isinstance(process, RunexWorker):
+            process.state = self.state
             process.slots, process.slot = self.slots, int(name.rsplit("-", 1)[1]) - 1
-        return super()._create_process(process, name)
 
     def _kill_overdue(self) -> None:
         """The hard limit of `timeout`: kill a worker still at a partition past its time (see
@@ -268,12 +213,6 @@ def make(state: WorkerState, workers: int, max_delay: float, grace: float | None
     """A consumer of `workers` processes over the queue of `state`, not yet started. Its
     main process runs the reaper every `reap_every` seconds, and `jobs` (every, callable).
     While the disk under the home is full it takes no work, or, `stop_on_full`, stops."""
-    global _fork_hook
-    if sys.platform.startswith("linux"):
-        import ctypes  # noqa: F401 - once here rather than in every worker (QueueWatch, prctl)
-    if not _fork_hook:
-        os.register_at_fork(after_in_child=_after_fork)
-        _fork_hook = True
     state.ledger.close()
     # A message is missing for a moment between a worker's dequeue and its claim: only a
     # partition without one over three rounds counts as vanished. But a consumer that starts

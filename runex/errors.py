@@ -61,6 +61,15 @@ class PartitionTimeout(Exception):
     """Raised inside a worker when an attempt runs past the pipeline's `timeout`."""
 
 
+class RunCancelled(Exception):
+    """Raised inside a worker when `runex cancel` was asked for the run it is processing."""
+
+
+class ScheduleError(ValueError):
+    """A schedule (cron line, interval, time zone) or a time given for one is malformed;
+    a pipeline file's becomes a `PipelineError` naming the file."""
+
+
 def suggest(name: str, known: list[str] | set[str], what: str) -> str:
     """`unknown kernel 'lowr' (did you mean 'lower'?); known kernels: lower, words`."""
     known = sorted(known)

@@ -65,7 +65,7 @@ def load(dirs: Iterable[str | os.PathLike], *, builtins: bool = True) -> Registr
     # What the calling program registered itself (a script, a notebook): forked workers
     # inherit it.
     for kind in ("kernel", "source", "sink"):
-        for name, item in default_registry._table(kind).items():
+        for name, item in default_registry.table(kind).items():
             registry.add(kind, name, item)
     return registry
 
@@ -169,7 +169,7 @@ def load_file(registry: Registry, path: Path, *, check_permissions: bool = True)
     _discover(scratch, module, path)
     registry.errors += scratch.errors
     for kind in ("kernel", "source", "sink"):
-        for name, item in scratch._table(kind).items():
+        for name, item in scratch.table(kind).items():
             registry.add(kind, name, item)
 
 

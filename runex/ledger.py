@@ -1,8 +1,9 @@
-"""The ledger: the SQLite database of record for runs, partitions, attempts and trace events.
+"""The ledger: the database of record for runs, partitions, attempts and trace events.
 
-All of runex's SQL lives here. The schema is versioned with `PRAGMA user_version`, and the
-SQL is kept to what PostgreSQL also accepts. Every write is one short `BEGIN IMMEDIATE`
-transaction; each process keeps one connection (re-opened after a fork).
+All of runex's SQL lives here, written once for every engine (`runex.storage`: SQLite in the
+home). The schema is versioned, and migrated when a ledger of an earlier version is opened.
+Every write is one short transaction that takes the write lock first; each process keeps one
+connection (re-opened after a fork).
 """
 
 from __future__ import annotations
@@ -11,26 +12,18 @@ import contextlib
 import json
 import os
 import secrets
-import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from runex.durable import sync_log
-from runex.errors import NotFound, StorageError
-from runex.reserve import Reserve, free_bytes
+from runex.errors import NotFound
+from runex.storage import SqliteEngine, engine_for
 
 TERMINAL_RUN = ("succeeded", "failed", "cancelled")  # a run in one of these is over
 # A partition is over unless it is `queued` or `running`: succeeded, failed, cancelled or
 # quarantined.
 LEASE_SECONDS = 60.0  # a claim not renewed for this long is lost (workers on other hosts)
-BUSY_TIMEOUT = 60.0  # seconds a writer waits for the lock before SQLite gives up
-# A commit that finds this many pages in the write-ahead log copies them into the database
-# and syncs it, which takes milliseconds to tens of them. SQLite's default is 1000 (4 MiB);
-# consumers checkpoint every `reap_every` instead, so submits and claims seldom pay for it.
-AUTOCHECKPOINT_PAGES = 10_000
 
 SCHEMA = [
     # version 1
@@ -160,57 +153,90 @@ class Outcome:
     code_version: str | None = None  # of the code it ran (`extensions.code_version`)
 
 
+@dataclass(frozen=True)
+class NewRun:
+    """A run to record, with its partitions' keys (see `Ledger.create_run`)."""
+
+    id: str
+    pipeline: str
+    spec: dict[str, Any]
+    project_dir: str
+    priority: int
+    keys: list[Any]
+    scheduled_for: str | None = None  # the fire time of a scheduled run
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What `Ledger.finish_many` did."""
+
+    applied: list[bool]  # for each outcome: False if a newer attempt holds its partition
+    complete: bool  # no partition of the run is queued or running any more
+
+
+@dataclass(frozen=True)
+class Lost:
+    """What `Ledger.lose_attempt` did."""
+
+    status: str | None  # the partition's new status; None if the attempt had ended already
+    complete: bool
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    """What `Ledger.cancel` did."""
+
+    cancelled: int  # partitions cancelled before they started
+    running: int  # partitions still running, which stop at their next batch
+    complete: bool
+
+
 class Ledger:
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self._conn: sqlite3.Connection | None = None
+    """The ledger in `target`: a `runex.storage` engine, or the path of a SQLite file."""
+
+    def __init__(self, target: str | os.PathLike | SqliteEngine):
+        self.engine = engine_for(target)
+        self.path = self.engine.path
+        self._conn: Any = None
         self._pid = 0
-        self._abandoned: list[sqlite3.Connection] = []
-        self._logs: dict[str, tuple[int, int]] = {}  # see `durable.sync_log`
+        self._abandoned: list[Any] = []
 
     # -- connection --------------------------------------------------------------------
 
     @property
-    def conn(self) -> sqlite3.Connection:
+    def conn(self) -> Any:
         if self._conn is None or self._pid != os.getpid():
             if self._conn is not None:
                 # Inherited through fork: never use or close it here; the parent owns it.
                 self._abandoned.append(self._conn)
                 self._conn = None
+            conn = self.engine.connect()
             try:
-                self._conn = self._connect()
-            except sqlite3.OperationalError as exc:
-                raise storage_error(self.path, exc) from exc
-            self._pid = os.getpid()
+                self._migrate(conn)
+            except Exception as exc:
+                raise self._error(exc) from exc
+            self._conn, self._pid = conn, os.getpid()
         return self._conn
 
-    def _connect(self) -> sqlite3.Connection:
-        if not self.path.exists():
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
-        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None,
-                               check_same_thread=False)
-        retry_locked(lambda: conn.execute("PRAGMA journal_mode=WAL"))
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}")
-        self._migrate(conn)
-        return conn
+    def _error(self, exc: Exception) -> Exception:
+        return self.engine.error(exc)
 
     def checkpoint(self) -> None:
         """Copy what the write-ahead log holds into the database, without waiting for anyone
         (consumers do it every `reap_every`, off the path of submits and claims)."""
-        self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        self.engine.checkpoint(self.conn)
 
-    def _migrate(self, conn: sqlite3.Connection) -> None:
-        if conn.execute("PRAGMA user_version").fetchone()[0] >= len(SCHEMA):
+    def _migrate(self, conn: Any) -> None:
+        engine = self.engine
+        if engine.schema_version(conn) >= len(SCHEMA):
             return
-        begin_immediate(conn)
+        engine.begin(conn)
         try:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            version = engine.schema_version(conn)
             for statements in SCHEMA[version:]:
                 for sql in statements:
                     conn.execute(sql)
-            conn.execute(f"PRAGMA user_version = {len(SCHEMA)}")
+            engine.set_schema_version(conn, len(SCHEMA))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -222,12 +248,12 @@ class Ledger:
         self._conn = None
 
     @contextlib.contextmanager
-    def tx(self) -> Iterator[sqlite3.Connection]:
+    def tx(self) -> Iterator[Any]:
         """One short write transaction; a full or read-only disk rolls it back whole and
         raises `StorageError`. It is not synced: see `sync`."""
         try:
             conn = self.conn
-            begin_immediate(conn)
+            self.engine.begin(conn)
             try:
                 yield conn
                 conn.execute("COMMIT")
@@ -237,24 +263,23 @@ class Ledger:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-        except sqlite3.OperationalError as exc:
-            raise storage_error(self.path, exc) from exc
+        except Exception as exc:
+            error = self._error(exc)
+            if error is exc:
+                raise
+            raise error from exc
 
     def sync(self) -> None:
-        """Make every transaction committed so far survive a power cut: one fsync of the
-        write-ahead log (and, when the log file is new, of the folder that names it).
+        """Make every transaction committed so far survive a power cut.
 
-        The ledger runs `synchronous=NORMAL`: a commit survives a crash of the process, and
-        reaches the disk at the next checkpoint (consumers make one every `reap_every`) or the
-        next `sync`. What a power cut can take is then a claim or an outcome, which only costs
-        running a partition again (sinks make that harmless). runex calls `sync` before it
-        acknowledges anything: a submit, a cancel, a retry, a run's end."""
+        On SQLite the ledger runs `synchronous=NORMAL`: a commit survives a crash of the
+        process, and reaches the disk at the next checkpoint (consumers make one every
+        `reap_every`) or the next `sync`, one fsync of the write-ahead log. What a power cut
+        can take is then a claim or an outcome, which only costs running a partition again
+        (sinks make that harmless). runex calls `sync` before it acknowledges anything: a
+        submit, a cancel, a retry, a run's end."""
         self.conn  # noqa: B018 - opened: an open connection keeps the log from being removed
-        try:
-            sync_log(self.path, self._logs)
-        except OSError as exc:
-            raise StorageError(f"cannot sync the ledger {self.path} to disk ({exc}); check "
-                               f"{self.path.parent}") from exc
+        self.engine.sync()
 
     def _rows(self, sql: str, params: tuple = ()) -> list[dict[str, Any]]:
         cur = self.conn.execute(sql, params)
@@ -263,47 +288,57 @@ class Ledger:
 
     # -- writes ----------------------------------------------------------------------
 
-    def create_run(self, run_id: str, pipeline: str, spec: dict[str, Any], project_dir: str,
-                   priority: int, keys: list[Any], events: list[tuple[Any, ...]] = (),
-                   scheduled_for: str | None = None, fire: str | None = None) -> bool:
-        """The run and all its partitions, `queued`, in one transaction. For a scheduled run
-        (`scheduled_for`, a fire time), `fire` says what happens to its row in `fires`:
-        `new` inserts it, and nothing is written if the fire time has one already (another
-        consumer fired it); `waiting` takes a fire that waited for an earlier run, if it still
-        waits; `replace` points an existing fire at this run (backfill). Returns whether
-        anything was written."""
-        now = time.time()
-        encoded = [json.dumps(k) for k in keys]
+    def create_run(self, run: NewRun, events: list[tuple[Any, ...]] = ()) -> None:
+        """The run and all its partitions, `queued`, in one transaction."""
         with self.tx() as conn:
-            if fire == "new":
-                cur = conn.execute(
-                    "INSERT INTO fires (pipeline, fire_time, status, run_id, created_at) "
-                    "VALUES (?, ?, 'fired', ?, ?) ON CONFLICT DO NOTHING",
-                    (pipeline, scheduled_for, run_id, now))
-            elif fire == "waiting":
-                cur = conn.execute(
-                    "UPDATE fires SET status = 'fired', run_id = ? WHERE pipeline = ? AND "
-                    "fire_time = ? AND status = 'waiting'", (run_id, pipeline, scheduled_for))
-            elif fire == "replace":
-                cur = conn.execute(
-                    "INSERT INTO fires (pipeline, fire_time, status, run_id, created_at) "
-                    "VALUES (?, ?, 'fired', ?, ?) ON CONFLICT (pipeline, fire_time) DO UPDATE "
-                    "SET status = 'fired', run_id = excluded.run_id, reason = NULL",
-                    (pipeline, scheduled_for, run_id, now))
-            if fire is not None and cur.rowcount != 1:
+            self._insert_run(conn, run, events)
+
+    def fire_run(self, run: NewRun, events: list[tuple[Any, ...]] = ()) -> bool:
+        """A scheduled run (at its fire time, `run.scheduled_for`) with its row in `fires`, in
+        one transaction; nothing is written if the fire time has a row already (another
+        consumer fired it). Returns whether the run was created."""
+        return self._create_fired(run, events, (
+            "INSERT INTO fires (pipeline, fire_time, status, run_id, created_at) "
+            "VALUES (?, ?, 'fired', ?, ?) ON CONFLICT DO NOTHING",
+            (run.pipeline, run.scheduled_for, run.id, time.time())))
+
+    def fire_waiting_run(self, run: NewRun, events: list[tuple[Any, ...]] = ()) -> bool:
+        """The run of a fire time that waited for an earlier run (`overlap = "queue"`), if
+        it still waits. Returns whether the run was created."""
+        return self._create_fired(run, events, (
+            "UPDATE fires SET status = 'fired', run_id = ? WHERE pipeline = ? AND "
+            "fire_time = ? AND status = 'waiting'", (run.id, run.pipeline, run.scheduled_for)))
+
+    def refire_run(self, run: NewRun, events: list[tuple[Any, ...]] = ()) -> bool:
+        """A run of a fire time that may have fired before (backfill): its row in `fires`
+        points at the new run."""
+        return self._create_fired(run, events, (
+            "INSERT INTO fires (pipeline, fire_time, status, run_id, created_at) "
+            "VALUES (?, ?, 'fired', ?, ?) ON CONFLICT (pipeline, fire_time) DO UPDATE "
+            "SET status = 'fired', run_id = excluded.run_id, reason = NULL",
+            (run.pipeline, run.scheduled_for, run.id, time.time())))
+
+    def _create_fired(self, run: NewRun, events: list[tuple[Any, ...]],
+                      fire: tuple[str, tuple[Any, ...]]) -> bool:
+        with self.tx() as conn:
+            if conn.execute(*fire).rowcount != 1:
                 return False  # the transaction commits nothing
-            conn.execute(
-                "INSERT INTO runs (id, pipeline, spec, project_dir, status, priority, "
-                "scheduled_for, partition_count, created_at) "
-                "VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
-                (run_id, pipeline, json.dumps(spec), project_dir, priority, scheduled_for,
-                 len(keys), now))
-            conn.executemany(
-                "INSERT INTO partitions (run_id, idx, key, status, queued_at) "
-                "VALUES (?, ?, ?, 'queued', ?)",
-                [(run_id, i, k, now) for i, k in enumerate(encoded)])
-            self._insert_events(conn, events)
+            self._insert_run(conn, run, events)
         return True
+
+    def _insert_run(self, conn: Any, run: NewRun, events: list[tuple[Any, ...]]) -> None:
+        now = time.time()
+        conn.execute(
+            "INSERT INTO runs (id, pipeline, spec, project_dir, status, priority, "
+            "scheduled_for, partition_count, created_at) "
+            "VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+            (run.id, run.pipeline, json.dumps(run.spec), run.project_dir, run.priority,
+             run.scheduled_for, len(run.keys), now))
+        conn.executemany(
+            "INSERT INTO partitions (run_id, idx, key, status, queued_at) "
+            "VALUES (?, ?, ?, 'queued', ?)",
+            [(run.id, i, json.dumps(k), now) for i, k in enumerate(run.keys)])
+        self._insert_events(conn, events)
 
     # -- schedules ---------------------------------------------------------------------
 
@@ -363,12 +398,6 @@ class Ledger:
             "ORDER BY created_at DESC LIMIT 1", (pipeline,)).fetchone()
         return row[0] if row else None
 
-    def claim(self, run_id: str, index: int, host: str, pid: int, pid_started: str | None,
-              events: list[tuple[Any, ...]] = (), boot_id: str | None = None) -> Claim | None:
-        """Take one queued partition; see `claim_many`."""
-        claims = self.claim_many(run_id, [index], host, pid, pid_started, events, boot_id)
-        return claims[0] if claims else None
-
     def claim_many(self, run_id: str, indexes: Sequence[int], host: str, pid: int,
                    pid_started: str | None, events: list[tuple[Any, ...]] = (),
                    boot_id: str | None = None) -> list[Claim]:
@@ -405,7 +434,7 @@ class Ledger:
                       spec, run[2], run[3]) for idx, attempt, _, key in rows]
 
     @staticmethod
-    def _failures(conn: sqlite3.Connection, run_id: str, indexes: Sequence[int]
+    def _failures(conn: Any, run_id: str, indexes: Sequence[int]
                   ) -> dict[int, int]:
         """Failed or timed-out attempts of these partitions since `runex retry` last
         re-queued them (what spends their retry budget)."""
@@ -430,22 +459,11 @@ class Ledger:
         return Claim(row[0], index, json.loads(row[1]), attempt, failures, row[2],
                      json.loads(row[3]), row[4], row[5])
 
-    def finish_attempt(self, claim: Claim, status: str, *, records_in: int = 0,
-                       records_out: int = 0, error: str | None = None,
-                       traceback: str | None = None, requeue: bool = False,
-                       events: list[tuple[Any, ...]] = ()) -> tuple[bool, bool]:
-        """Record how one attempt ended; see `finish_many`."""
-        applied, complete = self.finish_many(
-            [Outcome(claim, status, records_in, records_out, error, traceback, requeue)],
-            events)
-        return applied[0], complete
-
     def finish_many(self, outcomes: Sequence[Outcome], events: list[tuple[Any, ...]] = ()
-                    ) -> tuple[list[bool], bool]:
+                    ) -> Recorded:
         """Record how attempts of one run ended, in one transaction. A partition moves only
         if its attempt still holds it (a fenced, stale attempt changes nothing); `requeue`
-        puts it back to `queued` for a retry. Returns (applied, for each outcome; whether the
-        run is now complete)."""
+        puts it back to `queued` for a retry."""
         now = time.time()
         applied = []
         with self.tx() as conn:
@@ -480,10 +498,10 @@ class Ledger:
             over = [o.claim.run_id for o, ok in zip(outcomes, applied, strict=True)
                     if ok and not o.requeue]
             complete = bool(over) and self._complete(conn, over[0])
-        return applied, complete
+        return Recorded(applied, complete)
 
     @staticmethod
-    def _complete(conn: sqlite3.Connection, run_id: str) -> bool:
+    def _complete(conn: Any, run_id: str) -> bool:
         """No partition of the run is queued or running (an index lookup, not a count)."""
         return conn.execute(
             "SELECT 1 FROM partitions WHERE run_id = ? AND status IN ('queued', 'running') "
@@ -523,11 +541,9 @@ class Ledger:
         return self._rows("SELECT * FROM consumers ORDER BY started_at")
 
     def lose_attempt(self, run_id: str, index: int, attempt: int, reason: str,
-                     quarantine_after: int, events: list[tuple[Any, ...]] = ()
-                     ) -> tuple[str | None, bool]:
+                     quarantine_after: int, events: list[tuple[Any, ...]] = ()) -> Lost:
         """Declare a running attempt lost (its worker died). The partition goes back to the
-        queue, or, lost `quarantine_after` times, to `quarantined`. Returns (the partition's
-        new status or None if the attempt had already ended, run_complete)."""
+        queue, or, lost `quarantine_after` times, to `quarantined`."""
         now = time.time()
         with self.tx() as conn:
             cur = conn.execute(
@@ -535,7 +551,7 @@ class Ledger:
                 "WHERE run_id = ? AND idx = ? AND attempt = ? AND status = 'running'",
                 (now, reason, run_id, index, attempt))
             if cur.rowcount != 1:
-                return None, False
+                return Lost(None, False)
             lost = conn.execute(
                 "SELECT COUNT(*) FROM attempts a JOIN partitions p ON p.run_id = a.run_id "
                 "AND p.idx = a.idx WHERE a.run_id = ? AND a.idx = ? AND a.status = 'lost' "
@@ -553,7 +569,7 @@ class Ledger:
                  run_id, index, attempt))
             self._insert_events(conn, events)
             complete = status == "quarantined" and self._complete(conn, run_id)
-        return status, complete
+        return Lost(status, complete)
 
     def queued_before(self, cutoff: float) -> list[tuple[str, int, int]]:
         """(run id, index, priority) of partitions queued since before `cutoff`."""
@@ -574,9 +590,9 @@ class Ledger:
             conn.execute("UPDATE runs SET finalizer = NULL WHERE id = ? AND finalizer = ? "
                          "AND status IN ('queued', 'running')", (run_id, finalizer))
 
-    def cancel(self, run_id: str, events: list[tuple[Any, ...]] = ()) -> tuple[int, int, bool]:
-        """Cancel a run: queued partitions never start, running ones stop at their next batch.
-        Returns (partitions cancelled now, partitions still running, run_complete)."""
+    def cancel(self, run_id: str, events: list[tuple[Any, ...]] = ()) -> Cancelled:
+        """Cancel a run: queued partitions never start, running ones stop at their next
+        batch."""
         now = time.time()
         with self.tx() as conn:
             conn.execute("UPDATE runs SET cancel_requested = 1 WHERE id = ? "
@@ -590,7 +606,7 @@ class Ledger:
                 (run_id,)).fetchone()[0]
             self._insert_events(conn, events)
             complete = self._complete(conn, run_id)
-        return cancelled, running, complete
+        return Cancelled(cancelled, running, complete)
 
     def cancel_requested(self, run_id: str) -> bool:
         row = self.conn.execute("SELECT cancel_requested FROM runs WHERE id = ?",
@@ -647,7 +663,7 @@ class Ledger:
                 self._insert_events(conn, events)
 
     @staticmethod
-    def _insert_events(conn: sqlite3.Connection, events: list[tuple[Any, ...]]) -> None:
+    def _insert_events(conn: Any, events: list[tuple[Any, ...]]) -> None:
         """`events`: rows (ts, run_id, idx, attempt, event, data as JSON), see `trace.drain`."""
         if events:
             conn.executemany("INSERT INTO events (ts, run_id, idx, attempt, event, data) "
@@ -689,7 +705,9 @@ class Ledger:
                           (run_id,))
 
     def events(self, run_id: str) -> list[dict[str, Any]]:
-        return self._rows("SELECT * FROM events WHERE run_id = ? ORDER BY ts, rowid", (run_id,))
+        order = self.engine.insertion_order
+        return self._rows(f"SELECT * FROM events WHERE run_id = ? ORDER BY ts, {order}",
+                          (run_id,))
 
     def progress(self, run_id: str) -> dict[str, int]:
         """Partition counts by status."""
@@ -702,51 +720,3 @@ class Ledger:
         return self.conn.execute(
             "SELECT COUNT(*) FROM partitions WHERE status IN ('queued', 'running')"
         ).fetchone()[0]
-
-
-def storage_error(path: Path, exc: sqlite3.OperationalError) -> Exception:
-    """A clear error for the disk problems a user can fix; others are returned as they are.
-    A full disk also releases the home's reserve (`runex.reserve`): room to record
-    what was going on, and the sign for every consumer here to take no more work."""
-    text = str(exc)
-    # SQLite reports a full disk met while creating a write-ahead log as an I/O error.
-    if "full" in text or ("disk I/O error" in text and free_bytes(path.parent) < 1 << 20):
-        return Reserve(path.parent).full(f"cannot write the ledger {path}", ". The change was "
-                                         "rolled back whole; nothing stored was changed")
-    if "readonly" in text or "read-only" in text:
-        why = f"it is read-only: check that you may write to {path.parent}"
-    elif "disk I/O error" in text or "unable to open" in text:
-        why = f"the disk failed to read or write it: check {path.parent}"
-    else:
-        return exc
-    return StorageError(f"cannot write the ledger {path} ({text}); {why}. The change was rolled "
-                        "back whole; nothing stored was changed")
-
-
-def begin_immediate(conn: sqlite3.Connection, timeout: float = BUSY_TIMEOUT) -> None:
-    """Take the write lock, retrying every millisecond or so while another writer holds it.
-    SQLite's own busy handler sleeps 1, 2, 5, 10, 15 ms... between tries, so a lock held for
-    4 ms costs a waiter 8, and one held for 9 ms costs 18: most of a submit's worst times.
-    The connection's busy timeout, for its other statements, is left as it was."""
-    previous = conn.execute("PRAGMA busy_timeout").fetchone()[0]
-    conn.execute("PRAGMA busy_timeout = 0")
-    try:
-        retry_locked(lambda: conn.execute("BEGIN IMMEDIATE"), timeout, first=0.0005,
-                     most=0.005)
-    finally:
-        conn.execute(f"PRAGMA busy_timeout = {previous}")
-
-
-def retry_locked(fn: Any, timeout: float = BUSY_TIMEOUT, first: float = 0.01,
-                 most: float = 0.01) -> Any:
-    """Retry a statement that SQLite refuses with 'database is locked' without waiting on its
-    busy handler (switching a new file to WAL is one)."""
-    deadline, delay = time.monotonic() + timeout, first
-    while True:
-        try:
-            return fn()
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(delay)
-            delay = min(most, delay * 1.5)

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from runex.errors import PipelineError, RunexError, suggest
+from runex.cron import Schedule
+from runex.errors import PipelineError, RunexError, ScheduleError, suggest
 from runex.extensions import code_version
 from runex.registry import Kernel, Registry, display_path
-from runex.schedule import Schedule, ScheduleError
 
 SECTIONS = ("source", "steps", "sink", "options")
 

@@ -18,21 +18,11 @@ from typing import Any
 
 from runex import tasks, trace
 from runex.errors import PartitionTimeout
+from runex.executor import Recording, Stats, failed
+from runex.finalizer import finalize_run
+from runex.identity import BOOT_ID, alive, holder, holder_alive, my_start, rebooted
 from runex.pipeline import Pipeline
-from runex.worker import (
-    BOOT_ID,
-    HARD_GRACE,
-    Recording,
-    Stats,
-    WorkerState,
-    alive,
-    failed,
-    finalize_run,
-    holder,
-    holder_alive,
-    process_start,
-    rebooted,
-)
+from runex.worker import HARD_GRACE, WorkerState
 
 # Partitions queued at least this long ago, without a message, are queued again by a consumer
 # that starts while no other runs: not zero, for a submit between its ledger write and its
@@ -47,7 +37,7 @@ def register(state: WorkerState, workers: int) -> None:
     for c in ledger.consumers():
         if c["host"] == trace.HOST and not alive(c["pid"], c["pid_started"], c["boot_id"]):
             ledger.remove_consumer(c["host"], c["pid"])
-    ledger.add_consumer(trace.HOST, os.getpid(), process_start(os.getpid()), BOOT_ID, workers)
+    ledger.add_consumer(trace.HOST, os.getpid(), my_start(), BOOT_ID, workers)
 
 
 def unregister(state: WorkerState) -> None:
@@ -85,17 +75,16 @@ def reap_lost(state: WorkerState, now: float | None = None) -> int:
                   if expired else f"worker pid {a['pid']} on {a['host']} is gone")
         trace.logger(run_id=a["run_id"], pipeline=run["pipeline"], partition_index=a["idx"],
                      attempt=a["attempt"]).warning("partition.lost", reason=reason)
-        status, complete = state.ledger.lose_attempt(
-            a["run_id"], a["idx"], a["attempt"], reason, options.quarantine_after,
-            events=trace.drain())
-        if status is None:
+        lost = state.ledger.lose_attempt(a["run_id"], a["idx"], a["attempt"], reason,
+                                         options.quarantine_after, events=trace.drain())
+        if lost.status is None:
             continue
         found += 1
-        if status == "queued":
+        if lost.status == "queued":
             # Alone in its message, so that a partition that kills its worker runs by itself
             # next time rather than taking the rest of a chunk down with it again.
             tasks.enqueue(state.huey, a["run_id"], [a["idx"]], options.priority)
-        if complete:
+        if lost.complete:
             finalize_run(state, a["run_id"])
     return found
 

@@ -124,11 +124,11 @@ class Registry:
         self.dirs: list[Path] = []
         self.files: dict[str, tuple[int, int]] = {}
 
-    def _table(self, kind: str) -> dict[str, Any]:
+    def table(self, kind: str) -> dict[str, Any]:
         return {"kernel": self.kernels, "source": self.sources, "sink": self.sinks}[kind]
 
     def add(self, kind: str, name: str, item: Kernel | DataSourceSpec | SinkSpec) -> None:
-        table = self._table(kind)
+        table = self.table(kind)
         existing = table.get(name)
         if existing is not None and existing is not item:
             err = DuplicateName(
@@ -143,7 +143,7 @@ class Registry:
     def get(self, kind: str, name: str) -> Any:
         if (kind, name) in self._ambiguous:
             raise self._ambiguous[(kind, name)]
-        table = self._table(kind)
+        table = self.table(kind)
         if name in table:
             return table[name]
         message = suggest(name, table.keys(), kind)

@@ -9,18 +9,21 @@ consumers, a restart inside a minute, or a clock stepped back never fire a time 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from runex import trace
+from runex.cron import UTC, Schedule, iso, parse_time
 from runex.errors import RunexError
+from runex.ledger import Ledger, NewRun
 from runex.pipeline import Pipeline, load
 from runex.registry import display_path
-from runex.schedule import UTC, Schedule, iso, parse_time
 
-if TYPE_CHECKING:
-    from runex.app import Runex
+# Submits a scheduled run: (pipeline, fire time, the ledger method that records the run with
+# its fire) -> its id, or None when the ledger method found the fire time taken.
+Submit = Callable[[Pipeline, Any, dt.datetime, Callable[[NewRun], bool]], str | None]
 
 MISSED_AFTER = dt.timedelta(seconds=60)  # a fire time older than this when seen was missed
 DEFAULT_PIPELINES = "pipelines/*.toml"
@@ -40,18 +43,18 @@ class Entry:
 
 
 class Scheduler:
-    def __init__(self, rx: Runex):
-        self.rx = rx
-        self.entries: dict[Path, Entry] = {}
+    """The pipeline files matching `pattern` under `root`, checked with `check`, fired into
+    `ledger` by `submit` (see `Runex.scheduler`)."""
 
-    @property
-    def pattern(self) -> str:
-        return self.rx.project.config.get("pipelines", DEFAULT_PIPELINES)
+    def __init__(self, root: Path, pattern: str, ledger: Ledger,
+                 check: Callable[[Pipeline], Any], submit: Submit):
+        self.root, self.pattern, self.ledger = root, pattern, ledger
+        self.check, self.submit = check, submit
+        self.entries: dict[Path, Entry] = {}
 
     def scan(self) -> list[Entry]:
         """Every pipeline file, re-read when its modification time or size changed."""
-        root = self.rx.project.root
-        paths = sorted(root.glob(self.pattern))
+        paths = sorted(self.root.glob(self.pattern))
         for gone in set(self.entries) - set(paths):
             del self.entries[gone]
         for path in paths:
@@ -69,7 +72,7 @@ class Scheduler:
         entry = Entry(path, stamp)
         try:
             pipeline = load(path)  # kept with its {fire_time} placeholders
-            self.rx.plan(pipeline)  # checked against the extensions
+            self.check(pipeline)  # against the extensions
             entry.pipeline, entry.schedule = pipeline, pipeline.schedule
         except RunexError as exc:
             entry.error = str(exc)
@@ -78,7 +81,6 @@ class Scheduler:
     def tick(self, now: dt.datetime | None = None) -> list[str]:
         """Fire what is due at `now`; returns the ids of the runs this call created."""
         now = now or dt.datetime.now(UTC)
-        self.rx.ensure_trace()
         entries = []
         for entry in self.scan():
             if entry.error and not entry.reported:
@@ -88,19 +90,19 @@ class Scheduler:
             if entry.schedule is not None:
                 entries.append(entry)
         by_name = {e.pipeline.name: e for e in entries}
-        created = [run_id for name, fire_time in self.rx.ledger.waiting_fires()
+        created = [run_id for name, fire_time in self.ledger.waiting_fires()
                    if name in by_name and (run_id := self._promote(by_name[name], fire_time))]
         for entry in entries:
             for fire_time in self.due(entry, now):
                 run_id = self.fire(entry, fire_time)
                 if run_id:
                     created.append(run_id)
-        self.rx.ledger.add_events(trace.drain())
+        self.ledger.add_events(trace.drain())
         return created
 
     def due(self, entry: Entry, now: dt.datetime) -> list[dt.datetime]:
         """The fire times to fire now, after the pipeline's last fire, per its catch-up."""
-        options, ledger = entry.pipeline.options, self.rx.ledger
+        options, ledger = entry.pipeline.options, self.ledger
         start = parse_time(ledger.schedule_since(entry.pipeline.name, iso(now)))
         last = ledger.last_fire(entry.pipeline.name)
         if last is not None:
@@ -119,7 +121,7 @@ class Scheduler:
         return times
 
     def fire(self, entry: Entry, fire_time: dt.datetime) -> str | None:
-        pipeline, ledger = entry.pipeline, self.rx.ledger
+        pipeline, ledger = entry.pipeline, self.ledger
         name, when = pipeline.name, iso(fire_time)
         if ledger.fire(name, when) is not None:
             return None  # another consumer fired it
@@ -131,22 +133,23 @@ class Scheduler:
             log.info(f"schedule.{status}", because=active)
             ledger.record_fire(name, when, status, reason, events=trace.drain())
             return None
-        return self._submit(entry, fire_time, "new", log)
+        return self._submit(entry, fire_time, ledger.fire_run, log)
 
     def _promote(self, entry: Entry, fire_time: str) -> str | None:
         """Fire a time that waited (overlap = "queue") once the earlier run is over."""
-        if self.rx.ledger.active_run(entry.pipeline.name) is not None:
+        if self.ledger.active_run(entry.pipeline.name) is not None:
             return None
         log = trace.logger(pipeline=entry.pipeline.name, fire_time=fire_time)
-        return self._submit(entry, parse_time(fire_time), "waiting", log)
+        return self._submit(entry, parse_time(fire_time), self.ledger.fire_waiting_run, log)
 
-    def _submit(self, entry: Entry, fire_time: dt.datetime, fire: str, log: Any) -> str | None:
+    def _submit(self, entry: Entry, fire_time: dt.datetime, record: Callable[[NewRun], bool],
+                log: Any) -> str | None:
         try:
-            run_id = self.rx.submit(entry.pipeline, fire_time=fire_time, fire=fire)
+            run_id = self.submit(entry.pipeline, (), fire_time, record)
         except RunexError as exc:
             # Recorded, so that a pipeline failing at a fire time does not retry every second.
             log.error("schedule.failed", error=str(exc))
-            self.rx.ledger.record_fire(entry.pipeline.name, iso(fire_time), "error", str(exc),
+            self.ledger.record_fire(entry.pipeline.name, iso(fire_time), "error", str(exc),
                                        events=trace.drain())
             return None
         if run_id is not None:
@@ -164,7 +167,7 @@ class Scheduler:
                 row["pipeline"] = entry.pipeline.name
             if entry.schedule is not None:
                 options = entry.pipeline.options
-                last = self.rx.ledger.fires(entry.pipeline.name, 1)
+                last = self.ledger.fires(entry.pipeline.name, 1)
                 row.update(
                     schedule=entry.schedule.expression, timezone=options.timezone,
                     catchup=options.catchup, overlap=options.overlap,

@@ -16,30 +16,26 @@ import functools
 import json
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from huey import SqliteHuey
 from huey.registry import Message
-from huey.serializer import Serializer
-from huey.storage import SqliteStorage
 
-from runex import trace
+from runex import huey_private, trace
 from runex.errors import DiskFull
-from runex.ledger import AUTOCHECKPOINT_PAGES
 from runex.project import cpu_count
 from runex.reserve import Reserve, is_disk_full
+from runex.storage import FileWatch, create_private, tune
 
 QUEUE_NAME = "runex"
 TASK_NAME = "runex.tasks.partition"  # huey's identity for the task: module + name
 LOCK_TIMEOUT = 60  # seconds; huey loses post-task work on "database is locked"
 
 
-class JSONSerializer(Serializer):
+class JSONSerializer(huey_private.SerializerHook):
     """huey messages as JSON. Datetimes (eta, expiry) are tagged; nothing else is needed."""
 
-    def _serialize(self, data: Any) -> bytes:
+    def dumps(self, data: Any) -> bytes:
         if isinstance(data, Message):
             data = {"message": {k: v for k, v in data._asdict().items() if v is not None}}
         else:
@@ -56,7 +52,7 @@ class JSONSerializer(Serializer):
                                  bytes=len(data))
             raise
 
-    def _deserialize(self, data: bytes) -> Any:
+    def loads(self, data: bytes) -> Any:
         decoded = json.loads(bytes(data), object_hook=_decode)
         if "message" in decoded:
             fields = decoded["message"]
@@ -79,17 +75,27 @@ def _decode(obj: dict[str, Any]) -> Any:
     return obj
 
 
-class QueueStorage(SqliteStorage):
+class QueueStorage(huey_private.ConnectionHook):
     """huey's SQLite storage with `synchronous=NORMAL` (about 4x the throughput, still safe
     in WAL mode against a process crash) and a data file only its owner can read."""
 
-    def _create_connection(self):  # noqa: ANN202 - huey's signature
-        if not os.path.exists(self.filename):
-            os.close(os.open(self.filename, os.O_CREAT | os.O_WRONLY, 0o600))
-        conn = super()._create_connection()
-        conn.execute("pragma synchronous=NORMAL")
-        conn.execute(f"pragma wal_autocheckpoint={AUTOCHECKPOINT_PAGES}")  # see runex.ledger
-        return conn
+    def __init__(self, name: str, filename: str, **options: Any):
+        create_private(filename)
+        super().__init__(name, filename, **options)
+
+    def connected(self, conn: Any) -> None:
+        tune(conn)  # see runex.storage
+
+    def notify(self) -> None:
+        """Touch the queue file, so that idle workers watching it (`watch`) wake after the
+        commit: the writes of a transaction wake them too, but may do so a moment before it
+        is visible."""
+        with contextlib.suppress(OSError):
+            os.utime(self.filename)
+
+    def watch(self) -> FileWatch:
+        """Something an idle worker waits on until the queue is written."""
+        return FileWatch(self.filename)
 
     def checkpoint(self) -> None:
         self.sql("pragma wal_checkpoint(PASSIVE)")
@@ -125,18 +131,22 @@ class QueueStorage(SqliteStorage):
         return []
 
 
-class Queue(SqliteHuey):
-    """huey without revocation, which runex never uses (a run is cancelled in the ledger):
-    this saves a read before every task and a write transaction after it. Pinned to huey's
-    `is_revoked`/`delete(task.revoke_id)` internals; tests/test_queue.py checks it."""
+class Queue(huey_private.WithoutRevocation):
+    """runex's queue: huey's `SqliteHuey`, without revocation (see `huey_private`), waking
+    idle workers on each write, with runex's one task, which runs the pack of partitions it
+    is given with the executor handed to it (`serve`)."""
 
-    def is_revoked(self, task: Any, timestamp: Any = None, peek: bool = True) -> bool:
-        return False
+    executor: Callable[[str, list[int]], None] | None = None
 
-    def delete(self, key: str) -> Any:
-        if key.startswith("r:"):  # a task's revoke flag: there is none to clear
-            return False
-        return super().delete(key)
+    def serve(self, executor: Callable[[str, list[int]], None]) -> None:
+        """Run partitions with `executor(run_id, indexes)` when this process takes them."""
+        self.executor = executor
+
+    def partition(self, run_id: str, indexes: list[int] | int) -> None:
+        """Execute a pack of partitions (or one, in messages of runex 0.1)."""
+        if self.executor is None:
+            raise RuntimeError("this queue has no executor: see Queue.serve")
+        self.executor(run_id, [indexes] if isinstance(indexes, int) else indexes)
 
     def enqueue(self, task: Any) -> Any:
         """huey's enqueue (its scheduler moves due retries with it), waking idle workers."""
@@ -146,25 +156,16 @@ class Queue(SqliteHuey):
         except DiskFull as exc:  # huey took it off the schedule: the reaper queues it again
             trace.logger().warning("message.not_queued", error=str(exc))
             return None
-        poke(self)
+        self.storage.notify()
         return result
 
 
-def make_huey(path: str | os.PathLike) -> SqliteHuey:
+def make_huey(path: str | os.PathLike) -> Queue:
     """The queue in `path`, with runex's task registered."""
-    Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     huey = Queue(QUEUE_NAME, filename=str(path), results=False, utc=True,
-                      serializer=JSONSerializer(), storage_class=QueueStorage,
-                      timeout=LOCK_TIMEOUT)
-    huey.task(name="partition")(partition)
+                 serializer=JSONSerializer(), storage_class=QueueStorage, timeout=LOCK_TIMEOUT)
+    huey.task(name="partition")(huey.partition)  # huey's name for it: TASK_NAME
     return huey
-
-
-def partition(run_id: str, indexes: list[int] | int) -> None:
-    """Execute a pack of partitions (or one, in messages of runex 0.1) in this worker."""
-    from runex import worker
-
-    worker.execute(run_id, [indexes] if isinstance(indexes, int) else indexes)
 
 
 MIN_MESSAGES = 64  # a run is split into at least this many messages (16 per CPU) before packing
@@ -180,11 +181,11 @@ def packs(indexes: Iterable[int], cpus: int | None = None) -> list[list[int]]:
     return [indexes[i:i + size] for i in range(0, len(indexes), size)]
 
 
-def enqueue(huey: SqliteHuey, run_id: str, indexes: Iterable[int], priority: int = 0,
+def enqueue(huey: Queue, run_id: str, indexes: Iterable[int], priority: int = 0,
             delay: float | None = None, one_pack: bool = False) -> None:
     """Put the partitions on the queue, packed (`packs`; or all in one message), in one
     transaction (huey's own `enqueue` takes one transaction per message)."""
-    task = huey._registry.string_to_task(TASK_NAME)
+    task = huey_private.task_class(huey, TASK_NAME)
     messages = [list(indexes)] if one_pack else packs(indexes)
     with huey.storage.writing():
         if delay:
@@ -193,16 +194,7 @@ def enqueue(huey: SqliteHuey, run_id: str, indexes: Iterable[int], priority: int
             for pack in messages:
                 huey.add_schedule(task((run_id, pack), {}, eta=eta, priority=priority))
             return
-        rows = [(QUEUE_NAME, huey.serialize_task(task((run_id, pack), {}, priority=priority)),
-                 priority) for pack in messages]
-        with huey.storage.db(commit=True) as cursor:
-            cursor.executemany("insert into task (queue, data, priority) values (?, ?, ?)",
-                               rows)
-    poke(huey)
-
-
-def poke(huey: SqliteHuey) -> None:
-    """Touch the queue file, so that idle workers watching it wake after the commit: the
-    writes of a transaction wake them too, but may do so a moment before it is visible."""
-    with contextlib.suppress(OSError):
-        os.utime(huey.storage.filename)
+        huey_private.insert_messages(huey.storage, [
+            (QUEUE_NAME, huey.serialize_task(task((run_id, pack), {}, priority=priority)),
+             priority) for pack in messages])
+    huey.storage.notify()

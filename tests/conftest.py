@@ -1,5 +1,7 @@
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -8,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from runex import Runex, trace, worker
+from runex import Runex, trace
+from runex.ledger import Claim, Ledger, Outcome, Recorded
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
@@ -30,6 +33,31 @@ def clean_env(monkeypatch):
     monkeypatch.delenv("RUNEX_EXTENSIONS", raising=False)
     yield
     trace.reset()
+
+
+def children() -> list[int]:
+    """The processes this one started that still run (Linux)."""
+    found = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == os.getpid() and fields[0] != "Z":
+                found.append(int(entry))
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_process_left():
+    """A test that fails while its consumers run must not leave them running: whatever it
+    started and did not stop is killed (their workers die with them)."""
+    yield
+    for pid in children():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def write(path: Path, text: str) -> Path:
@@ -81,18 +109,26 @@ def work_pipeline(project: Path, stop: int, size: int = 10, options: str = "",
 def drain(rx: Runex, timeout: float = 30) -> None:
     """Work the queue in this process, without a consumer, until nothing is left to do
     (retries included: tests give them a tiny retry_delay)."""
-    huey = rx.huey
-    worker.setup(rx.registry, rx.ledger, huey)
     deadline = time.monotonic() + timeout
-    while rx.ledger.unfinished_partitions():
+
+    def too_long() -> bool:
         assert time.monotonic() < deadline, "the queue did not drain"
-        for task in huey.read_schedule(huey._get_timestamp()):
-            huey.enqueue(task)
-        task = huey.dequeue()
-        if task is None:
-            time.sleep(0.01)
-            continue
-        huey.execute(task)
+        return False
+
+    rx.work(workers=0, burst=True, until=too_long)
+
+
+def claim(ledger: Ledger, run_id: str, index: int, pid: int | None = None,
+          started: str | None = None, boot_id: str | None = None) -> Claim | None:
+    """Claim one partition as a worker `pid` (this process by default) of this host would."""
+    claims = ledger.claim_many(run_id, [index], trace.HOST, pid or os.getpid(), started,
+                               boot_id=boot_id)
+    return claims[0] if claims else None
+
+
+def finish(ledger: Ledger, claim: Claim, status: str, **fields: object) -> Recorded:
+    """Record how one attempt ended, as a worker does for a chunk of them."""
+    return ledger.finish_many([Outcome(claim, status, **fields)])
 
 
 def runex_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 120,

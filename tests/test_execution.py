@@ -158,7 +158,7 @@ def test_priority_orders_the_queue(rx, project):
 
 
 def test_backoff_doubles_with_jitter_up_to_the_cap():
-    from runex.worker import backoff
+    from runex.executor import backoff
 
     for attempt, full in [(1, 1.0), (2, 2.0), (3, 4.0), (8, 10.0)]:
         delays = [backoff(attempt, 1.0, 10.0) for _ in range(200)]

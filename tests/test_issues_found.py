@@ -8,7 +8,7 @@ import pytest
 
 from runex import Runex, trace
 
-from .conftest import drain, runex_cli, show, write
+from .conftest import drain, finish, runex_cli, show, write
 from .test_execution import EXT, pipeline
 
 
@@ -24,9 +24,8 @@ def test_show_prints_attempts_that_have_no_traceback(project):
     rx = setup(project)
     run_id = rx.submit(pipeline(project, stop=20, size=10, sink='use = "null"'))
     claims = rx.ledger.claim_many(run_id, [0, 1], trace.HOST, 1, None)
-    rx.ledger.finish_attempt(claims[0], "interrupted", error="the worker was stopped",
-                             requeue=True)
-    assert rx.ledger.lose_attempt(run_id, 1, 1, "worker pid 1 on x is gone", 3)[0] == "queued"
+    finish(rx.ledger, claims[0], "interrupted", error="the worker was stopped", requeue=True)
+    assert rx.ledger.lose_attempt(run_id, 1, 1, "worker pid 1 on x is gone", 3).status == "queued"
     drain(rx)
     for args in (["show", run_id], ["-v", "show", run_id]):
         result = runex_cli(*args, cwd=project)

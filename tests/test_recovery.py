@@ -11,10 +11,12 @@ import time
 
 import pytest
 
-from runex import Runex, reaper, trace, worker
+from runex import Runex, lease, reaper
 from runex.errors import NotFound
+from runex.identity import alive, my_start
+from runex.ledger import Lost, Recorded
 
-from .conftest import drain, runex_cli, show, work_pipeline, write
+from .conftest import claim, drain, finish, runex_cli, show, work_pipeline, write
 
 
 def make(project, stop=40, size=10, options="", **params):
@@ -94,7 +96,7 @@ def test_killing_the_consumer_leaves_no_orphan_worker(project):
     child = wait_for(lambda: running_pid(project))
     os.kill(proc.pid, signal.SIGKILL)  # only the parent
     proc.wait(timeout=10)
-    wait_for(lambda: not worker.alive(child, None), timeout=10)
+    wait_for(lambda: not alive(child, None), timeout=10)
 
 
 @pytest.mark.slow
@@ -114,12 +116,12 @@ def test_a_stale_attempt_is_fenced(project):
     make(project, stop=10, size=10)
     rx = Runex()
     run_id = rx.submit("pipelines/p.toml")
-    first = rx.ledger.claim(run_id, 0, trace.HOST, 1, None)
-    assert rx.ledger.lose_attempt(run_id, 0, 1, "test", 3) == ("queued", False)
-    second = rx.ledger.claim(run_id, 0, trace.HOST, 2, None)
+    first = claim(rx.ledger, run_id, 0, pid=1)
+    assert rx.ledger.lose_attempt(run_id, 0, 1, "test", 3) == Lost("queued", False)
+    second = claim(rx.ledger, run_id, 0, pid=2)
     assert (first.attempt, second.attempt) == (1, 2)
-    assert rx.ledger.finish_attempt(first, "succeeded") == (False, False)  # fenced
-    assert rx.ledger.finish_attempt(second, "succeeded") == (True, True)
+    assert finish(rx.ledger, first, "succeeded") == Recorded([False], False)  # fenced
+    assert finish(rx.ledger, second, "succeeded") == Recorded([True], True)
     assert [a["status"] for a in show(rx, run_id)["partitions"][0]["attempts"]] == [
         "lost", "succeeded"]
 
@@ -129,7 +131,7 @@ def test_a_vanished_message_is_requeued(project):
     rx = Runex()
     run_id = rx.submit("pipelines/p.toml")
     rx.huey.storage.flush_queue()  # as if a worker died between dequeue and claim
-    state = worker.setup(rx.registry, rx.ledger, rx.huey)
+    state = rx.worker_state()
     assert reaper.requeue_vanished(state, older_than=0) == 2
     assert reaper.requeue_vanished(state, older_than=0) == 0  # messages are back
     drain(rx)
@@ -183,12 +185,12 @@ def test_the_lease_is_renewed_only_while_the_partition_is_held(project, monkeypa
     make(project, stop=10, size=10)
     rx = Runex()
     run_id = rx.submit("pipelines/p.toml")
-    claim = rx.ledger.claim(run_id, 0, trace.HOST, os.getpid(), None)
-    monkeypatch.setattr(worker, "LEASE_SECONDS", 0.3)  # renew every 0.1 s
+    held = claim(rx.ledger, run_id, 0)
+    monkeypatch.setattr(lease, "LEASE_SECONDS", 0.3)  # renew every 0.1 s
     lease_until = lambda: ledger(project, "SELECT lease_until FROM attempts")[0][0]  # noqa: E731
     first = lease_until()
-    holding = worker.Holding()
-    with holding.hold(rx.ledger.path, [claim]):
+    holding = lease.Holding()
+    with holding.hold(rx.ledger, [held]):
         time.sleep(0.5)
     renewed = lease_until()
     assert renewed > first
@@ -202,8 +204,8 @@ def test_lost_attempts_do_not_spend_the_retry_budget(project):
     rx = Runex()
     run_id = rx.submit("pipelines/p.toml")
     for pid in (1, 2):  # two workers die holding it
-        claim = rx.ledger.claim(run_id, 0, trace.HOST, pid, None)
-        rx.ledger.lose_attempt(run_id, 0, claim.attempt, "test", quarantine_after=3)
+        taken = claim(rx.ledger, run_id, 0, pid=pid)
+        rx.ledger.lose_attempt(run_id, 0, taken.attempt, "test", quarantine_after=3)
     drain(rx)
     attempts = [a["status"] for a in show(rx, run_id)["partitions"][0]["attempts"]]
     assert attempts == ["lost", "lost", "failed", "failed"]  # one try and one retry
@@ -271,8 +273,8 @@ def test_a_paused_worker_that_stopped_renewing_its_lease_loses_the_partition(pro
     make(project, stop=10, size=10)
     rx = Runex()
     run_id = rx.submit("pipelines/p.toml")
-    rx.ledger.claim(run_id, 0, trace.HOST, os.getpid(), worker.process_start(os.getpid()))
-    state = worker.setup(rx.registry, rx.ledger, rx.huey)
+    claim(rx.ledger, run_id, 0, started=my_start())
+    state = rx.worker_state()
     assert reaper.reap_lost(state) == 0  # alive, lease fresh
     assert reaper.reap_lost(state, now=time.time() + 120) == 1  # alive, lease expired
     attempt = show(rx, run_id)["partitions"][0]["attempts"][0]
@@ -348,7 +350,8 @@ def test_a_second_signal_stops_at_once_and_gives_the_partition_back(project):
 
 @pytest.mark.slow
 def test_a_writer_waits_for_the_lock_then_gets_it_and_the_busy_timeout_is_kept(tmp_path):
-    from runex.ledger import Ledger, begin_immediate
+    from runex.ledger import Ledger
+    from runex.storage import begin_immediate
 
     rx_ledger = Ledger(tmp_path / "ledger.db")
     rx_ledger.runs()

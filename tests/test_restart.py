@@ -2,6 +2,7 @@
 written by an earlier runex opens and keeps working."""
 
 import json
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -9,9 +10,10 @@ import time
 
 import pytest
 
-from runex import Runex, reaper, trace, worker
+from runex import Runex, reaper, trace
+from runex.identity import BOOT_ID, alive, holder, my_start, process_start
 
-from .conftest import TESTS, runex_cli, show, work_pipeline, write
+from .conftest import TESTS, claim, finish, runex_cli, show, work_pipeline, write
 
 
 def slow_reaper(project):
@@ -28,10 +30,9 @@ def after_a_power_cut(rx, run_id, running=True):
     with rx.ledger.tx() as conn:
         conn.execute("UPDATE partitions SET queued_at = queued_at - 10")
     if running:
-        rx.ledger.claim(run_id, 0, trace.HOST, worker.os.getpid(),
-                        worker.process_start(worker.os.getpid()), boot_id="an-earlier-boot")
-    rx.ledger.add_consumer(trace.HOST, worker.os.getpid(),
-                           worker.process_start(worker.os.getpid()), "an-earlier-boot", 2)
+        claim(rx.ledger, run_id, 0, started=my_start(), boot_id="an-earlier-boot")
+    rx.ledger.add_consumer(trace.HOST, os.getpid(),
+                           process_start(os.getpid()), "an-earlier-boot", 2)
     rx.ledger.close()
 
 
@@ -70,13 +71,13 @@ def test_vanished_messages_are_requeued_at_once_when_no_other_consumer_runs(proj
 def test_another_live_consumer_is_seen_and_one_of_an_earlier_boot_is_not(project):
     work_pipeline(project, stop=10)
     rx = Runex()
-    state = worker.setup(rx.registry, rx.ledger, rx.huey)
+    state = rx.worker_state()
     other = subprocess.Popen(["sleep", "30"])
     try:
-        started = worker.process_start(other.pid)
+        started = process_start(other.pid)
         rx.ledger.add_consumer(trace.HOST, other.pid, started, "an-earlier-boot", 1)
         assert not reaper.others_alive(state)
-        rx.ledger.add_consumer(trace.HOST, other.pid, started, worker.BOOT_ID, 1)
+        rx.ledger.add_consumer(trace.HOST, other.pid, started, BOOT_ID, 1)
         assert reaper.others_alive(state)
         reaper.register(state, 2)  # this process: not another one
         assert reaper.others_alive(state)
@@ -84,17 +85,17 @@ def test_another_live_consumer_is_seen_and_one_of_an_earlier_boot_is_not(project
         other.wait()
         assert not reaper.others_alive(state)
         reaper.register(state, 2)  # forgets the dead one
-        assert [c["pid"] for c in rx.ledger.consumers()] == [worker.os.getpid()]
+        assert [c["pid"] for c in rx.ledger.consumers()] == [os.getpid()]
     finally:
         other.kill()
         other.wait()
 
 
 def test_alive_knows_a_process_of_an_earlier_boot_is_gone():
-    me, started = worker.os.getpid(), worker.process_start(worker.os.getpid())
-    assert worker.alive(me, started, worker.BOOT_ID)
-    assert worker.alive(me, started, None)  # recorded by runex 0.1: no boot id
-    assert not worker.alive(me, started, "an-earlier-boot")
+    me, started = os.getpid(), process_start(os.getpid())
+    assert alive(me, started, BOOT_ID)
+    assert alive(me, started, None)  # recorded by runex 0.1: no boot id
+    assert not alive(me, started, "an-earlier-boot")
 
 
 @pytest.mark.slow
@@ -118,7 +119,7 @@ def test_a_home_written_by_runex_0_1_opens_and_keeps_working(project):
     assert [(r["id"] == run_id, r["status"]) for r in runs] == [
         (True, "succeeded"), (False, "failed"), (False, "succeeded")]
     new = json.loads(runex_cli("show", run_id, "--json", cwd=project, check=True).stdout)
-    assert all(a["boot_id"] == worker.BOOT_ID for p in new["partitions"]
+    assert all(a["boot_id"] == BOOT_ID for p in new["partitions"]
                for a in p["attempts"])
 
 
@@ -126,15 +127,15 @@ def test_an_exited_process_not_yet_reaped_is_not_alive():
     """A killed consumer's workers are zombies until their parent is reaped: the reaper of a
     consumer started meanwhile must not take them for live workers."""
     child = subprocess.Popen(["sleep", "30"])
-    started = worker.process_start(child.pid)
-    assert worker.alive(child.pid, started)
+    started = process_start(child.pid)
+    assert alive(child.pid, started)
     child.kill()
     deadline = time.monotonic() + 10
-    while worker.process_start(child.pid) is not None and worker.alive(child.pid, started):
+    while process_start(child.pid) is not None and alive(child.pid, started):
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    assert worker.process_start(child.pid) == started  # a zombie: not waited for yet
-    assert not worker.alive(child.pid, started)
+    assert process_start(child.pid) == started  # a zombie: not waited for yet
+    assert not alive(child.pid, started)
     child.wait()
 
 
@@ -143,13 +144,13 @@ def test_the_reaper_finalizes_runs_whose_finalizer_is_gone_or_was_itself(project
     process (a full disk stopped it mid-way) is taken up again."""
     work_pipeline(project, stop=20)
     rx = Runex()
-    state = worker.setup(rx.registry, rx.ledger, rx.huey)
+    state = rx.worker_state()
     runs = []
-    for finalizer in (f"{trace.HOST}:{worker.os.getpid()}:{worker._START}:an-earlier-boot",
-                      worker.holder()):
+    for finalizer in (f"{trace.HOST}:{os.getpid()}:{my_start()}:an-earlier-boot",
+                      holder()):
         run_id = rx.submit("pipelines/p.toml")
-        for claim in rx.ledger.claim_many(run_id, [0, 1], trace.HOST, 1, None):
-            rx.ledger.finish_attempt(claim, "succeeded")
+        for taken in rx.ledger.claim_many(run_id, [0, 1], trace.HOST, 1, None):
+            finish(rx.ledger, taken, "succeeded")
         assert rx.ledger.claim_finalize(run_id, finalizer)
         runs.append(run_id)
     assert reaper.reap_unfinalized(state) == 2

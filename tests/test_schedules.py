@@ -13,9 +13,9 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from runex import PipelineError, Runex
+from runex.cron import Schedule
 from runex.pipeline import from_mapping
-from runex.schedule import Schedule
-from runex.scheduler import Scheduler, fire_times
+from runex.scheduler import fire_times
 
 from .conftest import drain, runex_cli, write
 
@@ -70,13 +70,13 @@ def test_bad_schedules_name_the_file_and_key():
 
 def test_three_consumers_fire_each_time_once_even_after_a_restart_or_a_clock_step_back(project):
     scheduled(project, 'schedule = "* * * * *"\noverlap = "allow"')
-    consumers = [Scheduler(Runex()) for _ in range(3)]
+    consumers = [Runex().scheduler() for _ in range(3)]
     for s in consumers:
         s.tick(at(0))  # first seen: nothing is due yet
     fired = [s.tick(at(1, 2)) for s in consumers]
     assert sorted(len(f) for f in fired) == [0, 0, 1]
-    assert Scheduler(Runex()).tick(at(1, 40)) == []  # a restart inside the minute
-    assert Scheduler(Runex()).tick(at(0, 50)) == []  # the clock stepped back
+    assert Runex().scheduler().tick(at(1, 40)) == []  # a restart inside the minute
+    assert Runex().scheduler().tick(at(0, 50)) == []  # the clock stepped back
     assert [len(s.tick(at(2, 1))) for s in consumers] == [1, 0, 0]
     assert runs(Runex()) == [("2026-11-27T12:01:00Z", "queued"), ("2026-11-27T12:02:00Z", "queued")]
 
@@ -86,7 +86,7 @@ def test_three_consumers_fire_each_time_once_even_after_a_restart_or_a_clock_ste
 def test_catchup_after_downtime(project, catchup, expected):
     scheduled(project, f'every = "10m"\ncatchup = "{catchup}"\nmax_catchup = 2\noverlap = "allow"')
     rx = Runex()
-    scheduler = Scheduler(rx)
+    scheduler = rx.scheduler()
     scheduler.tick(at(-5))
     assert len(scheduler.tick(at(0, 5))) == 1  # 12:00, on time
     created = scheduler.tick(at(35))  # no consumer ran from 12:01 to 12:35
@@ -98,7 +98,7 @@ def test_catchup_after_downtime(project, catchup, expected):
 def test_overlap_with_a_run_still_going(project, overlap):
     scheduled(project, f'every = "10m"\noverlap = "{overlap}"')
     rx = Runex()
-    scheduler = Scheduler(rx)
+    scheduler = rx.scheduler()
     scheduler.tick(at(-5))
     scheduler.tick(at(0, 1))  # the 12:00 run, left queued
     second = scheduler.tick(at(10, 1))
@@ -123,7 +123,7 @@ def test_overlap_with_a_run_still_going(project, overlap):
 def test_fire_time_fills_parameters(project):
     scheduled(project, 'schedule = "30 9 * * *"\ntimezone = "Europe/Paris"')
     rx = Runex()
-    scheduler = Scheduler(rx)
+    scheduler = rx.scheduler()
     scheduler.tick(at(0))
     (run_id,) = scheduler.tick(dt.datetime(2026, 11, 28, 8, 30, 5, tzinfo=dt.UTC))
     spec = rx.show(run_id).to_dict()["spec"]
@@ -134,7 +134,7 @@ def test_pipeline_files_are_reread_and_a_broken_one_does_not_stop_the_others(pro
     scheduled(project, 'every = "10m"', name="good")
     scheduled(project, 'every = "10m"', name="broken", path="1")  # jsonl path must be text
     rx = Runex()
-    scheduler = Scheduler(rx)
+    scheduler = rx.scheduler()
     scheduler.tick(at(-5))
     assert len(scheduler.tick(at(0, 1))) == 1
     listing = {r["file"]: r for r in scheduler.listing(at(0, 2))}
@@ -196,7 +196,10 @@ def test_three_real_consumers_fire_every_second_once(project):
     consumers = [subprocess.Popen([sys.executable, "-m", "runex", "worker", "-w", "1"],
                                   cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
                  for _ in range(3)]
-    time.sleep(6)
+    deadline = time.monotonic() + 60
+    while len(Runex().runs(limit=10)) < 5:  # five fire times, a second apart
+        assert time.monotonic() < deadline, "the consumers did not fire"
+        time.sleep(0.1)
     for c in consumers:
         c.send_signal(signal.SIGINT)
     for c in consumers:
@@ -237,7 +240,7 @@ def test_a_fire_that_cannot_be_submitted_is_recorded_once(project):
         overlap = "queue"
     """)
     rx = Runex()
-    scheduler = Scheduler(rx)
+    scheduler = rx.scheduler()
     scheduler.tick(at(-5))
     assert len(scheduler.tick(at(0, 1))) == 1  # data/1200.csv is there
     assert scheduler.tick(at(10, 1)) == []  # waits for the 12:00 run
@@ -359,7 +362,7 @@ def test_consumers_fire_a_daily_time_once_on_both_change_days(project):
     scheduled(project, 'schedule = "30 2 * * *"\ntimezone = "Europe/Paris"\ncatchup = "skip"\n'
                        'overlap = "allow"')
     rx = Runex()
-    scheduler = Scheduler(rx)
+    scheduler = rx.scheduler()
     for day in (dt.datetime(2026, 3, 28, 23, 0, tzinfo=dt.UTC),
                 dt.datetime(2026, 10, 24, 23, 0, tzinfo=dt.UTC)):
         for minute in range(0, 4 * 60, 2):  # a consumer ticking through the night

@@ -8,7 +8,10 @@ import sys
 
 import pytest
 
+from runex import Runex
+
 from .conftest import ROOT, runex_cli, work_pipeline, write
+from .test_recovery import wait_for
 
 
 def make(project, stop=300, size=10, **params):
@@ -118,21 +121,24 @@ def test_an_unknown_run_exits_4(project):
 
 @pytest.mark.slow
 def test_a_worker_stops_on_sigint_and_leaves_queued_work_for_later(project):
-    make(project, stop=40, size=10)
-    runex_cli("submit", "pipelines/p.toml", cwd=project, check=True)
+    """Ctrl-C while a run is half done: the partition running finishes, the worker exits 0,
+    the rest stays queued, and the next worker finishes the run."""
+    make(project, stop=40, size=1, pause=0.05)
+    run_id = runex_cli("submit", "pipelines/p.toml", cwd=project, check=True).stdout.strip()
     proc = subprocess.Popen([sys.executable, "-m", "runex", "worker", "-w", "1"], cwd=project,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    # A forever worker drains the run, then idles; SIGINT stops it cleanly.
-    import time
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        runs = json.loads(runex_cli("runs", "--json", cwd=project, check=True).stdout)
-        if runs[0]["status"] == "succeeded":
-            break
-        time.sleep(0.2)
+    wait_for(lambda: progress(project, run_id).get("succeeded", 0) >= 3)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=30) == 0
-    assert runs[0]["status"] == "succeeded"
+    counts = progress(project, run_id)
+    assert counts.get("running", 0) == 0 and 3 <= counts["succeeded"] < 40
+    assert counts["queued"] == 40 - counts["succeeded"]  # left for later, none lost
+    runex_cli("worker", "--burst", "-w", "1", cwd=project, check=True)
+    assert Runex().show(run_id).status == "succeeded"
+
+
+def progress(project, run_id) -> dict[str, int]:
+    return Runex(root=project).ledger.progress(run_id)
 
 
 def test_init_scaffolds_a_project_that_runs(tmp_path):

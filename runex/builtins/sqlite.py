@@ -26,7 +26,7 @@ import time
 
 from runex import DataSourceSpec, SinkSpec
 from runex.durable import fsync_dir, make_dirs, sync_log
-from runex.ledger import BUSY_TIMEOUT, begin_immediate, retry_locked
+from runex.storage import BUSY_TIMEOUT, begin_immediate, tune
 
 
 def quote(name):
@@ -93,10 +93,7 @@ def connect(path, wal=True):
         make_dirs(os.path.dirname(os.path.abspath(path)))
         conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None)
         if wal:
-            # Switching a new file to WAL fails at once, not after the busy timeout, while
-            # another process holds it: retried.
-            retry_locked(lambda: conn.execute("PRAGMA journal_mode=WAL"))
-            conn.execute("PRAGMA synchronous=NORMAL")
+            tune(conn, autocheckpoint=False)  # see runex.storage
         conn.execute(MARKERS)
         _connections[key] = conn
     return conn

@@ -25,14 +25,12 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from huey import crontab
 
+from runex.errors import ScheduleError
+
 UTC = dt.UTC
 MINUTE = dt.timedelta(minutes=1)
 WILDCARD = "*"
 MAX_SCAN = dt.timedelta(days=366)  # the furthest back or ahead a cron schedule is searched
-
-
-class ScheduleError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)

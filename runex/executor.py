@@ -1,0 +1,376 @@
+"""Running partitions: claim a chunk of a pack, stream each partition through the steps into
+the sink, sync the sink, record how each ended.
+
+`execute` is what runex's one huey task does (`runex.tasks`); it runs in a worker process of a
+consumer (`runex.consumer`), or in the caller's process (`Runex.run(..., workers=0)`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from runex import tasks, trace
+from runex.errors import DiskFull, PartitionTimeout, RunCancelled
+from runex.finalizer import finalize_run
+from runex.identity import BOOT_ID, my_start
+from runex.ledger import Claim, Ledger, Outcome
+from runex.pipeline import Pipeline, Plan
+from runex.project import chdir
+from runex.registry import Records, SinkContext
+from runex.reserve import describe_full, is_disk_full
+from runex.worker import WorkerState
+
+CHUNK_SECONDS = 0.05  # about this much work (as measured so far) is claimed at once
+MAX_CHUNK = 256
+
+
+@dataclass
+class StepStats:
+    name: str
+    records_in: int = 0
+    records_out: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class Stats:
+    records_in: int = 0
+    records_out: int = 0
+    steps: list[StepStats] = field(default_factory=list)
+
+
+def execute(state: WorkerState, run_id: str, indexes: list[int]) -> None:
+    """Run a pack of partitions of one run: the body of runex's huey task.
+
+    Partitions are claimed in chunks, one ledger transaction to claim a chunk and one to
+    record how its partitions ended; a chunk is one partition at first, then as many as take
+    about CHUNK_SECONDS by the time measured so far (in this pack, or for the first chunk, in
+    the process's previous pack of the run). What is not started after PACK_SLICE
+    goes back to the queue for any idle worker (see `lease.Holding`), and so does everything
+    not started when the consumer stops."""
+    holding = state.holding
+    holding.pack(run_id, indexes, state.ledger, state.huey)
+    # One partition first, to time it, unless an earlier pack of this run in this process did.
+    size = state.chunk[1] if state.chunk[0] == run_id else 1
+    try:
+        holding.redo()  # what a full disk kept from the ledger, before anything new
+        # No new chunk once the consumer stops, or the disk under the home is full.
+        while not state.stopping() and state.reserve.ok() and (chunk := holding.take(size)):
+            try:
+                claims = state.ledger.claim_many(run_id, chunk, trace.HOST, os.getpid(),
+                                                 my_start(), events=trace.drain(),
+                                                 boot_id=BOOT_ID)
+            except DiskFull:
+                holding.untake(chunk)  # nothing was claimed: they go back to the queue
+                break
+            if claims:
+                started = time.perf_counter()
+                done = run_chunk(state, claims)
+                each = (time.perf_counter() - started) / max(done, 1)
+                size = min(MAX_CHUNK, max(1, int(CHUNK_SECONDS / each) if each else MAX_CHUNK))
+                state.chunk = (run_id, size)
+            holding.give_back(state.huey, state.ledger)
+    except DiskFull:
+        # The disk under the home is full: take nothing more. What could not be written is
+        # kept (see `Holding.defer`) and written once there is room.
+        pass
+    finally:
+        try:
+            holding.give_back(state.huey, state.ledger, now=True)
+        except DiskFull:  # kept: the holding thread gives them back once there is room
+            pass
+
+
+def run_chunk(state: WorkerState, claims: list[Claim]) -> int:
+    """Run claimed partitions one after the other and record how each ended, all in one
+    transaction. Those not started when the consumer stops are released unstarted. Returns
+    how many ran."""
+    first = claims[0]
+    cancel = Cancellation(state.ledger, first.run_id)
+    outcomes: list[Outcome] = []
+    delays: dict[int, float] = {}
+    interrupted = synced = False
+    try:
+        with chdir(Path(first.project_dir)), state.holding.hold(state.ledger, claims):
+            for claim in claims:
+                if outcomes and state.stopping():
+                    break
+                outcome, delays[claim.index] = run_one(state, claim, cancel)
+                outcomes.append(outcome)
+                if interrupted := outcome.status == "interrupted":
+                    break
+            sync_outputs(state, outcomes, delays)
+            synced = True
+    finally:  # a second signal may land anywhere: record what is known
+        ran = len(outcomes)
+        if not synced:  # output that may not be on disk yet is not recorded as done
+            outcomes = [Outcome(o.claim, "interrupted", o.records_in, o.records_out,
+                                "the worker was stopped", requeue=True, started=o.started,
+                                code_version=o.code_version)
+                        if o.status == "succeeded" else o for o in outcomes]
+        outcomes += [Outcome(c, "released", requeue=True) for c in claims[ran:]]
+        _record(state, first.run_id, outcomes, delays)
+    if interrupted:
+        raise KeyboardInterrupt
+    return ran
+
+
+def sync_outputs(state: WorkerState, outcomes: list[Outcome], delays: dict[int, float]) -> None:
+    """Make the output of the chunk's succeeded partitions durable before the ledger says
+    so: one `sync` of the sink per chunk (see `SinkSpec`). If it fails, so do they."""
+    done = [i for i, o in enumerate(outcomes) if o.status == "succeeded"]
+    if not done:
+        return
+    claim = outcomes[done[0]].claim
+    plan = state.plan(claim.run_id, claim.spec)
+    if plan.sink_sync is None:
+        return
+    try:
+        plan.sink_sync(SinkContext(run_id=claim.run_id, pipeline=claim.pipeline,
+                                   params=plan.sink_params,
+                                   partition_count=claim.partition_count))
+    except Exception as exc:  # noqa: BLE001 - the partitions fail, the worker goes on
+        for i in done:
+            o = outcomes[i]
+            log = trace.logger(run_id=o.claim.run_id, pipeline=o.claim.pipeline,
+                               partition=o.claim.key, partition_index=o.claim.index,
+                               attempt=o.claim.attempt)
+            outcomes[i], delays[o.claim.index] = failed(
+                o.claim, RuntimeError(f"could not sync the sink's output to disk: "
+                                      f"{type(exc).__name__}: {exc}"), o, log)
+
+
+def failed(claim: Claim, exc: BaseException, done: Stats | Outcome, log: Any
+           ) -> tuple[Outcome, float]:
+    """How an attempt that raised `exc` ended, and in how many seconds to retry it."""
+    options = Pipeline.from_dict(claim.spec).options
+    status = ("timeout" if isinstance(exc, PartitionTimeout)
+              else "cancelled" if isinstance(exc, RunCancelled) else "failed")
+    # Only failures spend the retry budget: a lost or interrupted attempt does not.
+    failures = claim.failures + 1
+    retry = status != "cancelled" and failures <= options.retries
+    delay = backoff(failures, options.retry_delay, options.max_retry_delay)
+    error = f"{type(exc).__name__}: {exc}"
+    if is_disk_full(exc):  # most likely under the sink's output, when the sink has a path
+        target = claim.spec.get("sink", {}).get("params", {}).get("path")
+        target = os.path.abspath(target if isinstance(target, str) else ".")
+        folder = target if os.path.isdir(target) else os.path.dirname(target)
+        error += f" ({describe_full(folder)}; then `runex retry {claim.run_id}`)"
+    log.error("partition.failed", status=status, error=error,
+              retry_in=round(delay, 3) if retry else None)
+    earlier = done if isinstance(done, Outcome) else None
+    return Outcome(claim, status, done.records_in, done.records_out, error,
+                   "".join(traceback.format_exception(exc)), retry,
+                   earlier and earlier.started, earlier and earlier.code_version), delay
+
+
+def run_one(state: WorkerState, claim: Claim, cancel: Cancellation) -> tuple[Outcome, float]:
+    """Run one claimed partition; returns how it ended, and in how many seconds to retry it
+    (0: now, for an interrupted one)."""
+    log = trace.logger(run_id=claim.run_id, pipeline=claim.pipeline, partition=claim.key,
+                       partition_index=claim.index, attempt=claim.attempt)
+    log.info("partition.claimed")
+    stats = Stats()
+    began, started = time.time(), time.perf_counter()
+    plan: Plan | None = None
+    try:
+        plan = state.plan(claim.run_id, claim.spec)
+        timeout = plan.pipeline.options.timeout
+        state.running.begin(claim, timeout)
+        try:
+            with deadline(timeout):
+                process(plan, claim, stats, cancel)
+        finally:
+            state.running.end()
+    except KeyboardInterrupt:
+        # The consumer stopped this worker mid-partition: give the partition back.
+        log.warning("partition.interrupted", records_in=stats.records_in)
+        return Outcome(claim, "interrupted", stats.records_in, stats.records_out,
+                       error="the worker was stopped", requeue=True, started=began,
+                       code_version=plan and plan.code_version), 0.0
+    except Exception as exc:  # noqa: BLE001 - a partition's failure must not stop the worker
+        _log_steps(log, stats)
+        outcome, delay = failed(claim, exc, stats, log.bind(
+            seconds=round(time.perf_counter() - started, 4)))
+        outcome.started, outcome.code_version = began, plan and plan.code_version
+        return outcome, delay
+    _log_steps(log, stats)
+    log.info("partition.committed", records_in=stats.records_in,
+             records_out=stats.records_out, seconds=round(time.perf_counter() - started, 4))
+    return Outcome(claim, "succeeded", stats.records_in, stats.records_out,
+                   started=began, code_version=plan.code_version), 0.0
+
+
+def _record(state: WorkerState, run_id: str, outcomes: list[Outcome],
+            delays: dict[int, float]) -> None:
+    """Write how a chunk ended (see `Recording`); what a full disk refuses is kept and
+    written once there is room (`Holding.defer`), and `DiskFull` raised."""
+    recording = Recording(state, run_id, outcomes, delays)
+    try:
+        recording()
+    except DiskFull:
+        state.holding.defer(recording, [o.claim for o in outcomes])
+        raise
+
+
+class Recording:
+    """Writing how a chunk ended: its outcomes to the ledger, what goes back to the queue,
+    then the run's end if it is complete. Called again after a full disk stopped it, it goes
+    on from the write that failed.
+
+    A full disk that refuses the ledger write has released the home's reserve, which leaves
+    room to try once more at once, without the trace events (they are in the trace files,
+    if those had room)."""
+
+    def __init__(self, state: WorkerState, run_id: str, outcomes: list[Outcome],
+                 delays: dict[int, float]):
+        self.state, self.run_id, self.outcomes, self.delays = state, run_id, outcomes, delays
+        self.events = trace.drain()
+        self.applied: list[bool] | None = None
+        self.complete = self.queued = False
+
+    def __call__(self) -> None:
+        state, run_id, outcomes = self.state, self.run_id, self.outcomes
+        if self.applied is None:
+            try:
+                recorded = state.ledger.finish_many(outcomes, self.events)
+            except DiskFull:
+                recorded = state.ledger.finish_many(outcomes)
+            self.applied, self.complete = recorded.applied, recorded.complete
+        if not self.queued:
+            self._queue_again()
+            self.queued = True
+        if self.complete:
+            finalize_run(state, run_id)
+
+    def _queue_again(self) -> None:
+        now, later = [], []
+        for o, ok in zip(self.outcomes, self.applied, strict=True):
+            if not ok:
+                trace.logger(run_id=self.run_id, partition_index=o.claim.index,
+                             attempt=o.claim.attempt).warning(
+                    "partition.fenced", reason="a newer attempt holds this partition")
+            elif o.requeue:
+                (later if self.delays.get(o.claim.index) else now).append(o.claim.index)
+        self.state.ledger.add_events(trace.drain())
+        if not (now or later):
+            return
+        huey = self.state.huey
+        priority = Pipeline.from_dict(self.outcomes[0].claim.spec).options.priority
+        if now:
+            tasks.enqueue(huey, self.run_id, now, priority, one_pack=True)
+        for index in later:
+            tasks.enqueue(huey, self.run_id, [index], priority, delay=self.delays[index])
+
+
+def _log_steps(log: Any, stats: Stats) -> None:
+    for i, step in enumerate(stats.steps):
+        log.info("step.finished", step=i, kernel=step.name, records_in=step.records_in,
+                 records_out=step.records_out, seconds=round(step.seconds, 4))
+
+
+class Cancellation:
+    """Tells, at most every `every` seconds (a ledger read), whether the run was cancelled."""
+
+    def __init__(self, ledger: Ledger, run_id: str, every: float = 0.5):
+        self.ledger, self.run_id, self.every = ledger, run_id, every
+        self.next_check = time.monotonic() + every
+
+    def check(self) -> None:
+        now = time.monotonic()
+        if now >= self.next_check:
+            self.next_check = now + self.every
+            if self.ledger.cancel_requested(self.run_id):
+                raise RunCancelled("the run was cancelled")
+
+
+def process(plan: Plan, claim: Claim, stats: Stats, cancel: Cancellation | None = None) -> None:
+    """Read the partition, run the steps batch by batch, and hand the stream to the sink."""
+    records = plan.source_read(claim.key, **plan.source_read_params)
+    ctx = SinkContext(run_id=claim.run_id, pipeline=claim.pipeline, params=plan.sink_params,
+                      partition=claim.key, index=claim.index, attempt=claim.attempt,
+                      partition_count=claim.partition_count)
+    plan.sink_write(ctx, Records(stream(records, plan, stats, cancel)))
+
+
+def stream(records: Iterable[dict], plan: Plan, stats: Stats,
+           cancel: Cancellation | None = None) -> Iterator[list[dict]]:
+    """Batches of `batch_size` records through every step; memory stays one batch deep."""
+    steps = []
+    for i, (kernel, params) in enumerate(plan.kernels):
+        fn = partial(kernel.fn, **params) if params else kernel.fn
+        step = StepStats(kernel.name)
+        stats.steps.append(step)
+        steps.append((fn, kernel.batch, step, f"step {i} (kernel {kernel.name!r})"))
+    size = plan.pipeline.options.batch_size
+    source = iter(records)
+    clock = time.perf_counter
+    origin = f"the source {plan.pipeline.source.use!r}"
+    while batch := list(islice(source, size)):
+        if cancel is not None:
+            cancel.check()
+        stats.records_in += len(batch)
+        check_records(batch, origin)
+        for fn, is_batch, step, name in steps:
+            step.records_in += len(batch)
+            t0 = clock()
+            if is_batch:
+                batch = list(fn(batch))
+            else:
+                batch = [out for record in batch if (out := fn(record)) is not None]
+            step.seconds += clock() - t0
+            step.records_out += len(batch)
+            if not batch:
+                break
+            check_records(batch, name)
+        stats.records_out += len(batch)
+        if batch:
+            yield batch
+
+
+def check_records(batch: list[Any], origin: str) -> None:
+    """Records are mappings (dicts): say which source or step made one that is not, before a
+    sink fails on it somewhere inside. One pass over the batch's types, in C."""
+    odd = set(map(type, batch)) - {dict}
+    if odd and not all(issubclass(t, Mapping) for t in odd):
+        bad = next(r for r in batch if not isinstance(r, Mapping))
+        raise TypeError(f"{origin} made a record that is not a mapping: {bad!r:.80} "
+                        f"({type(bad).__name__}); records are dicts of field names to values")
+
+
+def backoff(attempt: int, base: float, cap: float) -> float:
+    """Exponential backoff with full jitter in its upper half: base * 2**(attempt-1),
+    at most `cap`, then a random point between half of it and all of it."""
+    delay = min(cap, base * 2 ** (attempt - 1))
+    return delay / 2 + random.random() * delay / 2
+
+
+@contextlib.contextmanager
+def deadline(seconds: float | None) -> Iterator[None]:
+    """Raise PartitionTimeout in this (main) thread after `seconds`."""
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum: int, frame: Any) -> None:
+        raise PartitionTimeout(f"the attempt ran past its timeout of {seconds:g}s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

@@ -1,0 +1,55 @@
+"""The end of a run: once its last partition is over, exactly one process records how it
+ended, after the sink's `finalize` step (a merge of part files, say) when every partition
+succeeded."""
+
+from __future__ import annotations
+
+import json
+import traceback
+from pathlib import Path
+
+from runex import trace
+from runex.identity import holder
+from runex.project import chdir
+from runex.registry import SinkContext
+from runex.worker import WorkerState
+
+
+def finalize_run(state: WorkerState, run_id: str) -> None:
+    """Called when the last partition of a run is over; exactly one process proceeds (and
+    may call again, if a full disk stopped it)."""
+    if not state.ledger.claim_finalize(run_id, holder()):
+        return
+    run = state.ledger.run(run_id)
+    log = trace.logger(run_id=run_id, pipeline=run["pipeline"])
+    parts = state.ledger.partitions(run_id)
+    bad = [p for p in parts if p["status"] != "succeeded"]
+    error = None
+    if bad:
+        shown = ", ".join(f"{p['idx']} ({p['key']}): {p['status']}" for p in bad[:10])
+        more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+        error = f"{len(bad)} of {len(parts)} partitions did not succeed: {shown}{more}"
+        first = next((p for p in bad if p["error"]), None)
+        if first is not None:
+            error += f"; partition {first['idx']}: {first['error']}"
+    else:
+        try:
+            plan = state.plan(run_id, json.loads(run["spec"]))
+            if plan.sink_finalize is not None:
+                ctx = SinkContext(run_id=run_id, pipeline=run["pipeline"],
+                                  params=plan.sink_params, partition_count=len(parts))
+                with chdir(Path(run["project_dir"])):
+                    plan.sink_finalize(ctx)
+                    if plan.sink_sync is not None:  # durable before the run is recorded
+                        plan.sink_sync(ctx)
+        except Exception as exc:  # noqa: BLE001 - reported as the run's error
+            error = f"the sink's finalize step failed: {type(exc).__name__}: {exc}"
+            log.error("run.finalize_failed", error=error,
+                      traceback="".join(traceback.format_exception(exc)))
+    status = ("cancelled" if run["cancel_requested"] else "failed" if error else "succeeded")
+    done = [p for p in parts if p["status"] == "succeeded"]
+    log.info("run.finished", status=status, partitions=len(parts),
+             records_in=sum(p["records_in"] or 0 for p in done),
+             records_out=sum(p["records_out"] or 0 for p in done), error=error)
+    state.ledger.finish_run(run_id, status, error, events=trace.drain())
+    state.ledger.sync()  # on disk before anyone reads that the run is over

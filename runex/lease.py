@@ -1,0 +1,146 @@
+"""What a worker process holds, and keeps holding while it works: the leases of the
+partitions it runs, the rest of its pack, and the writes a full disk refused.
+
+A worker renews its claims' leases from a thread of its own, so that a partition that runs for
+an hour is not taken for lost; the same thread hands the unstarted rest of a pack back to the
+queue after PACK_SLICE, so that a long partition does not keep it from idle workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from runex import tasks, trace
+from runex.errors import DiskFull
+from runex.ledger import LEASE_SECONDS, Claim, Ledger
+
+PACK_SLICE = 0.2  # seconds a worker keeps a pack before handing back what it has not started
+
+
+class Holding:
+    """What this worker process holds: the claims of the chunk it runs, whose lease a thread
+    renews, and the rest of its pack, which that thread hands back to the queue once the
+    pack has been held PACK_SLICE seconds (a long partition must not keep the rest of its
+    pack from idle workers). The thread starts on first use, has its own connections, and
+    writes nothing while nothing is held."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._claims: list[Claim] = []
+        # Ledger and queue writes that a full disk refused, to redo in order once there is
+        # room, with the claims whose lease is renewed meanwhile.
+        self._deferred: list[tuple[Callable[[], None], list[Claim]]] = []
+        self._run_id = ""
+        self._pending: list[int] = []
+        self._due = 0.0  # when the pending partitions go back (time.monotonic)
+        self._pid = 0
+        self._stores: tuple[Any, str] = (None, "")  # the ledger's engine, the queue's file
+
+    def _start(self) -> None:
+        if self._pid != os.getpid():  # first use in this process: threads do not survive fork
+            self._pid = os.getpid()
+            threading.Thread(target=self._run, daemon=True, name="runex-holding").start()
+
+    def pack(self, run_id: str, indexes: list[int], ledger: Ledger, huey: Any) -> None:
+        with self._lock:
+            self._run_id, self._pending = run_id, list(indexes)
+            self._due = time.monotonic() + PACK_SLICE
+            self._stores = (ledger.engine, huey.storage.filename)
+        if len(indexes) > 1:
+            self._start()
+            self._wake.set()
+
+    def take(self, count: int) -> list[int]:
+        with self._lock:
+            chunk, self._pending = self._pending[:count], self._pending[count:]
+        return chunk
+
+    def untake(self, chunk: list[int]) -> None:
+        with self._lock:
+            self._pending = chunk + self._pending
+
+    def defer(self, write: Callable[[], None], claims: list[Claim] = ()) -> None:
+        """Keep a write that a full disk refused (recording a chunk, finalizing a run), to
+        redo once there is room; meanwhile `claims` stay held (their lease renewed)."""
+        with self._lock:
+            self._deferred.append((write, list(claims)))
+        self._start()
+
+    def redo(self) -> None:
+        """Redo the deferred writes in order; one that fails again (`DiskFull`) stays, with
+        those after it."""
+        while self._deferred:
+            write, _ = self._deferred[0]
+            write()
+            with self._lock:
+                self._deferred.pop(0)
+
+    def give_back(self, huey: Any, ledger: Ledger, now: bool = False) -> list[int]:
+        """Queue again the pending partitions, if the pack was held long enough (or `now`)."""
+        with self._lock:
+            if not self._pending or not (now or time.monotonic() >= self._due):
+                return []
+            run_id, pending, self._pending = self._run_id, self._pending, []
+        try:
+            tasks.enqueue(huey, run_id, pending, ledger.run(run_id)["priority"],
+                          one_pack=True)
+        except BaseException:
+            with self._lock:  # still held: try again later (if it is lost, the reaper
+                if self._run_id == run_id:  # queues it again)
+                    self._pending = pending + self._pending
+                    self._due = time.monotonic() + PACK_SLICE
+            raise
+        return pending
+
+    @contextlib.contextmanager
+    def hold(self, ledger: Ledger, claims: list[Claim]) -> Iterator[None]:
+        with self._lock:
+            self._claims = claims
+            self._stores = (ledger.engine, self._stores[1])
+        self._start()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._claims = []
+
+    def _run(self) -> None:
+        ledger: Ledger | None = None
+        huey: Any = None
+        renew_at = time.monotonic() + LEASE_SECONDS / 3
+        while True:
+            with self._lock:
+                wake_at = min(renew_at, self._due) if self._pending else renew_at
+            self._wake.wait(max(0.0, wake_at - time.monotonic()))
+            self._wake.clear()
+            with self._lock:
+                claims, pending, (engine, queue_path) = (
+                    self._claims + [c for _, held in self._deferred for c in held],
+                    self._pending, self._stores)
+            if time.monotonic() < renew_at:
+                claims = []
+            else:
+                renew_at = time.monotonic() + LEASE_SECONDS / 3
+            if not (claims or pending):
+                continue
+            try:
+                if ledger is None or ledger.engine is not engine:
+                    if ledger is not None:
+                        ledger.close()
+                    ledger = Ledger(engine)
+                if claims:
+                    ledger.renew_lease(claims)
+                if pending:
+                    if huey is None or huey.storage.filename != queue_path:
+                        huey = tasks.make_huey(queue_path)
+                    self.give_back(huey, ledger)
+            except DiskFull:  # the consumer says so; the next round tries again
+                pass
+            except Exception:  # noqa: BLE001 - the next round tries again
+                trace.logger().exception("holding.failed")
