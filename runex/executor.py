@@ -98,6 +98,10 @@ def run_chunk(state: WorkerState, claims: list[Claim]) -> int:
     transaction. Those not started when the consumer stops are released unstarted. Returns
     how many ran."""
     first = claims[0]
+    # The hard limit starts now, not once the partition's code is loaded: a worker stopped
+    # (SIGSTOP) at any point after its claim is killed at the timeout, not left to its lease.
+    timeout = Pipeline.from_dict(first.spec).options.timeout
+    state.running.begin(first, timeout)
     cancel = Cancellation(state.ledger, first.run_id)
     outcomes: list[Outcome] = []
     delays: dict[int, float] = {}
@@ -107,7 +111,7 @@ def run_chunk(state: WorkerState, claims: list[Claim]) -> int:
             for claim in claims:
                 if outcomes and state.stopping():
                     break
-                outcome, delays[claim.index] = run_one(state, claim, cancel)
+                outcome, delays[claim.index] = run_one(state, claim, cancel, timeout)
                 outcomes.append(outcome)
                 if interrupted := outcome.status == "interrupted":
                     break
@@ -176,20 +180,20 @@ def failed(claim: Claim, exc: BaseException, done: Stats | Outcome, log: Any
                    earlier and earlier.started, earlier and earlier.code_version), delay
 
 
-def run_one(state: WorkerState, claim: Claim, cancel: Cancellation) -> tuple[Outcome, float]:
-    """Run one claimed partition; returns how it ended, and in how many seconds to retry it
-    (0: now, for an interrupted one)."""
+def run_one(state: WorkerState, claim: Claim, cancel: Cancellation, timeout: float | None
+            ) -> tuple[Outcome, float]:
+    """Run one claimed partition (within `timeout` seconds); returns how it ended, and in
+    how many seconds to retry it (0: now, for an interrupted one)."""
     log = trace.logger(run_id=claim.run_id, pipeline=claim.pipeline, partition=claim.key,
                        partition_index=claim.index, attempt=claim.attempt)
     log.info("partition.claimed")
     stats = Stats()
     began, started = time.time(), time.perf_counter()
     plan: Plan | None = None
+    state.running.begin(claim, timeout)
     try:
-        plan = state.plan(claim.run_id, claim.spec)
-        timeout = plan.pipeline.options.timeout
-        state.running.begin(claim, timeout)
         try:
+            plan = state.plan(claim.run_id, claim.spec)
             with deadline(timeout):
                 process(plan, claim, stats, cancel)
         finally:

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import traceback
 import time
 from pathlib import Path
 
@@ -131,16 +132,45 @@ def finish(ledger: Ledger, claim: Claim, status: str, **fields: object) -> Recor
     return ledger.finish_many([Outcome(claim, status, **fields)])
 
 
+# Commands that start no worker process: run in this process, through click's test runner.
+IN_PROCESS = {"submit", "show", "runs", "trace", "cancel", "retry", "schedules", "extensions",
+              "validate", "init"}
+
+
 def runex_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 120,
-              check: bool = False) -> subprocess.CompletedProcess:
-    """The real command line, in a child process."""
-    full_env = {**os.environ, **(env or {})}
-    full_env.pop("RUNEX_HOME", None) if "RUNEX_HOME" not in (env or {}) else None
-    result = subprocess.run([sys.executable, "-m", "runex", *args], cwd=cwd, env=full_env,
-                            capture_output=True, text=True, timeout=timeout)
+              check: bool = False, child: bool = False) -> subprocess.CompletedProcess:
+    """The command line. Commands that start worker processes (or `child`) run as a real
+    `python -m runex` child process; the others in this process (click's `CliRunner`), which
+    is the same code without the start-up."""
+    command = next((a for a in args if not a.startswith("-")), "")
+    if child or not (command in IN_PROCESS or (command == "backfill" and "--no-wait" in args)):
+        full_env = {**os.environ, **(env or {})}
+        full_env.pop("RUNEX_HOME", None) if "RUNEX_HOME" not in (env or {}) else None
+        result = subprocess.run([sys.executable, "-m", "runex", *args], cwd=cwd, env=full_env,
+                                capture_output=True, text=True, timeout=timeout)
+    else:
+        result = invoke(list(args), cwd, {"RUNEX_HOME": None, **(env or {})})
     if check:
         assert result.returncode == 0, result.stdout + result.stderr
     return result
+
+
+def invoke(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    from click.testing import CliRunner
+
+    from runex import cli
+
+    before = os.getcwd()
+    os.chdir(cwd)
+    try:
+        got = CliRunner().invoke(cli.cli, args, env=env, prog_name="runex")
+    finally:
+        os.chdir(before)
+        trace.reset()  # as a new process would start
+    stderr = got.stderr
+    if got.exception is not None and not isinstance(got.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(got.exception))
+    return subprocess.CompletedProcess(["runex", *args], got.exit_code, got.stdout, stderr)
 
 
 def show(rx: Runex, run_id: str) -> dict:
