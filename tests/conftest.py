@@ -5,8 +5,8 @@ import signal
 import subprocess
 import sys
 import textwrap
-import traceback
 import time
+import traceback
 from pathlib import Path
 
 import pytest

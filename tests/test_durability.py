@@ -159,8 +159,11 @@ class Sink:
                                         or (not self.wal and path == self.database))
 
     def output_file(self, path: str) -> bool:
+        """The merged file, or a part in `parts` (or, with `mode = "replace"`, in the run's
+        folder under `parts.runs`)."""
+        folder = os.path.dirname(path)
         return path == self.merge or (
-            os.path.dirname(path) == self.parts
+            (folder == self.parts or os.path.dirname(folder) == self.parts + ".runs")
             and re.fullmatch(r"part-\d{5,}\.[^.]+", os.path.basename(path)) is not None)
 
 
@@ -277,6 +280,9 @@ SINKS = {
     "sqlite-no-wal": 'use = "sqlite"\npath = "out/sq.db"\ntable = "sq"\nwal = false\n',
     "jsonl-merge": 'use = "jsonl"\npath = "out/parts"\nmerge = "out/all.jsonl"\n',
     "csv-merge": 'use = "csv"\npath = "out/parts"\nmerge = "out/all.csv"\n',
+    "sqlite-replace": 'use = "sqlite"\npath = "out/sq.db"\ntable = "sq"\nmode = "replace"\n',
+    "jsonl-replace": 'use = "jsonl"\npath = "out/parts"\nmerge = "out/all.jsonl"\n'
+                     'mode = "replace"\n',
 }
 
 
@@ -305,7 +311,7 @@ def test_the_ledger_records_output_only_after_the_sink_synced_it(tmp_path, sink)
 
     real = os.path.realpath(project)
     out = os.path.join(real, "out")
-    spec = (Sink(database=os.path.join(out, "sq.db"), wal=sink == "sqlite")
+    spec = (Sink(database=os.path.join(out, "sq.db"), wal=sink != "sqlite-no-wal")
             if sink.startswith("sqlite")
             else Sink(parts=os.path.join(out, "parts"),
                       merge=os.path.join(out, f"all.{sink.split('-')[0]}")))

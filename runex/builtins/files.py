@@ -11,9 +11,17 @@ temporary file renamed into place (`runex.atomic_write`: synced, then renamed, t
 synced), so a repeated partition replaces its file rather than adding to it, and a partition is
 on disk before runex records it as done. With `merge`, the parts are joined in partition order
 into that one file, the same way, once every partition is in.
+
+`mode = "append"` (the default) writes the parts into `path` itself. `mode = "replace"` writes
+them into a folder of the run's own, `<path>.runs/<run id>`, and when every partition
+succeeded makes `path` a symbolic link to it, swapped in one rename: readers see the old
+folder or the new one, never a mix, and a run that fails or is cancelled leaves `path` as it
+was. Older runs' folders are then removed. (The first replace over a real folder at `path`
+moves that folder into `<path>.runs` first, the one moment `path` is missing.)
 """
 
 import codecs
+import contextlib
 import csv
 import glob
 import io
@@ -21,8 +29,11 @@ import json
 import mmap
 import os
 import re
+import shutil
+import time
 
 from runex import DataSourceSpec, SinkSpec, atomic_write
+from runex.durable import fsync_dir, make_dirs
 
 # The last element of a `csv` chunk's key `[path, start, end, RECORDS]`: start and end are
 # where records begin. A key of three elements comes from a runex that cut chunks at line ends.
@@ -262,10 +273,20 @@ lines_source = DataSourceSpec(name="lines", partitions=file_partitions, read=rea
 
 # -- sinks ---------------------------------------------------------------------------------
 
-def configure_files(path, merge=None):
+def configure_files(path, merge=None, mode="append"):
     if not isinstance(path, str) or not path:
         raise ValueError("path must name the folder the part files go in")
-    return {"path": path, "merge": merge}
+    if mode not in ("append", "replace"):
+        raise ValueError(f"mode must be append or replace, not {mode!r}")
+    return {"path": path, "merge": merge, "mode": mode}
+
+
+def parts_folder(ctx):
+    """Where this run writes its parts: `path`, or with `mode = "replace"` its own folder."""
+    path = ctx.params["path"]
+    if ctx.params.get("mode") == "replace":
+        return os.path.join(f"{path}.runs", ctx.run_id)
+    return path
 
 
 def part_name(folder, index, ext):
@@ -274,18 +295,64 @@ def part_name(folder, index, ext):
 
 def write_jsonl(ctx, records):
     dumps = json.dumps
-    with atomic_write(part_name(ctx.params["path"], ctx.index, "jsonl")) as f:
+    with atomic_write(part_name(parts_folder(ctx), ctx.index, "jsonl")) as f:
         f.writelines(dumps(r, default=str) + "\n" for r in records)
 
 
 def write_csv(ctx, records):
-    with atomic_write(part_name(ctx.params["path"], ctx.index, "csv")) as f:
+    with atomic_write(part_name(parts_folder(ctx), ctx.index, "csv")) as f:
         writer = None
         for record in records:
             if writer is None:
                 writer = csv.DictWriter(f, fieldnames=list(record))
                 writer.writeheader()
             writer.writerow(record)
+
+
+def finalize_files(ctx, ext, skip_header):
+    if ctx.params.get("mode") == "replace":
+        swap_in(ctx, ext)
+    merge_parts(ctx, ext, skip_header)
+
+
+def swap_in(ctx, ext):
+    """Make `path` the run's folder: a symbolic link replaced in one rename, then synced."""
+    path = os.path.abspath(ctx.params["path"])
+    runs = f"{path}.runs"
+    mine = os.path.join(runs, ctx.run_id)
+    missing = [i for i in range(ctx.partition_count)
+               if not os.path.exists(part_name(mine, i, ext))]
+    if missing:
+        raise RuntimeError(
+            f"{len(missing)} of this run's {ctx.partition_count} parts are not in {mine}: a "
+            f"newer run of the pipeline replaced {ctx.params['path']} meanwhile and removed "
+            "them; run the pipeline again if this one's output is wanted")
+    make_dirs(mine)  # a run without partitions has an empty folder
+    if os.path.isdir(path) and not os.path.islink(path):  # written by an append run
+        os.replace(path, os.path.join(runs, f"previous-{time.time():.0f}"))
+    link = f"{path}.link-{os.getpid()}"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(link)
+    os.symlink(os.path.join(os.path.basename(runs), ctx.run_id), link)
+    os.replace(link, path)
+    fsync_dir(os.path.dirname(path))
+    # Folders of runs that began before this one: superseded, failed or cancelled. (Run ids
+    # made in one second do not sort by time: their first parts do.)
+    began = first_part(mine) or time.time()
+    for name in os.listdir(runs):
+        other = first_part(os.path.join(runs, name))
+        if name != ctx.run_id and (name.startswith("previous-") or other is None
+                                   or other <= began):
+            shutil.rmtree(os.path.join(runs, name), ignore_errors=True)
+
+
+def first_part(folder):
+    """When the first part file in `folder` was written (None: it has none)."""
+    times = []
+    for entry in os.scandir(folder):
+        with contextlib.suppress(OSError):
+            times.append(entry.stat().st_mtime)
+    return min(times, default=None)
 
 
 def merge_parts(ctx, ext, skip_header):
@@ -296,7 +363,7 @@ def merge_parts(ctx, ext, skip_header):
     with atomic_write(merge) as out:
         header_written = False
         for index in range(ctx.partition_count):
-            with open(part_name(ctx.params["path"], index, ext), encoding="utf-8",
+            with open(part_name(parts_folder(ctx), index, ext), encoding="utf-8",
                       newline="") as part:
                 first = part.readline()
                 if first and not (skip_header and header_written):
@@ -309,6 +376,6 @@ def merge_parts(ctx, ext, skip_header):
 
 
 jsonl_sink = SinkSpec(name="jsonl", write=write_jsonl, configure=configure_files,
-                      finalize=lambda ctx: merge_parts(ctx, "jsonl", skip_header=False))
+                      finalize=lambda ctx: finalize_files(ctx, "jsonl", skip_header=False))
 csv_sink = SinkSpec(name="csv", write=write_csv, configure=configure_files,
-                    finalize=lambda ctx: merge_parts(ctx, "csv", skip_header=True))
+                    finalize=lambda ctx: finalize_files(ctx, "csv", skip_header=True))

@@ -8,6 +8,17 @@ Sink: rows into `table` of the SQLite file `path`, the table created from the re
 checking their commit markers, never wait for another worker's commit; `wal = false` leaves
 its journal mode as it is (a new file: the rollback journal, a little faster for one writer).
 
+`mode` says what happens to rows already there:
+- `append` (the default): a run adds its rows to the table.
+- `replace`: a run writes into a table of its own (`_runex_stage_<table>_<run id>`) and, when
+  every partition succeeded, that table becomes `table` in one transaction (the old one is
+  dropped, with its indexes): readers see the old rows or the new ones, never a mix, and a
+  run that fails or is cancelled leaves the table as it was. `_runex_outputs` records which
+  run's rows the table holds. When runs of one pipeline overlap, the one that ends last wins,
+  and an older one still going fails at its end, saying so.
+- `upsert`, with `key = ["column", ...]`: a row whose key is in the table already replaces
+  that row (a unique index on the key is made; a table with duplicate keys is refused).
+
 Each partition commits its rows and a marker row `(run_id, partition_index)` in
 `_runex_commits` in one transaction; a partition whose marker is already there writes nothing,
 so a repeated partition never duplicates rows. In WAL mode a commit is not synced (SQLite's
@@ -117,12 +128,38 @@ def sync_sqlite(ctx):
 _logs = {}  # see `runex.durable.sync_log`
 
 
-def configure_sqlite(path, table, spill_rows=50_000, wal=True):
+MODES = ("append", "replace", "upsert")
+
+
+def configure_sqlite(path, table, spill_rows=50_000, wal=True, mode="append", key=None):
     if not isinstance(table, str) or not table or table.startswith("_runex"):
         raise ValueError(f"table must be a name (not starting with _runex), not {table!r}")
     if not isinstance(spill_rows, int) or spill_rows < 1:
         raise ValueError("spill_rows must be a whole number >= 1")
-    return {"path": path, "table": table, "spill_rows": spill_rows, "wal": bool(wal)}
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if mode == "upsert":
+        if isinstance(key, str):
+            key = [key]
+        if not key or not all(isinstance(k, str) and k for k in key):
+            raise ValueError('mode = "upsert" needs key = ["column", ...]: the columns that '
+                             "tell one row from another")
+    elif key is not None:
+        raise ValueError(f'key is for mode = "upsert" (mode is {mode!r})')
+    return {"path": path, "table": table, "spill_rows": spill_rows, "wal": bool(wal),
+            "mode": mode, "key": key}
+
+
+def target(ctx):
+    """The table this run writes into: its stage table when it replaces `table`."""
+    table = ctx.params["table"]
+    if ctx.params.get("mode") == "replace":
+        return stage_name(table, ctx.run_id)
+    return table
+
+
+def stage_name(table, run_id):
+    return f"_runex_stage_{table}_{run_id}"
 
 
 def committed(conn, ctx):
@@ -176,14 +213,24 @@ def as_tuples(rows, columns):
     return [tuple(r.get(c) for c in columns) for r in rows]
 
 
-def insert_sql(table, columns):
+def insert_sql(table, columns, key=None):
     return (f"INSERT INTO {table} ({', '.join(quote(c) for c in columns)}) "
-            f"VALUES ({', '.join('?' * len(columns))})")
+            f"VALUES ({', '.join('?' * len(columns))}){on_conflict(columns, key)}")
+
+
+def on_conflict(columns, key):
+    """What an upsert does with a row whose key is there already: replaces its values."""
+    if not key:
+        return ""
+    rest = [c for c in columns if c not in key]
+    action = ("DO UPDATE SET " + ", ".join(f"{quote(c)} = excluded.{quote(c)}" for c in rest)
+              if rest else "DO NOTHING")
+    return f" ON CONFLICT ({', '.join(quote(k) for k in key)}) {action}"
 
 
 def commit(conn, ctx, columns, rows, stage):
     """The rows and the partition's marker, in one transaction, unless a marker is there."""
-    table = ctx.params["table"]
+    table, key = target(ctx), ctx.params.get("key")
     begin_immediate(conn)  # workers committing to one file take turns without long sleeps
     try:
         if committed(conn, ctx):  # another attempt got there while this one computed
@@ -191,10 +238,10 @@ def commit(conn, ctx, columns, rows, stage):
             return
         count = 0
         if columns:
-            ensure_table(conn, table, columns)
+            ensure_table(conn, table, columns, key)
             if stage is not None:
-                count += stage.copy_into(conn, table)
-            conn.executemany(insert_sql(quote(table), columns), as_tuples(rows, columns))
+                count += stage.copy_into(conn, table, key)
+            conn.executemany(insert_sql(quote(table), columns, key), as_tuples(rows, columns))
             count += len(rows)
         conn.execute(
             "INSERT INTO _runex_commits (run_id, partition_index, attempt, rows, committed_at) "
@@ -206,13 +253,25 @@ def commit(conn, ctx, columns, rows, stage):
         raise
 
 
-def ensure_table(conn, table, columns):
+def ensure_table(conn, table, columns, key=None):
     conn.execute(f"CREATE TABLE IF NOT EXISTS {quote(table)} "
                  f"({', '.join(quote(c) for c in columns)})")
     have = {row[1] for row in conn.execute(f"PRAGMA table_info({quote(table)})")}
     for name in columns:
         if name not in have:
             conn.execute(f"ALTER TABLE {quote(table)} ADD COLUMN {quote(name)}")
+    if key:
+        missing = [k for k in key if k not in have and k not in columns]
+        if missing:
+            raise ValueError(f"the upsert key column {missing[0]!r} is in no record; records "
+                             f"have {', '.join(columns)}")
+        try:
+            conn.execute(f"CREATE UNIQUE INDEX IF NOT EXISTS {quote('_runex_key_' + table)} "
+                         f"ON {quote(table)} ({', '.join(quote(k) for k in key)})")
+        except sqlite3.IntegrityError:
+            raise ValueError(f"table {table!r} has rows with the same key "
+                             f"({', '.join(key)}) already, so it cannot be upserted into by "
+                             "that key; remove the duplicates or use another table") from None
 
 
 class Stage:
@@ -242,10 +301,12 @@ class Stage:
         self.conn.close()
         conn.execute("ATTACH DATABASE ? AS stage", (self.path,))
 
-    def copy_into(self, conn, table):
+    def copy_into(self, conn, table, key=None):
         names = ", ".join(quote(c) for c in self.columns)
+        # "WHERE true": SQLite's parser needs it before an upsert's ON CONFLICT.
         cursor = conn.execute(f"INSERT INTO {quote(table)} ({names}) "
-                              f"SELECT {names} FROM stage.rows ORDER BY rowid")
+                              f"SELECT {names} FROM stage.rows WHERE true ORDER BY rowid"
+                              + on_conflict(self.columns, key))
         return cursor.rowcount
 
     def close(self, conn):
@@ -258,5 +319,68 @@ class Stage:
                 os.unlink(self.path)
 
 
+OUTPUTS = """CREATE TABLE IF NOT EXISTS _runex_outputs (
+    name TEXT PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    replaced_at REAL NOT NULL)"""
+
+
+def first_commit(conn, run_id):
+    return conn.execute("SELECT MIN(committed_at) FROM _runex_commits WHERE run_id = ?",
+                        (run_id,)).fetchone()[0]
+
+
+def finalize_sqlite(ctx):
+    """`mode = "replace"`: the run's stage table becomes the table, in one transaction, if
+    it holds every row the run committed (an older run's stage that a newer run dropped
+    does not)."""
+    if ctx.params.get("mode") != "replace":
+        return
+    table = ctx.params["table"]
+    stage = stage_name(table, ctx.run_id)
+    conn = connect(ctx.params["path"], ctx.params["wal"])
+    conn.execute(OUTPUTS)
+    begin_immediate(conn)
+    try:
+        done = conn.execute("SELECT run_id FROM _runex_outputs WHERE name = ?",
+                            (table,)).fetchone()
+        if done and done[0] == ctx.run_id:  # finalized before (then stopped: a full disk)
+            conn.execute("ROLLBACK")
+            return
+        names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = "
+                                            "'table' AND name LIKE '\\_runex\\_stage\\_%' "
+                                            "ESCAPE '\\'")}
+        committed_rows = conn.execute("SELECT COALESCE(SUM(rows), 0) FROM _runex_commits "
+                                      "WHERE run_id = ?", (ctx.run_id,)).fetchone()[0]
+        staged = (conn.execute(f"SELECT COUNT(*) FROM {quote(stage)}").fetchone()[0]
+                  if stage in names else 0)
+        if staged != committed_rows:
+            raise RuntimeError(
+                f"{staged:,} of the {committed_rows:,} rows this run wrote are in {stage}: a "
+                f"newer run of the pipeline replaced {table!r} meanwhile and dropped this "
+                "run's rows, and the table holds that run's output; run the pipeline again "
+                "if this one's is wanted")
+        conn.execute(f"DROP TABLE IF EXISTS {quote(table)}")
+        if stage in names:
+            conn.execute(f"ALTER TABLE {quote(stage)} RENAME TO {quote(table)}")
+        # Stages of runs that began before this one: failed, cancelled or superseded. (Run
+        # ids made in one second do not sort by time: their first commits do.)
+        prefix = stage_name(table, "")
+        mine = first_commit(conn, ctx.run_id) or time.time()
+        for name in names:
+            if name.startswith(prefix) and name != stage:
+                began = first_commit(conn, name[len(prefix):])
+                if began is None or began <= mine:
+                    conn.execute(f"DROP TABLE {quote(name)}")
+        conn.execute("INSERT INTO _runex_outputs (name, run_id, replaced_at) VALUES (?, ?, ?) "
+                     "ON CONFLICT (name) DO UPDATE SET run_id = excluded.run_id, "
+                     "replaced_at = excluded.replaced_at", (table, ctx.run_id, time.time()))
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
 sqlite_sink = SinkSpec(name="sqlite", write=write_sqlite, configure=configure_sqlite,
-                      sync=sync_sqlite)
+                      finalize=finalize_sqlite, sync=sync_sqlite)
