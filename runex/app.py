@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from runex import consumer, extensions, huey_private, tasks, trace
+from runex import __version__, consumer, extensions, huey_private, tasks, trace
 from runex.cron import iso
 from runex.errors import DiskFull, ExtensionError, NotFound, PipelineError
 from runex.executor import execute
@@ -80,9 +80,13 @@ class Runex:
                          self.project.config.get("pipelines", DEFAULT_PIPELINES),
                          self.ledger, self.plan, self._submit)
 
-    def trace_to_home(self, console: bool | None = None, verbose: bool = False) -> None:
+    def trace_to_home(self, console: bool | None = None, verbose: bool = False,
+                      log_format: str | None = None, log_level: str = "info") -> None:
+        """Trace to this home's `traces/`, and (`console`; by default on a terminal) to the
+        operator's log on stderr (see `runex.trace`)."""
         self.project.ensure_home()
-        trace.configure(self.project.traces_dir, console=console, verbose=verbose)
+        trace.configure(self.project.traces_dir, console=console, verbose=verbose,
+                        log_format=log_format, log_level=log_level)
 
     def ensure_trace(self, console: bool | None = False) -> None:
         """Trace to this home unless the caller configured traces already."""
@@ -182,6 +186,7 @@ class Runex:
             self._extra_extensions, self._registry = extra, None
         count = workers or settings.get("workers") or cpu_count()
         self.ensure_trace(console=None)
+        self._say_started(count, profile)
         self._wait_for_room(wait=not stops)  # a consumer that must not wait raises DiskFull
         state = self.worker_state()
         jobs = [(1.0, self.scheduler().tick)] if schedules and not burst else []
@@ -199,6 +204,17 @@ class Runex:
         self.ledger.sync()
         return runner
 
+    def _say_started(self, workers: int, profile: str | None) -> None:
+        """The operator's first lines: what this consumer is, and what failed to load."""
+        reg = self.registry
+        log = trace.logger()
+        log.info("consumer.started", version=__version__, home=str(self.project.home),
+                 workers=workers, profile=profile or "default",
+                 extensions=len(reg.kernels) + len(reg.sources) + len(reg.sinks),
+                 failed=len(reg.errors))
+        for error in reg.errors:
+            log.warning("extension.failed", error=str(error))
+
     def _wait_for_room(self, wait: bool) -> None:
         """A consumer that starts while the disk under the home is full (its reserve cannot
         be made, see `runex.reserve`) waits for room before it opens anything, or raises
@@ -215,8 +231,9 @@ class Runex:
         trace.tell_operator(message)
         while not reserve.make():
             time.sleep(1.0)
-        trace.logger().warning("disk.resumed", home=str(home))
-        trace.tell_operator(f"the disk under {home} has room again: work resumes")
+        message = f"the disk under {home} has room again: work resumes"
+        trace.logger().warning("disk.resumed", home=str(home), message=message)
+        trace.tell_operator(message)
 
     def _nothing_left(self) -> bool:
         return self.ledger.unfinished_partitions() == 0

@@ -54,6 +54,19 @@ def worker_options(fn: Callable) -> Callable:
     return fn
 
 
+def log_options(fn: Callable) -> Callable:
+    fn = click.option("-q", "--quiet", is_flag=True,
+                      help="No log lines on stderr (traces are still written).")(fn)
+    fn = click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+                      default="info", show_default=True,
+                      help="The least level logged on stderr; debug adds every partition "
+                           "and step.")(fn)
+    fn = click.option("--log-format", type=click.Choice(["console", "logfmt", "json"]),
+                      help="How log lines look. Default: console on a terminal, logfmt (one "
+                           "line per event, for journald) otherwise.")(fn)
+    return fn
+
+
 def open_runex(home: str | None, extension_dirs: tuple[str, ...]) -> Runex:
     from runex.app import Runex  # here, so that `runex --help` does not load the runtime
 
@@ -138,18 +151,25 @@ def submit(ctx: click.Context, pipeline: str, params: tuple[str, ...], as_json: 
 @click.argument("pipeline", type=click.Path(dir_okay=False))
 @click.option("-p", "--param", "params", multiple=True, help=PARAM_HELP)
 @worker_options
+@log_options
 @project_options
 @click.pass_context
 def run(ctx: click.Context, pipeline: str, params: tuple[str, ...], workers: int | None,
-        profile: str | None, home: str | None, extension_dirs: tuple[str, ...]) -> None:
+        profile: str | None, log_format: str | None, log_level: str, quiet: bool,
+        home: str | None, extension_dirs: tuple[str, ...]) -> None:
     """Submit PIPELINE and process it here with worker processes until the run ends.
 
     Exits 0 when the run succeeded, 1 when it failed or was cancelled."""
     rx = open_runex(home, extension_dirs)
-    rx.trace_to_home(console=False, verbose=ctx.obj["verbose"])
+    rx.trace_to_home(console=not quiet, verbose=ctx.obj["verbose"], log_format=log_format,
+                     log_level=log_level)
     report_load_errors(rx, ctx.obj["verbose"])
     started = time.monotonic()
     progress = Progress() if sys.stderr.isatty() else None
+    if progress:  # a log line first clears the bar's line; the bar is drawn again after it
+        from runex.trace import before_each_line
+
+        before_each_line("\r\x1b[K")
     try:
         result = rx.run(pipeline, params, workers=workers, profile=profile, on_progress=progress)
     finally:  # an error (a full disk) is printed below the bar, not over it
@@ -210,16 +230,18 @@ def print_summary(run: dict[str, Any], seconds: float) -> None:
 @click.option("--burst", is_flag=True, help="Stop when nothing is queued or running "
                                            "(scheduled pipelines are not fired then).")
 @click.option("--no-schedules", is_flag=True, help="Do not fire scheduled pipelines.")
+@log_options
 @project_options
 @click.pass_context
 def worker(ctx: click.Context, workers: int | None, profile: str | None, burst: bool,
-           no_schedules: bool, home: str | None, extension_dirs: tuple[str, ...]) -> None:
+           no_schedules: bool, log_format: str | None, log_level: str, quiet: bool,
+           home: str | None, extension_dirs: tuple[str, ...]) -> None:
     """Process the queue with worker processes, until Ctrl-C (or, with --burst, until it
     is empty), and fire the project's scheduled pipelines when due. Several `runex worker`
     commands on one home share the work and fire each fire time once."""
     rx = open_runex(home, extension_dirs)
-    rx.trace_to_home(verbose=ctx.obj["verbose"])
-    report_load_errors(rx, ctx.obj["verbose"])
+    rx.trace_to_home(console=not quiet, verbose=ctx.obj["verbose"], log_format=log_format,
+                     log_level=log_level)
     rx.work(workers, profile, burst=burst, schedules=not no_schedules)
 
 
@@ -251,10 +273,12 @@ def schedules(as_json: bool, home: str | None, extension_dirs: tuple[str, ...]) 
 @click.option("--force", is_flag=True, help="Run fire times whose run succeeded again.")
 @click.option("--no-wait", is_flag=True, help="Only queue the runs; `runex worker` runs them.")
 @worker_options
+@log_options
 @project_options
 @click.pass_context
 def backfill(ctx: click.Context, pipeline: str, start: str, end: str | None, force: bool,
-             no_wait: bool, workers: int | None, profile: str | None, home: str | None,
+             no_wait: bool, workers: int | None, profile: str | None, log_format: str | None,
+             log_level: str, quiet: bool, home: str | None,
              extension_dirs: tuple[str, ...]) -> None:
     """One run per fire time of a scheduled PIPELINE in a range, in order; fire times whose
     run succeeded are skipped unless --force. Then process them here, as `run` does.
@@ -263,7 +287,8 @@ def backfill(ctx: click.Context, pipeline: str, start: str, end: str | None, for
     from runex.cron import parse_time
 
     rx = open_runex(home, extension_dirs)
-    rx.trace_to_home(console=False, verbose=ctx.obj["verbose"])
+    rx.trace_to_home(console=not (quiet or no_wait), verbose=ctx.obj["verbose"],
+                     log_format=log_format, log_level=log_level)
     report_load_errors(rx, ctx.obj["verbose"])
     try:
         first = parse_time(start)

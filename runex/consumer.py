@@ -124,11 +124,24 @@ class RunexConsumer(huey_private.ProcessHook):
             if self.state is not None:
                 with contextlib.suppress(DiskFull):
                     reaper.unregister(self.state)
+            trace.logger().info("consumer.stopped")
 
     def stop(self, graceful: bool = False) -> None:
-        """Stop, and touch the queue file so that idle workers notice at once."""
+        """Stop, and touch the queue file so that idle workers notice at once. Stopped by a
+        signal, say what is left to finish and how to stop at once."""
         self.stop_flag.set()
         self.huey.storage.notify()
+        if graceful and huey_private.stop_signal(self) is not None:
+            busy = sum(1 for i in range(len(self.worker_threads)) if self.slots[3 * i])
+            grace = self.shutdown_timeout
+            again = ("Ctrl-C again to stop now" if sys.stdin.isatty()
+                     else "a second signal stops them now")
+            plural = "partition" if busy == 1 else "partitions"
+            trace.logger().warning(
+                "consumer.stopping", running=busy,
+                message=(f"finishing {busy} running {plural}"
+                         + (f" (up to {grace:g} s)" if grace is not None else "")
+                         + f"; {again}") if busy else "nothing running: stopping")
         super().stop(graceful)
 
     def worker_made(self, process: Any, name: str) -> None:
@@ -164,9 +177,11 @@ class RunexConsumer(huey_private.ProcessHook):
         if self.reserve.make():
             if self.disk_full:
                 free = free_bytes(self.home)
-                trace.logger().warning("disk.resumed", home=self.home, free_bytes=free)
-                trace.tell_operator(f"the disk under {self.home} has room again ({free:,} "
-                                    "bytes free): work resumes")
+                message = (f"the disk under {self.home} has room again ({free:,} bytes free): "
+                           "work resumes")
+                trace.logger().warning("disk.resumed", home=self.home, free_bytes=free,
+                                       message=message)
+                trace.tell_operator(message)
             self.disk_full = False
             return
         if not self.disk_full:

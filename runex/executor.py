@@ -102,6 +102,9 @@ def run_chunk(state: WorkerState, claims: list[Claim]) -> int:
     # (SIGSTOP) at any point after its claim is killed at the timeout, not left to its lease.
     timeout = Pipeline.from_dict(first.spec).options.timeout
     state.running.begin(first, timeout)
+    if first.run_started:
+        trace.logger(run_id=first.run_id, pipeline=first.pipeline).info(
+            "run.started", partitions=first.partition_count)
     cancel = Cancellation(state.ledger, first.run_id)
     outcomes: list[Outcome] = []
     delays: dict[int, float] = {}
@@ -167,6 +170,11 @@ def failed(claim: Claim, exc: BaseException, done: Stats | Outcome, log: Any
     retry = status != "cancelled" and failures <= options.retries
     delay = backoff(failures, options.retry_delay, options.max_retry_delay)
     error = f"{type(exc).__name__}: {exc}"
+    if status == "cancelled":  # asked for: no traceback, and not an error
+        log.info("partition.cancelled")
+        earlier = done if isinstance(done, Outcome) else None
+        return Outcome(claim, status, done.records_in, done.records_out, error, None, False,
+                       earlier and earlier.started, earlier and earlier.code_version), 0.0
     if is_disk_full(exc):  # most likely under the sink's output, when the sink has a path
         target = claim.spec.get("sink", {}).get("params", {}).get("path")
         target = os.path.abspath(target if isinstance(target, str) else ".")

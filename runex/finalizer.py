@@ -5,6 +5,7 @@ succeeded."""
 from __future__ import annotations
 
 import json
+import time
 import traceback
 from pathlib import Path
 
@@ -48,8 +49,11 @@ def finalize_run(state: WorkerState, run_id: str) -> None:
                       traceback="".join(traceback.format_exception(exc)))
     status = ("cancelled" if run["cancel_requested"] else "failed" if error else "succeeded")
     done = [p for p in parts if p["status"] == "succeeded"]
-    log.info("run.finished", status=status, partitions=len(parts),
-             records_in=sum(p["records_in"] or 0 for p in done),
-             records_out=sum(p["records_out"] or 0 for p in done), error=error)
+    began = run["started_at"] or run["created_at"]
+    log_at = log.info if status == "succeeded" else log.warning
+    log_at("run.finished", status=status, partitions=len(parts), failed=len(bad),
+           records_in=sum(p["records_in"] or 0 for p in done),
+           records_out=sum(p["records_out"] or 0 for p in done),
+           seconds=round(time.time() - began, 3), error=error)
     state.ledger.finish_run(run_id, status, error, events=trace.drain())
     state.ledger.sync()  # on disk before anyone reads that the run is over

@@ -56,6 +56,11 @@ def drain_on_sigterm(consumer: Consumer) -> None:
     consumer._signal_actions[signal.SIGTERM] = (False, True)
 
 
+def stop_signal(consumer: Consumer) -> int | None:
+    """The signal that made the consumer stop, if one did (huey records it for its loop)."""
+    return consumer._signum
+
+
 def check_stop_every(consumer: Consumer, seconds: float) -> None:
     """Make the consumer's main loop look at its stop flag at least every `seconds` (0.1 s in
     huey): a short-lived consumer (`runex run`) notices its end sooner."""

@@ -136,6 +136,7 @@ class Claim:
     spec: dict[str, Any]
     project_dir: str
     partition_count: int
+    run_started: bool = False  # this claim started the run (its first)
 
 
 @dataclass
@@ -211,20 +212,28 @@ class Ledger:
                 self._abandoned.append(self._conn)
                 self._conn = None
             conn = self.engine.connect()
-            try:
+            with self._storage_errors():
                 self._migrate(conn)
-            except Exception as exc:
-                raise self._error(exc) from exc
             self._conn, self._pid = conn, os.getpid()
         return self._conn
 
-    def _error(self, exc: Exception) -> Exception:
-        return self.engine.error(exc)
+    @contextlib.contextmanager
+    def _storage_errors(self) -> Iterator[None]:
+        """Storage errors a user can act on (a full disk...) as the engine words them."""
+        try:
+            yield
+        except Exception as exc:
+            error = self.engine.error(exc)
+            if error is exc:
+                raise
+            raise error from exc
 
     def checkpoint(self) -> None:
         """Copy what the write-ahead log holds into the database, without waiting for anyone
-        (consumers do it every `reap_every`, off the path of submits and claims)."""
-        self.engine.checkpoint(self.conn)
+        (consumers do it every `reap_every`, off the path of submits and claims). On a full
+        disk: `DiskFull`."""
+        with self._storage_errors():
+            self.engine.checkpoint(self.conn)
 
     def _migrate(self, conn: Any) -> None:
         engine = self.engine
@@ -251,7 +260,7 @@ class Ledger:
     def tx(self) -> Iterator[Any]:
         """One short write transaction; a full or read-only disk rolls it back whole and
         raises `StorageError`. It is not synced: see `sync`."""
-        try:
+        with self._storage_errors():
             conn = self.conn
             self.engine.begin(conn)
             try:
@@ -263,11 +272,6 @@ class Ledger:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-        except Exception as exc:
-            error = self._error(exc)
-            if error is exc:
-                raise
-            raise error from exc
 
     def sync(self) -> None:
         """Make every transaction committed so far survive a power cut.
@@ -426,12 +430,14 @@ class Ledger:
                   now) for idx, attempt, _, _ in rows])
             run = conn.execute(
                 "UPDATE runs SET status = 'running', started_at = COALESCE(started_at, ?) "
-                "WHERE id = ? RETURNING pipeline, spec, project_dir, partition_count",
-                (now, run_id)).fetchone()
+                "WHERE id = ? RETURNING pipeline, spec, project_dir, partition_count, "
+                "started_at", (now, run_id)).fetchone()
             self._insert_events(conn, events)
         spec = json.loads(run[1])
-        return [Claim(run_id, idx, json.loads(key), attempt, failures.get(idx, 0), run[0],
-                      spec, run[2], run[3]) for idx, attempt, _, key in rows]
+        claims = [Claim(run_id, idx, json.loads(key), attempt, failures.get(idx, 0), run[0],
+                        spec, run[2], run[3]) for idx, attempt, _, key in rows]
+        claims[0].run_started = run[4] == now
+        return claims
 
     @staticmethod
     def _failures(conn: Any, run_id: str, indexes: Sequence[int]

@@ -98,7 +98,8 @@ class QueueStorage(huey_private.ConnectionHook):
         return FileWatch(self.filename)
 
     def checkpoint(self) -> None:
-        self.sql("pragma wal_checkpoint(PASSIVE)")
+        with self.writing():
+            self.sql("pragma wal_checkpoint(PASSIVE)")
 
     @functools.cached_property
     def reserve(self) -> Reserve:

@@ -1,9 +1,16 @@
-"""Execution traces: structlog, configured here and only here.
+"""Execution traces and the operator's log: structlog, configured here and only here.
 
-Every event is written as one JSON line to `RUNEX_HOME/traces/YYYY-MM-DD.jsonl` (UTC), kept
+Every event is written as one JSON line to `RUNEX_HOME/traces/YYYY-MM-DD.jsonl` (UTC) and kept
 for the ledger (written in the same transaction as the partition or run it belongs to, see
-`drain`), and, on a terminal, shown by a readable console renderer. Events are dotted verbs
-(`partition.claimed`, `step.finished`, ...), traced per partition and per step, never per record.
+`drain`). Events are dotted verbs (`partition.claimed`, `step.finished`, ...), traced per
+partition and per step, never per record.
+
+The operator's log is the same events on stderr, one line each, for the person or the service
+manager running runex: a readable console renderer on a terminal, logfmt or JSON lines
+otherwise (`journalctl -u runex-worker` shows them). At the default level it shows what an
+operator acts on (consumers starting and stopping, runs starting and finishing, failed and lost
+partitions, recoveries, schedule fires, disk trouble) and leaves out the per-partition and
+per-step events, which `debug` shows.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +33,13 @@ HOST = socket.gethostname()
 # Events not yet in the ledger, as its rows: (ts, run_id, idx, attempt, event, data as JSON).
 _pending: list[tuple[Any, ...]] = []
 _state: dict[str, Any] = {"dir": None, "fd": None, "until": 0.0, "pid": None,
-                         "configured": False, "console": False}
+                         "configured": False, "console": False, "before_line": ""}
+
+LOG_FORMATS = ("console", "logfmt", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+# Events of every partition and step: in the operator's log at `debug` only.
+CHATTER = {"partition.claimed", "partition.committed", "step.finished", "run.submitted",
+           "extensions.reloaded"}
 
 
 def _stamp(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
@@ -66,23 +80,84 @@ def _drop(logger: Any, method: str, event: dict[str, Any]) -> Any:
     raise structlog.DropEvent
 
 
+def _for_operator(log_format: str, log_level: str) -> Callable[..., Any]:
+    """The last processor: the event as one line on stderr, if the operator's level shows
+    it, else nothing."""
+    least = LOG_LEVELS.index(log_level)
+    if log_format == "console":
+        render = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty(),
+                                               exception_formatter=structlog.dev.plain_traceback)
+    elif log_format == "json":
+        render = structlog.processors.JSONRenderer(default=str)
+    else:
+        render = structlog.processors.LogfmtRenderer(
+            key_order=["time", "level", "event"], drop_missing=True, bool_as_flag=False)
+
+    def show(logger: Any, method: str, event: dict[str, Any]) -> Any:
+        level = "debug" if event["event"] in CHATTER else method
+        if LOG_LEVELS.index(level if level in LOG_LEVELS else "error") >= least:
+            line = {k: v for k, v in event.items() if v is not None}
+            if log_format != "json":
+                line.pop("host", None)  # the journal and the terminal know it
+                line.pop("ts", None)
+                line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S",
+                                              time.localtime(event["ts"])), **line}
+            text = render(logger, method, line)
+            sys.stderr.write(_state["before_line"] + text + "\n")
+            sys.stderr.flush()
+        raise structlog.DropEvent
+
+    return show
+
+
 def configure(traces_dir: str | os.PathLike | None, console: bool | None = None,
-              verbose: bool = False) -> None:
-    """Route events to `traces_dir` (None: nowhere but the ledger) and, when `console` (by
-    default: when stderr is a terminal), to stderr for people to read."""
+              verbose: bool = False, log_format: str | None = None,
+              log_level: str = "info") -> None:
+    """Route events to `traces_dir` (None: nowhere but the ledger) and, when `console`, to
+    the operator's log on stderr (by default: when stderr is a terminal) in `log_format`
+    (`console` on a terminal, `logfmt` otherwise, or `json`) from `log_level` up."""
     if console is None:
         console = sys.stderr.isatty()
+    if log_format is None:
+        log_format = "console" if sys.stderr.isatty() else "logfmt"
     _state["dir"], _state["until"] = traces_dir, 0.0  # the next event opens its file there
     _state["configured"] = True
     _state["console"] = console
-    last = (structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()) if console else _drop)
+    last = _for_operator(log_format, log_level) if console else _drop
     structlog.configure(
-        processors=[structlog.contextvars.merge_contextvars, _stamp, _write, last],
+        processors=[structlog.contextvars.merge_contextvars, _stamp,
+                    structlog.processors.format_exc_info, _write, last],
         wrapper_class=structlog.make_filtering_bound_logger(
-            logging.DEBUG if verbose else logging.INFO),
+            logging.DEBUG if verbose or log_level == "debug" else logging.INFO),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=False,
     )
+    _quiet_huey()
+
+
+def before_each_line(text: str) -> None:
+    """Write `text` before each line of the operator's log (`runex run` clears its progress
+    bar's line so)."""
+    _state["before_line"] = text
+
+
+class _HueyLog(logging.Handler):
+    """huey's own warnings and errors, as runex events; its notices of what runex reports
+    itself (a task interrupted by a stop) are left out."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("Received exit signal"):  # runex says partition.interrupted
+            return
+        log = logger()
+        (log.error if record.levelno >= logging.ERROR else log.warning)(
+            "huey." + record.levelname.lower(), message=message)
+
+
+def _quiet_huey() -> None:
+    huey_log = logging.getLogger("huey")
+    huey_log.handlers = [_HueyLog(logging.WARNING)]
+    huey_log.propagate = False
 
 
 def tell_operator(message: str) -> None:
@@ -96,7 +171,8 @@ def reset() -> None:
     """Forget the configuration and pending events (for tests)."""
     if _state["fd"] is not None and _state["pid"] == os.getpid():
         os.close(_state["fd"])
-    _state.update(dir=None, fd=None, until=0.0, pid=None, configured=False, console=False)
+    _state.update(dir=None, fd=None, until=0.0, pid=None, configured=False, console=False,
+                  before_line="")
     _pending.clear()
     structlog.reset_defaults()
 

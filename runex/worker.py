@@ -4,6 +4,7 @@ and timeout slot). `runex.executor` runs partitions with it."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,17 +24,18 @@ HARD_GRACE = 3.0  # seconds past its timeout before the consumer kills an attemp
 class Running:
     """The partition this worker process runs, in three numbers of memory shared with its
     consumer: when the consumer must kill the process if it is still at it (the timeout plus
-    HARD_GRACE; 0: no limit), the partition's index and its attempt. The timeout raises in the
-    kernel (SIGALRM); a kernel inside one long C call, or a stopped process, never sees it,
-    and the consumer, which looks every second, is the hard limit (see `runex.consumer`)."""
+    HARD_GRACE; infinity: no limit; 0: idle), the partition's index and its attempt. The
+    timeout raises in the kernel (SIGALRM); a kernel inside one long C call, or a stopped
+    process, never sees it, and the consumer, which looks every second, is the hard limit
+    (see `runex.consumer`)."""
 
     def __init__(self, slots: Any = None, slot: int = 0):
         self.slots, self.at = slots, 3 * slot
 
     def begin(self, claim: Claim, timeout: float | None) -> None:
-        if self.slots is not None and timeout:
+        if self.slots is not None:
             self.slots[self.at + 1], self.slots[self.at + 2] = claim.index, claim.attempt
-            self.slots[self.at] = time.time() + timeout + HARD_GRACE
+            self.slots[self.at] = time.time() + timeout + HARD_GRACE if timeout else math.inf
 
     def end(self) -> None:
         if self.slots is not None:

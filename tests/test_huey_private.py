@@ -59,11 +59,12 @@ def test_the_stop_flag_of_process_workers_is_a_pipe_that_becomes_readable(tmp_pa
 def test_sigterm_drains_and_the_stop_flag_is_checked_as_often_as_asked(tmp_path):
     runner = Consumer(tasks.make_huey(tmp_path / "queue.db"), workers=1, worker_type="process")
     assert runner._signal_actions[signal.SIGINT] == (False, True)  # huey: Ctrl-C drains
+    assert huey_private.stop_signal(runner) is None
     huey_private.drain_on_sigterm(runner)
     runner._set_signal_handlers()
     try:
         os.kill(os.getpid(), signal.SIGTERM)
-        assert runner._signum == signal.SIGTERM
+        assert huey_private.stop_signal(runner) == signal.SIGTERM
         assert runner._graceful and not runner._restart  # drain, then exit
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
