@@ -3,6 +3,7 @@ layer over it, and so can a user's own script be."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import functools
 import json
@@ -14,7 +15,8 @@ from typing import Any
 
 from runex import __version__, consumer, extensions, huey_private, tasks, trace
 from runex.cron import iso
-from runex.errors import DiskFull, ExtensionError, NotFound, PipelineError
+from runex.doctor import Finding, examine
+from runex.errors import DiskFull, ExtensionError, NotFound, PipelineError, RunexError
 from runex.executor import execute
 from runex.finalizer import finalize_run
 from runex.ledger import TERMINAL_RUN, Ledger, NewRun, new_run_id
@@ -243,29 +245,58 @@ class Runex:
             on_progress: Callable[[dict[str, int]], None] | None = None) -> Run:
         """Submit a pipeline and work the queue until its run ends; returns the run. With
         `workers=0`, the partitions run in this process, through the same claims, commits
-        and ledger (for notebooks, debuggers and tests); as a burst worker does, it works what
-        else is queued on the way."""
-        run_id = self.submit(pipeline, params)
+        and ledger (for notebooks, debuggers and tests).
+
+        The run goes ahead of what was queued before it (its priority is raised above theirs
+        if need be): a worker takes other runs' partitions only while it has none of this
+        one's left to start, and the log says so, and what is left of them."""
+        if not isinstance(pipeline, Pipeline):
+            pipeline = load(pipeline, params)
+        ahead = self.ledger.highest_waiting_priority()
+        if ahead is not None and ahead >= pipeline.options.priority:
+            pipeline = dataclasses.replace(
+                pipeline, options=dataclasses.replace(pipeline.options, priority=ahead + 1))
+        run_id = self.submit(pipeline)
+        started = time.time()
         progress = None if on_progress is None else (
             lambda: on_progress(self.ledger.progress(run_id)))
         try:
-            self._work_until_over([run_id], workers, profile, progress)
+            runner = self._work_until_over([run_id], workers, profile, progress)
         except DiskFull as exc:
             raise DiskFull(f"{exc} (run {run_id}; `runex show {run_id}` tells how far it "
                            "got)") from exc
+        pids = [p.pid for _, p in runner.worker_threads] if runner else [os.getpid()]
+        self._say_what_else(run_id, started, pids)
         return self.show(run_id)
 
+    def _say_what_else(self, run_id: str, since: float, pids: list[int]) -> None:
+        worked, left, runs = self.ledger.other_work(run_id, since, trace.HOST, pids)
+        log = trace.logger(run_id=run_id)
+        if worked:
+            log.info("run.other_work", partitions=worked,
+                     message=f"worked on {worked} partition{'s' if worked != 1 else ''} "
+                             "of other runs too, while this run had none left to start")
+        if left:
+            others = "another run" if runs == 1 else f"{runs} other runs"
+            log.info("run.others_queued", partitions=left, runs=runs,
+                     message=f"{others} still {'has' if runs == 1 else 'have'} {left} "
+                             f"partition{'s' if left != 1 else ''} to do; `runex worker` "
+                             "runs them")
+
     def _work_until_over(self, run_ids: list[str], workers: int | None, profile: str | None,
-                         progress: Callable[[], None] | None = None) -> None:
+                         progress: Callable[[], None] | None = None
+                         ) -> consumer.RunexConsumer | None:
         """Work the queue here until every run of `run_ids` is over: with worker processes,
-        or (`workers=0`) in this process. `progress()` is called at each look."""
+        or (`workers=0`) in this process. `progress()` is called at each look. Returns the
+        consumer that ran, if any."""
         def over() -> bool:
             if progress is not None:
                 progress()
             return all(self.ledger.run(r)["status"] in TERMINAL_RUN for r in run_ids)
 
         if workers == 0 or not over():
-            self.work(workers, profile, until=over, schedules=False)
+            return self.work(workers, profile, until=over, schedules=False)
+        return None
 
     def _work_here(self, done: Callable[[], bool]) -> None:
         """Take messages off the queue and run them in this process until `done()`."""
@@ -339,13 +370,17 @@ class Runex:
         """Cancel a run: queued partitions never start, running ones stop at their next
         batch, and the run ends `cancelled`."""
         run_id = self.ledger.resolve_run_id(ref)
+        status = self.ledger.run(run_id)["status"]
+        if status in TERMINAL_RUN:  # nothing to cancel
+            return {"run_id": run_id, "cancelled": 0, "running": 0, "status": status,
+                    "already_over": True}
         trace.logger(run_id=run_id).info("run.cancel_requested")
         done = self.ledger.cancel(run_id, events=trace.drain())
         if done.complete:
             finalize_run(self.worker_state(), run_id)
         self.ledger.sync()
         return {"run_id": run_id, "cancelled": done.cancelled, "running": done.running,
-                "status": self.ledger.run(run_id)["status"]}
+                "status": self.ledger.run(run_id)["status"], "already_over": False}
 
     def retry(self, ref: str, partition: int | str | None = None) -> list[int]:
         """Queue again the failed, timed-out, quarantined or cancelled partitions of a run (or
@@ -377,10 +412,12 @@ class Runex:
         raise NotFound(f"run {run_id} has no partition {ref!r}; `runex show {run_id}` lists "
                        "them with their index and key")
 
-    def runs(self, limit: int = 20, status: str | None = None) -> list[dict[str, Any]]:
-        """The newest runs (of one `status`), newest first, each as `runex runs --json`
-        prints it: the run without its partitions, with `seconds` it took (or so far)."""
-        rows = self.ledger.runs(limit, status)
+    def runs(self, limit: int = 20, status: str | None = None, pipeline: str | None = None,
+             since: dt.datetime | None = None) -> list[dict[str, Any]]:
+        """The newest runs (of one `status`, one `pipeline`, created `since`), newest first,
+        each as `runex runs --json` prints it: the run without its partitions, with the
+        `seconds` it took (or so far)."""
+        rows = self.ledger.runs(limit, status, pipeline, since and since.timestamp())
         for row in rows:
             del row["spec"], row["finalizer"]
             _with_seconds(row)
@@ -414,6 +451,23 @@ class Runex:
         """Check a pipeline against the loaded extensions without running it: raises
         `PipelineError` (or `UnknownName`...) saying what is wrong; returns the checked plan."""
         return self.plan(pipeline, params)
+
+    def doctor(self) -> list[Finding]:
+        """What is wrong with this installation: the home, extensions, pipeline files,
+        consumers, attempts that lost their worker, storage, the clock (see `runex.doctor`)."""
+        return examine(self)
+
+    def backup(self, path: str | os.PathLike) -> dict[str, Any]:
+        """A consistent copy of the ledger (every run, attempt, schedule and fire) in `path`,
+        made while workers run. The queue is not copied: what it held is in the ledger, and
+        a consumer queues it again."""
+        target = Path(path).absolute()
+        if target.exists() and target.is_dir():
+            raise RunexError(f"{path} is a folder; give the file to write the backup to")
+        self.ledger.backup(target)
+        runs = self.ledger.runs(1)
+        return {"path": str(target), "bytes": target.stat().st_size,
+                "newest_run": runs[0]["id"] if runs else None}
 
     def show(self, ref: str) -> Run:
         """A run with its partitions and their attempts; `to_dict()` is what `runex show

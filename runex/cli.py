@@ -74,6 +74,10 @@ def open_runex(home: str | None, extension_dirs: tuple[str, ...]) -> Runex:
     return Runex(home=home, extensions=extension_dirs)
 
 
+def plural(count: int, word: str) -> str:
+    return f"{count} {word}" + ("" if count == 1 else "s")
+
+
 def dump(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
@@ -319,21 +323,52 @@ def backfill(ctx: click.Context, pipeline: str, start: str, end: str | None, for
 @click.option("-n", "--limit", default=20, show_default=True, help="How many runs, newest first.")
 @click.option("--status", type=click.Choice(["queued", "running", "succeeded", "failed",
                                              "cancelled"]), help="Only runs in this status.")
+@click.option("--pipeline", help="Only runs of this pipeline (its name).")
+@click.option("--since", help="Only runs created since: 2026-11-01, 2026-11-01T06:00 (UTC "
+                              "unless an offset), or a duration back from now: 30m, 2h, 7d.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @project_options
-def runs(limit: int, status: str | None, as_json: bool, home: str | None,
-         extension_dirs: tuple[str, ...]) -> None:
-    """List runs, newest first: status, partitions, records written, when created, how
-    long each took."""
-    rows = open_runex(home, extension_dirs).runs(limit, status)
+def runs(limit: int, status: str | None, pipeline: str | None, since: str | None,
+         as_json: bool, home: str | None, extension_dirs: tuple[str, ...]) -> None:
+    """List runs, newest first: status, partitions, records written, when created and for
+    which fire time, how long each took, and the first error of a failed one."""
+    rows = open_runex(home, extension_dirs).runs(limit, status, pipeline,
+                                                 since and since_time(since))
     if as_json:
         dump(rows)
         return
     table([[r["id"], r["pipeline"], r["status"], r["partition_count"], r["records_out"],
-            when(r["created_at"]),
-            f"{r['seconds']:.2f}s" if r["finished_at"] and r["seconds"] is not None else None]
+            when(r["created_at"]), r["scheduled_for"],
+            f"{r['seconds']:.2f}s" if r["finished_at"] and r["seconds"] is not None else None,
+            shorten(r["error"])]
            for r in rows],
-          ["RUN", "PIPELINE", "STATUS", "PARTITIONS", "RECORDS OUT", "CREATED", "TOOK"])
+          ["RUN", "PIPELINE", "STATUS", "PARTITIONS", "RECORDS OUT", "CREATED", "FIRE TIME",
+           "TOOK", "ERROR"])
+
+
+def since_time(text: str) -> datetime.datetime:
+    """`--since`: a time (see `cron.parse_time`) or a duration back from now."""
+    from runex.cron import parse_time
+    from runex.pipeline import parse_duration
+
+    try:
+        return parse_time(text)
+    except errors.ScheduleError:
+        pass
+    try:
+        back = parse_duration(text, "--since")
+    except errors.RunexError:
+        raise click.BadParameter(f"{text!r} is neither a time (2026-11-01, "
+                                 "2026-11-01T06:00) nor a duration (30m, 2h, 7d)",
+                                 param_hint="--since") from None
+    return datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=back)
+
+
+def shorten(text: str | None, width: int = 60) -> str | None:
+    if text is None:
+        return None
+    line = text.splitlines()[0] if text else text
+    return line if len(line) <= width else line[:width - 1] + "…"
 
 
 @cli.command()
@@ -409,8 +444,12 @@ def cancel(run_ref: str, as_json: bool, home: str | None, extension_dirs: tuple[
     if as_json:
         dump(result)
         return
-    click.echo(f"run {result['run_id']}: {result['cancelled']} queued partitions cancelled, "
-               f"{result['running']} running will stop at their next batch; "
+    if result["already_over"]:
+        click.echo(f"run {result['run_id']} was already over ({result['status']}); nothing "
+                   "to cancel")
+        return
+    click.echo(f"run {result['run_id']}: {plural(result['cancelled'], 'queued partition')} "
+               f"cancelled, {result['running']} running will stop at their next batch; "
                f"status {result['status']}")
 
 
@@ -429,7 +468,8 @@ def retry(run_ref: str, partition: str | None, as_json: bool, home: str | None,
     if as_json:
         dump({"requeued": indexes})
         return
-    click.echo(f"re-queued {len(indexes)} partitions: {', '.join(map(str, indexes))}")
+    click.echo(f"re-queued {plural(len(indexes), 'partition')}: "
+               f"{', '.join(map(str, indexes))}")
 
 
 @cli.command()
@@ -458,16 +498,61 @@ def extensions(ctx: click.Context, as_json: bool, home: str | None,
 @cli.command()
 @click.argument("pipeline", type=click.Path(dir_okay=False))
 @click.option("-p", "--param", "params", multiple=True, help=PARAM_HELP)
+@click.option("--json", "as_json", is_flag=True,
+              help="Print JSON: ok, and the pipeline as it would run, or the error.")
 @project_options
 @click.pass_context
-def validate(ctx: click.Context, pipeline: str, params: tuple[str, ...], home: str | None,
-             extension_dirs: tuple[str, ...]) -> None:
+def validate(ctx: click.Context, pipeline: str, params: tuple[str, ...], as_json: bool,
+             home: str | None, extension_dirs: tuple[str, ...]) -> None:
     """Check PIPELINE against the loaded extensions without running it."""
     rx = open_runex(home, extension_dirs)
+    if as_json:
+        try:
+            p = rx.validate(pipeline, params).pipeline
+        except errors.RunexError as exc:
+            dump({"ok": False, "file": pipeline, "error": str(exc),
+                  "extension_errors": [str(e) for e in rx.load_errors]})
+            ctx.exit(exc.exit_code)
+        dump({"ok": True, "file": pipeline, "pipeline": p.to_dict(),
+              "extension_errors": [str(e) for e in rx.load_errors]})
+        return
     report_load_errors(rx, ctx.obj["verbose"])
     p = rx.validate(pipeline, params).pipeline
     steps = " -> ".join(s.use for s in p.steps) or "no steps"
     click.echo(f"ok: {pipeline}: source {p.source.use!r} -> {steps} -> sink {p.sink.use!r}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@project_options
+@click.pass_context
+def doctor(ctx: click.Context, as_json: bool, home: str | None,
+           extension_dirs: tuple[str, ...]) -> None:
+    """What is wrong with this installation: the home (writable, free space), extension
+    and pipeline files that do not load, consumers, attempts whose worker is gone, storage
+    sizes, the clock. Exits 1 when something fails."""
+    findings = open_runex(home, extension_dirs).doctor()
+    if as_json:
+        dump([f.to_dict() for f in findings])
+    else:
+        marks = {"ok": ("ok  ", "green"), "warn": ("warn", "yellow"), "fail": ("FAIL", "red")}
+        for f in findings:
+            mark, color = marks[f.status]
+            click.echo(click.style(mark, fg=color) + f"  {f.check:<11} {f.detail}")
+    if any(f.status == "fail" for f in findings):
+        ctx.exit(errors.EXIT_RUN_FAILED)
+
+
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@project_options
+def backup(file: str, home: str | None, extension_dirs: tuple[str, ...]) -> None:
+    """Copy the ledger (every run, attempt, schedule and fire) to FILE, consistent and
+    synced, while workers run. To restore: stop the workers, copy FILE to the home's
+    ledger.db, start them; the queue is rebuilt from the ledger."""
+    result = open_runex(home, extension_dirs).backup(file)
+    click.echo(f"ledger copied to {result['path']} ({result['bytes']:,} bytes; newest run "
+               f"{result['newest_run'] or '-'})")
 
 
 def main() -> None:

@@ -28,14 +28,14 @@ from runex.worker import Running, WorkerState
 DISK_CHECK = 1.0  # seconds between looks at the home's reserve (a stat) while it is full
 
 
-def die_with_parent() -> None:
-    """On Linux, have the kernel SIGKILL this worker when its consumer dies, so that a killed
-    consumer leaves no orphan consuming the queue (the reaper recovers what it held)."""
+def die_with_parent(parent: int) -> None:
+    """On Linux, have the kernel SIGKILL this worker when its consumer (pid `parent`) dies,
+    so that a killed consumer leaves no orphan consuming the queue (the reaper recovers what
+    it held)."""
     if not sys.platform.startswith("linux"):
         return
-    parent = os.getppid()
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the parent died before prctl took effect
+    if os.getppid() != parent:  # the consumer died before prctl took effect
         os._exit(1)
 
 
@@ -46,12 +46,13 @@ class RunexWorker(Worker):
     state: WorkerState | None = None  # the consumer's, given before the fork
     slots: Any = None  # the consumer's shared `worker.Running` slots, and this one's
     slot = 0
+    consumer_pid = 0
 
     def initialize(self) -> None:
         """In the new worker process, first: its own queue connection, and its stop flag and
         timeout slot in the state it works with."""
         huey_private.forget_connection(self.huey.storage)
-        die_with_parent()
+        die_with_parent(self.consumer_pid)
         super().initialize()
         self.watch = self.huey.storage.watch()
         self.stop_fd = huey_private.stop_fd(self.stop_flag)
@@ -148,7 +149,7 @@ class RunexConsumer(huey_private.ProcessHook):
         """Give each worker the state and its slot: huey names them Worker-1, Worker-2...
         and gives a restarted worker the name of the one it replaces."""
         if isinstance(process, RunexWorker):
-            process.state = self.state
+            process.state, process.consumer_pid = self.state, os.getpid()
             process.slots, process.slot = self.slots, int(name.rsplit("-", 1)[1]) - 1
 
     def _kill_overdue(self) -> None:

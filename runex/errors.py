@@ -6,7 +6,7 @@ import difflib
 
 # Exit codes of the `runex` command. Scripts may rely on these numbers.
 EXIT_OK = 0  # the command did what it was asked; `run`: the run succeeded
-EXIT_RUN_FAILED = 1  # `run`: the run ended failed or cancelled
+EXIT_RUN_FAILED = 1  # `run`: the run ended failed or cancelled; `doctor`: a check failed
 EXIT_USAGE = 2  # bad command line (click's own code for usage errors)
 EXIT_INVALID = 3  # a pipeline, extension or config file is invalid; nothing was stored
 EXIT_NOT_FOUND = 4  # the named run, partition or pipeline does not exist

@@ -31,8 +31,8 @@ def finalize_run(state: WorkerState, run_id: str) -> None:
         more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
         error = f"{len(bad)} of {len(parts)} partitions did not succeed: {shown}{more}"
         first = next((p for p in bad if p["error"]), None)
-        if first is not None:
-            error += f"; partition {first['idx']}: {first['error']}"
+        if first is not None:  # what to read first
+            error = f"partition {first['idx']} ({first['key']}): {first['error']}; {error}"
     else:
         try:
             plan = state.plan(run_id, json.loads(run["spec"]))

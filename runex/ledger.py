@@ -678,7 +678,8 @@ class Ledger:
     # -- reads -----------------------------------------------------------------------
 
     def resolve_run_id(self, ref: str) -> str:
-        """A run id, a unique prefix of one, or `last` for the newest run."""
+        """A run id, `last` for the newest run, or any part of one id that no other id has
+        (a prefix, or the random suffix people copy)."""
         if ref == "last":
             rows = self.conn.execute(
                 "SELECT id FROM runs ORDER BY created_at DESC LIMIT 1").fetchall()
@@ -686,10 +687,16 @@ class Ledger:
             rows = self.conn.execute(
                 "SELECT id FROM runs WHERE id >= ? AND id < ? ORDER BY id LIMIT 2",
                 (ref, ref + "\uffff")).fetchall()
+            if not rows and ref:  # not a prefix: a part (a scan, for what people type)
+                rows = self.conn.execute(
+                    "SELECT id FROM runs WHERE instr(id, ?) > 0 ORDER BY id LIMIT 3",
+                    (ref,)).fetchall()
         if not rows:
             raise NotFound(f"no run {ref!r} in {self.path}; `runex runs` lists the runs")
         if len(rows) > 1 and rows[0][0] != ref:
-            raise NotFound(f"{ref!r} matches more than one run; give more of the id")
+            shown = ", ".join(r[0] for r in rows[:2])
+            raise NotFound(f"{ref!r} is part of more than one run id ({shown}"
+                           f"{', ...' if len(rows) > 2 else ''}); give more of the id")
         return rows[0][0]
 
     def run(self, run_id: str) -> dict[str, Any]:
@@ -698,9 +705,17 @@ class Ledger:
             raise NotFound(f"no run {run_id!r} in {self.path}; `runex runs` lists the runs")
         return rows[0]
 
-    def runs(self, limit: int = 20, status: str | None = None) -> list[dict[str, Any]]:
-        where, params = ("WHERE status = ?", (status,)) if status else ("", ())
-        return self._rows(f"SELECT * FROM runs {where} ORDER BY created_at DESC LIMIT ?",
+    def runs(self, limit: int = 20, status: str | None = None, pipeline: str | None = None,
+             since: float | None = None) -> list[dict[str, Any]]:
+        """The newest runs, newest first: of one `status`, one `pipeline`, created since."""
+        where, params = [], []
+        for clause, value in (("status = ?", status), ("pipeline = ?", pipeline),
+                              ("created_at >= ?", since)):
+            if value is not None:
+                where.append(clause)
+                params.append(value)
+        sql = " WHERE " + " AND ".join(where) if where else ""
+        return self._rows(f"SELECT * FROM runs{sql} ORDER BY created_at DESC LIMIT ?",
                           (*params, limit))
 
     def partitions(self, run_id: str) -> list[dict[str, Any]]:
@@ -720,6 +735,35 @@ class Ledger:
         return dict(self.conn.execute(
             "SELECT status, COUNT(*) FROM partitions WHERE run_id = ? GROUP BY status",
             (run_id,)).fetchall())
+
+    def newest_time(self) -> float | None:
+        """The latest time the ledger holds (a run created or finished)."""
+        return self.conn.execute("SELECT MAX(COALESCE(finished_at, created_at)) FROM runs"
+                                 ).fetchone()[0]
+
+    def backup(self, path: str | os.PathLike) -> None:
+        """A consistent copy of the ledger in `path`, made while others write it, synced."""
+        with self._storage_errors():
+            self.engine.backup(self.conn, path)
+
+    def highest_waiting_priority(self) -> int | None:
+        """The highest priority of the runs queued or running, if any."""
+        return self.conn.execute("SELECT MAX(priority) FROM runs WHERE status IN "
+                                 "('queued', 'running')").fetchone()[0]
+
+    def other_work(self, run_id: str, since: float, host: str, pids: Sequence[int]
+                   ) -> tuple[int, int, int]:
+        """Beside run `run_id`: (partitions of other runs that processes `pids` of `host`
+        attempted since `since`, partitions of other runs still queued or running, how many
+        such runs)."""
+        marks = ", ".join("?" * len(pids)) or "NULL"
+        done = self.conn.execute(
+            "SELECT COUNT(*) FROM attempts WHERE run_id != ? AND started_at >= ? AND host = ? "
+            f"AND pid IN ({marks})", (run_id, since, host, *pids)).fetchone()[0]
+        left, runs = self.conn.execute(
+            "SELECT COUNT(*), COUNT(DISTINCT run_id) FROM partitions WHERE run_id != ? AND "
+            "status IN ('queued', 'running')", (run_id,)).fetchone()
+        return done, left, runs
 
     def unfinished_partitions(self) -> int:
         """Partitions queued or running in any run: zero means a burst worker may stop."""

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from runex.durable import sync_log
+from runex.durable import fsync_dir, fsync_path, sync_log
 from runex.errors import StorageError
 from runex.reserve import Reserve, free_bytes
 
@@ -213,6 +213,23 @@ class SqliteEngine:
         except OSError as exc:
             raise StorageError(f"cannot sync the ledger {self.path} to disk ({exc}); check "
                                f"{self.path.parent}") from exc
+
+    @staticmethod
+    def backup(conn: sqlite3.Connection, path: str | os.PathLike) -> None:
+        """SQLite's online backup of the ledger into a new file `path` (written beside it,
+        synced, then renamed: a power cut leaves the old file or the whole copy)."""
+        target = Path(path)
+        temp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        temp.unlink(missing_ok=True)
+        copy = sqlite3.connect(temp)
+        try:
+            conn.backup(copy, pages=1024)  # in steps: writers are not held up for long
+            copy.execute("PRAGMA journal_mode=DELETE")  # one file, readable anywhere
+        finally:
+            copy.close()
+        fsync_path(temp)
+        os.replace(temp, target)
+        fsync_dir(target.parent)
 
     def error(self, exc: Exception) -> Exception:
         """What to raise for a storage error `exc` of this engine."""

@@ -36,8 +36,9 @@ def clean_env(monkeypatch):
     trace.reset()
 
 
-def children() -> list[int]:
-    """The processes this one started that still run (Linux)."""
+def children(parent: int | None = None) -> list[int]:
+    """The processes that `parent` (this one) started and that still run (Linux)."""
+    parent = parent or os.getpid()
     found = []
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
         if entry.isdigit():
@@ -46,7 +47,7 @@ def children() -> list[int]:
                     fields = f.read().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(fields[1]) == os.getpid() and fields[0] != "Z":
+            if int(fields[1]) == parent and fields[0] != "Z":
                 found.append(int(entry))
     return found
 

@@ -37,7 +37,10 @@ def test_wait_gives_up_after_its_timeout(project):
     run_id = rx.submit("p.toml")
     with pytest.raises(TimeoutError, match=f"run {run_id} is still queued after 0.2s"):
         rx.wait(run_id, timeout=0.2)
-    assert rx.run("p.toml", workers=0).over and rx.wait(run_id).status == "succeeded"
+    assert rx.run("p.toml", workers=0).over  # its own run first: the other waits
+    assert rx.show(run_id).status == "queued"
+    rx.work(workers=0, burst=True)
+    assert rx.wait(run_id, timeout=5).status == "succeeded"
 
 
 def test_the_repository_keeps_the_built_in_worker_profiles_in_workers():

@@ -67,8 +67,8 @@ def test_kernel_error_fails_only_its_partition_after_its_retries(rx, project):
     drain(rx)
     data = show(rx, run_id)
     assert data["status"] == "failed"
-    assert data["error"] == ('1 of 10 partitions did not succeed: 4 ([40, 50]): failed; '
-                             'partition 4: ValueError: cannot take 42')
+    assert data["error"] == ('partition 4 ([40, 50]): ValueError: cannot take 42; '
+                             '1 of 10 partitions did not succeed: 4 ([40, 50]): failed')
     bad = data["partitions"][4]
     assert bad["status"] == "failed"
     assert [a["status"] for a in bad["attempts"]] == ["failed", "failed", "failed"]

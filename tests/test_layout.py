@@ -126,3 +126,60 @@ def test_commands_that_need_no_worker_run_in_process(project):
     assert result.exit_code == 0 and "status cancelled" in result.output
     result = runner.invoke(cli.cli, ["show", "nope"])
     assert result.exit_code == 4 and "no run 'nope'" in result.output
+
+
+def test_small_things_a_person_asked_for(project):
+    """Any unique part of a run id; `runs` filters and shows the first error; `cancel` of a
+    finished run says so; plurals; `validate --json`."""
+    import json
+
+    from .conftest import runex_cli
+
+    (project / "p.toml").write_text('[source]\nuse = "range"\nstop = 3\n\n[sink]\nuse = "null"\n')
+    (project / "bad.toml").write_text('[source]\nuse = "rnge"\n\n[sink]\nuse = "null"\n')
+    rx = Runex()
+    run = rx.run("p.toml", workers=0)
+    suffix = run.id.rsplit("-", 1)[1]
+    assert rx.show(suffix).id == run.id and rx.show(suffix[2:6]).id == run.id
+    other = rx.submit("p.toml")
+    result = runex_cli("show", run.id[:8], cwd=project)  # the date: part of both ids
+    assert result.returncode == 4 and "is part of more than one run id" in result.stderr
+    result = runex_cli("cancel", suffix, cwd=project, check=True)
+    assert result.stdout == f"run {run.id} was already over (succeeded); nothing to cancel\n"
+    result = runex_cli("cancel", other, cwd=project, check=True)
+    assert "1 queued partition cancelled," in result.stdout
+    assert runex_cli("retry", other, cwd=project, check=True).stdout.startswith(
+        "re-queued 1 partition: 0")
+    rows = json.loads(runex_cli("runs", "--json", "--pipeline", "p", "--since", "1h",
+                                cwd=project, check=True).stdout)
+    assert {r["id"] for r in rows} == {run.id, other}
+    assert runex_cli("runs", "--pipeline", "nope", cwd=project, check=True).stdout.count(
+        "\n") == 1  # the header only
+    assert json.loads(runex_cli("runs", "--json", "--since", "2999-01-01", cwd=project,
+                                check=True).stdout) == []
+    result = runex_cli("runs", "--since", "yesterday-ish", cwd=project)
+    assert result.returncode == 2 and "is neither a time" in result.stderr
+    ok = json.loads(runex_cli("validate", "p.toml", "--json", cwd=project, check=True).stdout)
+    assert ok["ok"] and ok["pipeline"]["source"]["use"] == "range"
+    result = runex_cli("validate", "bad.toml", "--json", cwd=project)
+    bad = json.loads(result.stdout)
+    assert result.returncode == 3 and not bad["ok"] and "did you mean 'range'" in bad["error"]
+
+
+def test_runs_shows_the_first_error_of_a_failed_run(project):
+    from .conftest import runex_cli, write
+
+    write(project / "extensions" / "k.py", """
+        from runex import register_kernel
+
+        @register_kernel("boom")
+        def boom(record):
+            raise ValueError("no good")
+    """)
+    (project / "p.toml").write_text('[source]\nuse = "range"\nstop = 3\n\n[[steps]]\n'
+                                    'use = "boom"\n\n[sink]\nuse = "null"\n\n'
+                                    "[options]\nretries = 0\n")
+    assert Runex().run("p.toml", workers=0).status == "failed"
+    listing = runex_cli("runs", cwd=project, check=True).stdout
+    assert "ERROR" in listing.splitlines()[0]
+    assert "partition 0 ([0, 3]): ValueError: no good; 1 of 1 partition…" in listing

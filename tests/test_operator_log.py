@@ -110,3 +110,18 @@ def test_ctrl_c_on_a_terminal_says_what_it_finishes_and_a_second_stops_at_once(p
         os.close(master)
     assert "Received exit signal" not in text and "did not finish" not in text
     assert "Traceback" not in text
+
+
+@pytest.mark.slow
+def test_run_goes_ahead_of_queued_work_and_says_what_it_leaves(project):
+    work_pipeline(project, stop=100, size=1)
+    write(project / "quick.toml", '[source]\nuse = "range"\nstop = 2\nsize = 1\n\n'
+                                  '[sink]\nuse = "null"\n')
+    queued = runex_cli("submit", "pipelines/p.toml", cwd=project, check=True).stdout.strip()
+    result = runex_cli("run", "quick.toml", "-w", "1", cwd=project, check=True)
+    assert "2 succeeded" in result.stdout
+    [left] = lines(result.stderr, "run.others_queued")
+    assert "another run still has" in left and "partitions to do" in left
+    rx = Runex()
+    assert rx.show("last").pipeline == "quick"
+    assert rx.ledger.progress(queued).get("succeeded", 0) < 100  # left for `runex worker`

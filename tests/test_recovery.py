@@ -16,7 +16,7 @@ from runex.errors import NotFound
 from runex.identity import alive, my_start
 from runex.ledger import Lost, Recorded
 
-from .conftest import claim, drain, finish, runex_cli, show, work_pipeline, write
+from .conftest import children, claim, drain, finish, runex_cli, show, work_pipeline, write
 
 
 def make(project, stop=40, size=10, options="", **params):
@@ -94,9 +94,13 @@ def test_killing_the_consumer_leaves_no_orphan_worker(project):
     runex_cli("submit", "pipelines/p.toml", cwd=project, check=True)
     proc = consumer(project, workers=2)
     child = wait_for(lambda: running_pid(project))
+    workers = wait_for(lambda: len(kids := children(proc.pid)) == 2 and kids)
     os.kill(proc.pid, signal.SIGKILL)  # only the parent
     proc.wait(timeout=10)
-    wait_for(lambda: not alive(child, None), timeout=10)
+    assert child in workers
+    for pid in workers:  # the busy one and the idle one
+        wait_for(lambda pid=pid: not alive(pid, None), timeout=10)
+
 
 
 @pytest.mark.slow
@@ -143,7 +147,7 @@ def test_cancel_before_start_and_retry_with_a_fresh_budget(project):
     rx = Runex()
     run_id = rx.submit("pipelines/p.toml")
     assert rx.cancel(run_id) == {"run_id": run_id, "cancelled": 2, "running": 0,
-                                 "status": "cancelled"}
+                                 "status": "cancelled", "already_over": False}
     assert rx.huey.dequeue() is not None  # the message is still there, but claims nothing
     drain(rx)
     assert show(rx, run_id)["status"] == "cancelled"
@@ -172,7 +176,7 @@ def test_cancel_stops_a_running_partition_at_its_next_batch(project):
     try:
         wait_for(lambda: running_pid(project))
         result = runex_cli("cancel", run_id, cwd=project, check=True)
-        assert "1 queued partitions cancelled, 1 running will stop" in result.stdout
+        assert "1 queued partition cancelled, 1 running will stop" in result.stdout
         wait_for(lambda: ledger(project, "SELECT status FROM runs")[0][0] == "cancelled")
     finally:
         stop(proc)

@@ -60,7 +60,8 @@ def test_run_exits_1_when_a_partition_fails_and_show_has_the_traceback(project):
     result = runex_cli("run", "pipelines/p.toml", "-w", "2", cwd=project)
     assert result.returncode == 1
     assert "failed in" in result.stdout
-    assert "error: 1 of 5 partitions did not succeed: 2 ([20, 30]): failed" in result.stdout
+    assert ("error: partition 2 ([20, 30]): ZeroDivisionError: boom; 1 of 5 partitions did "
+            "not succeed: 2 ([20, 30]): failed") in result.stdout
     shown = runex_cli("show", "last", cwd=project)
     assert "partition 2 attempt 1 (failed, pid" in shown.stdout
     assert "ZeroDivisionError: boom" in shown.stdout
@@ -68,7 +69,7 @@ def test_run_exits_1_when_a_partition_fails_and_show_has_the_traceback(project):
     with sqlite3.connect(project / "out" / "sq.db") as conn:
         assert conn.execute("SELECT COUNT(*) FROM sq").fetchone() == (40,)
     retried = runex_cli("retry", "last", "--partition", "[20, 30]", cwd=project, check=True)
-    assert retried.stdout.strip() == "re-queued 1 partitions: 2"
+    assert retried.stdout.strip() == "re-queued 1 partition: 2"
     missing = runex_cli("retry", "last", "--partition", "[20, 31]", cwd=project)
     assert missing.returncode == 4 and "has no partition '[20, 31]'" in missing.stderr
 
