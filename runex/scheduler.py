@@ -130,7 +130,7 @@ class Scheduler:
         if active is not None and pipeline.options.overlap != "allow":
             status = "skipped" if pipeline.options.overlap == "skip" else "waiting"
             reason = f"run {active} was still going"
-            log.info(f"schedule.{status}", because=active)
+            log.info(f"schedule.{status}", because=active, reason=reason)
             ledger.record_fire(name, when, status, reason, events=trace.drain())
             return None
         return self._submit(entry, fire_time, ledger.fire_run, log)
