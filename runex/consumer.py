@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from huey.consumer import ConsumerStopped, Worker
+from huey.consumer import ConsumerStopped, Scheduler, Worker
 
 from runex import huey_private, reaper, trace
 from runex.errors import DiskFull
@@ -78,11 +78,24 @@ class RunexWorker(Worker):
         self.delay *= self.backoff
 
 
+class RunexScheduler(Scheduler):
+    """huey's scheduler process (it moves due retries to the queue), with its own queue
+    connection and tied to its consumer, as the workers are."""
+
+    consumer_pid = 0
+
+    def initialize(self) -> None:
+        huey_private.forget_connection(self.huey.storage)
+        die_with_parent(self.consumer_pid)
+        super().initialize()
+
+
 class RunexConsumer(huey_private.ProcessHook):
     """huey's consumer with workers that wake on queue writes, and runex's periodic jobs in
     its main process: the reaper, the scheduler, and a stop condition (burst mode, `run`)."""
 
     worker_class = RunexWorker
+    scheduler_class = RunexScheduler
 
     def __init__(self, huey: Any, jobs: list[tuple[float, Callable[[], Any]]] = (),
                  stop_when: Callable[[], bool] | None = None, check_every: float = 0.05,
@@ -146,10 +159,12 @@ class RunexConsumer(huey_private.ProcessHook):
         super().stop(graceful)
 
     def worker_made(self, process: Any, name: str) -> None:
-        """Give each worker the state and its slot: huey names them Worker-1, Worker-2...
-        and gives a restarted worker the name of the one it replaces."""
+        """Give each worker the state and its slot (huey names them Worker-1, Worker-2...
+        and gives a restarted worker the name of the one it replaces); tell each process,
+        workers and scheduler, whose child it is."""
+        process.consumer_pid = os.getpid()
         if isinstance(process, RunexWorker):
-            process.state, process.consumer_pid = self.state, os.getpid()
+            process.state = self.state
             process.slots, process.slot = self.slots, int(name.rsplit("-", 1)[1]) - 1
 
     def _kill_overdue(self) -> None:

@@ -89,6 +89,7 @@ def test_the_process_hook_names_each_worker_it_makes(tmp_path):
     assert all(w.slots is runner.slots and w.state is runner.state
                for w, _ in runner.worker_threads)
     assert len(runner.slots) == 3 * 2
+    assert all(w.consumer_pid == os.getpid() for w, _ in runner.worker_threads)
 
 
 def test_the_serializer_hook_carries_messages_as_json(tmp_path):
