@@ -5,11 +5,17 @@ and sources and sinks as module-level `DataSourceSpec` and `SinkSpec` instances.
 the whole runtime over one project: submit pipelines, work the queue, read the ledger.
 """
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runex.durable import atomic_write
 from runex.errors import ExtensionError, PipelineError, RunexError
 from runex.registry import DataSourceSpec, Registry, SinkContext, SinkSpec, register_kernel
+
+if TYPE_CHECKING:  # for type checkers; at run time `__getattr__` imports them on first use
+    from runex.app import Runex
+    from runex.extensions import load as load_extensions
+    from runex.pipeline import Pipeline
+    from runex.pipeline import load as load_pipeline
 
 __version__ = "0.1.0"
 __all__ = [

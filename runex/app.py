@@ -3,6 +3,7 @@ layer over it, and so can a user's own script be."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import functools
@@ -13,20 +14,32 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from runex import __version__, consumer, extensions, huey_private, tasks, trace
-from runex.cron import iso
+from runex import __version__, consumer, extensions, huey_private, reaper, tasks, trace
+from runex.cron import iso, parse_time
 from runex.doctor import Finding, examine
-from runex.errors import DiskFull, ExtensionError, NotFound, PipelineError, RunexError
+from runex.durable import make_dirs
+from runex.errors import (
+    DiskFull,
+    ExtensionError,
+    NotFound,
+    PipelineError,
+    RunexError,
+    ScheduleError,
+    StorageError,
+    UsageError,
+)
 from runex.executor import execute
 from runex.finalizer import finalize_run
 from runex.ledger import TERMINAL_RUN, Ledger, NewRun, new_run_id
-from runex.pipeline import Pipeline, Plan, check, load
+from runex.pipeline import Pipeline, Plan, check, load, parse_duration
 from runex.project import Project, chdir, cpu_count, load_profile, open_project
 from runex.registry import Registry
 from runex.reserve import Reserve
 from runex.runs import Run
 from runex.scheduler import DEFAULT_PIPELINES, Scheduler, fire_times
 from runex.worker import WorkerState
+
+REAP_HERE = 2.0  # seconds idle before `work(workers=0)` looks for lost work
 
 
 class Runex:
@@ -68,9 +81,10 @@ class Runex:
         """The extension files that failed to load (the others did)."""
         return list(self.registry.errors)
 
-    def worker_state(self) -> WorkerState:
-        """What worker processes work with, the queue's executor set to use it: made before
-        a consumer forks them, or to run partitions in this process."""
+    def prepare_workers(self) -> WorkerState:
+        """Make what worker processes work with, and set the queue to run partitions with it:
+        before a consumer forks them, or to run partitions (or finalize a run) in this
+        process."""
         state = WorkerState(self.registry, self.ledger, self.huey, self.project.home)
         self.huey.serve(functools.partial(execute, state))
         return state
@@ -78,9 +92,13 @@ class Runex:
     def scheduler(self) -> Scheduler:
         """The project's scheduled pipelines, fired through this `Runex`."""
         self.ensure_trace()
-        return Scheduler(self.project.root,
-                         self.project.config.get("pipelines", DEFAULT_PIPELINES),
-                         self.ledger, self.plan, self._submit)
+        return Scheduler(self.project.root, self.pipeline_files, self.ledger, self.plan,
+                         self._submit)
+
+    @property
+    def pipeline_files(self) -> str:
+        """Where the project's pipeline files are (a glob under its root)."""
+        return self.project.config.get("pipelines", DEFAULT_PIPELINES)
 
     def trace_to_home(self, console: bool | None = None, verbose: bool = False,
                       log_format: str | None = None, log_level: str = "info") -> None:
@@ -140,7 +158,7 @@ class Runex:
             if keys:
                 tasks.enqueue(self.huey, new.id, range(len(keys)), pipe.options.priority)
             else:  # nothing to run: finalized now, like any run (a merge of nothing)
-                finalize_run(self.worker_state(), new.id)
+                finalize_run(self.prepare_workers(), new.id)
         except DiskFull as exc:  # the run is recorded: a consumer queues it again
             self.ledger.sync()
             raise DiskFull(f"{exc}; run {new.id} is recorded, and a consumer queues its "
@@ -188,16 +206,20 @@ class Runex:
             self._extra_extensions, self._registry = extra, None
         count = workers or settings.get("workers") or cpu_count()
         self.ensure_trace(console=None)
-        self._say_started(count, profile)
         self._wait_for_room(wait=not stops)  # a consumer that must not wait raises DiskFull
-        state = self.worker_state()
+        self._say_started(count, profile)
+        state = self.prepare_workers()
         jobs = [(1.0, self.scheduler().tick)] if schedules and not burst else []
         runner = consumer.make(state, count, float(settings.get("max_delay", 0.5)),
                                grace=float(settings.get("grace", 60)),
                                reap_every=float(settings.get("reap_every", 10)), jobs=jobs,
                                stop_when=(lambda: any(f() for f in stops)) if stops else None,
                                stop_on_full=bool(stops))
-        runner.run()
+        try:
+            runner.run()
+        finally:
+            with contextlib.suppress(DiskFull):  # the consumer's own events, to the ledger
+                self.ledger.add_events(trace.drain())
         if runner.disk_full and runner.stop_on_full:
             raise DiskFull(f"{runner.reserve.describe()}; stopped, nothing is lost: what was "
                            "not done is queued, and `runex worker` does it once there is room")
@@ -211,9 +233,8 @@ class Runex:
         reg = self.registry
         log = trace.logger()
         log.info("consumer.started", version=__version__, home=str(self.project.home),
-                 workers=workers, profile=profile or "default",
-                 extensions=len(reg.kernels) + len(reg.sources) + len(reg.sinks),
-                 failed=len(reg.errors))
+                 workers=workers, profile=profile or "default", kernels=len(reg.kernels),
+                 sources=len(reg.sources), sinks=len(reg.sinks), failed_files=len(reg.errors))
         for error in reg.errors:
             log.warning("extension.failed", error=str(error))
 
@@ -299,17 +320,25 @@ class Runex:
         return None
 
     def _work_here(self, done: Callable[[], bool]) -> None:
-        """Take messages off the queue and run them in this process until `done()`."""
+        """Take messages off the queue and run them in this process until `done()`. While
+        there is nothing to take, the reaper looks every REAP_HERE seconds, as a consumer's
+        does: a partition whose worker died, or whose message was lost, is queued again
+        rather than waited for."""
         huey = self.huey
-        self.worker_state()
+        state = self.prepare_workers()
+        reap_at = time.monotonic() + REAP_HERE
         while not done():
             for task in huey.read_schedule(huey_private.now(huey)):  # due retries
                 huey.enqueue(task)
             task = huey.dequeue()
-            if task is None:
-                time.sleep(0.01)  # a retry's delay: nothing else to do here meanwhile
-            else:
+            if task is not None:
                 huey.execute(task)
+                reap_at = time.monotonic() + REAP_HERE
+            elif time.monotonic() >= reap_at:
+                reaper.reap(state, vanished_after=REAP_HERE)
+                reap_at = time.monotonic() + REAP_HERE
+            else:
+                time.sleep(0.01)  # a retry's delay: nothing else to do here meanwhile
 
     def wait(self, ref: str, timeout: float | None = None) -> Run:
         """Block until the run is over (succeeded, failed or cancelled) and return it; raise
@@ -331,14 +360,17 @@ class Runex:
     def backfill(self, pipeline: str | os.PathLike, start: dt.datetime, end: dt.datetime,
                  force: bool = False, wait: bool = False, workers: int | None = None,
                  profile: str | None = None,
-                 on_progress: Callable[[int, int], None] | None = None
+                 on_progress: Callable[[int, int], None] | None = None,
+                 on_fire: Callable[[dict[str, Any]], None] | None = None
                  ) -> list[dict[str, Any]]:
         """One run per fire time of a scheduled pipeline from `start` to `end` (both
         included, not in the future), queued in fire-time order. A fire time whose run
         succeeded, or is still going, is left alone; `force` runs the succeeded ones again.
         With `wait`, work the queue here (as `run` does) until every one of those runs is
-        over; `on_progress(over, total)` is called at each look. Returns, per fire time, its
-        run and whether it was submitted now, with the run's status at the end."""
+        over; `on_progress(over, total)` is called at each look. `on_fire(fire)` is called
+        for each fire time once it is queued or left alone, before any waiting. Returns, per
+        fire time, its run and whether it was submitted now, with the run's status at the
+        end."""
         pipe = load(pipeline)
         now = dt.datetime.now(dt.UTC)
         if end > now:
@@ -352,10 +384,13 @@ class Runex:
             if status in ("queued", "running") or (status == "succeeded" and not force):
                 result.append({"fire_time": when, "run_id": fire["run_id"], "status": status,
                                "submitted": False})
-                continue
-            run_id = self._submit(pipe, fire_time=fire_time, record=self.ledger.refire_run)
-            result.append({"fire_time": when, "run_id": run_id, "status": "queued",
-                           "submitted": True})
+            else:
+                run_id = self._submit(pipe, fire_time=fire_time,
+                                      record=self.ledger.refire_run)
+                result.append({"fire_time": when, "run_id": run_id, "status": "queued",
+                               "submitted": True})
+            if on_fire is not None:
+                on_fire(dict(result[-1]))
         run_ids = [f["run_id"] for f in result]
         if wait and run_ids:
             progress = None if on_progress is None else (lambda: on_progress(
@@ -377,7 +412,7 @@ class Runex:
         trace.logger(run_id=run_id).info("run.cancel_requested")
         done = self.ledger.cancel(run_id, events=trace.drain())
         if done.complete:
-            finalize_run(self.worker_state(), run_id)
+            finalize_run(self.prepare_workers(), run_id)
         self.ledger.sync()
         return {"run_id": run_id, "cancelled": done.cancelled, "running": done.running,
                 "status": self.ledger.run(run_id)["status"], "already_over": False}
@@ -413,10 +448,13 @@ class Runex:
                        "them with their index and key")
 
     def runs(self, limit: int = 20, status: str | None = None, pipeline: str | None = None,
-             since: dt.datetime | None = None) -> list[dict[str, Any]]:
-        """The newest runs (of one `status`, one `pipeline`, created `since`), newest first,
-        each as `runex runs --json` prints it: the run without its partitions, with the
-        `seconds` it took (or so far)."""
+             since: dt.datetime | str | None = None) -> list[dict[str, Any]]:
+        """The newest runs (of one `status`, one `pipeline`, created `since`: a time, or a
+        string such as `2026-11-01`, `2026-11-01T06:00`, or `30m`, `2h`, `7d` back from now),
+        newest first, each as `runex runs --json` prints it: the run without its partitions,
+        with the `seconds` it took (or so far)."""
+        if isinstance(since, str):
+            since = since_time(since)
         rows = self.ledger.runs(limit, status, pipeline, since and since.timestamp())
         for row in rows:
             del row["spec"], row["finalizer"]
@@ -462,9 +500,14 @@ class Runex:
         made while workers run. The queue is not copied: what it held is in the ledger, and
         a consumer queues it again."""
         target = Path(path).absolute()
-        if target.exists() and target.is_dir():
+        if target.is_dir():
             raise RunexError(f"{path} is a folder; give the file to write the backup to")
-        self.ledger.backup(target)
+        try:
+            make_dirs(target.parent)
+            self.ledger.backup(target)
+        except OSError as exc:
+            raise StorageError(f"cannot write the backup {target} ({exc}); check that "
+                               f"{target.parent} is writable and has room") from exc
         runs = self.ledger.runs(1)
         return {"path": str(target), "bytes": target.stat().st_size,
                 "newest_run": runs[0]["id"] if runs else None}
@@ -492,6 +535,20 @@ class Runex:
         spec = json.loads(run.pop("spec"))
         run.pop("finalizer")
         return Run.from_dict({**_with_seconds(run), "spec": spec, "partitions": partitions})
+
+
+def since_time(text: str) -> dt.datetime:
+    """A time (see `cron.parse_time`) or a duration back from now (`30m`, `2h`, `7d`)."""
+    try:
+        return parse_time(text)
+    except ScheduleError:
+        pass
+    try:
+        back = parse_duration(text, "--since")
+    except PipelineError:
+        raise UsageError(f"--since {text!r} is neither a time (2026-11-01, 2026-11-01T06:00) "
+                         "nor a duration back from now (30m, 2h, 7d)") from None
+    return dt.datetime.now(dt.UTC) - dt.timedelta(seconds=back)
 
 
 def _with_seconds(row: dict[str, Any]) -> dict[str, Any]:

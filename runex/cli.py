@@ -56,7 +56,8 @@ def worker_options(fn: Callable) -> Callable:
 
 def log_options(fn: Callable) -> Callable:
     fn = click.option("-q", "--quiet", is_flag=True,
-                      help="No log lines on stderr (traces are still written).")(fn)
+                      help="No log lines on stderr but what must be acted on (a full disk); "
+                           "traces are still written.")(fn)
     fn = click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
                       default="info", show_default=True,
                       help="The least level logged on stderr; debug adds every partition "
@@ -132,7 +133,8 @@ def init(folder: Path) -> None:
         click.echo(f"created {path}")
     if not written:
         click.echo(f"{folder} already has every file of a project; nothing written")
-    click.echo(f"next: cd {folder} && runex run pipelines/example.toml")
+    go = "" if folder.resolve() == Path.cwd().resolve() else f"cd {folder} && "
+    click.echo(f"next: {go}runex run pipelines/example.toml")
 
 
 @cli.command()
@@ -167,7 +169,8 @@ def run(ctx: click.Context, pipeline: str, params: tuple[str, ...], workers: int
     rx = open_runex(home, extension_dirs)
     rx.trace_to_home(console=not quiet, verbose=ctx.obj["verbose"], log_format=log_format,
                      log_level=log_level)
-    report_load_errors(rx, ctx.obj["verbose"])
+    if quiet:  # else the log says so (`extension.failed`)
+        report_load_errors(rx, ctx.obj["verbose"])
     started = time.monotonic()
     progress = Progress() if sys.stderr.isatty() else None
     if progress:  # a log line first clears the bar's line; the bar is drawn again after it
@@ -301,16 +304,21 @@ def backfill(ctx: click.Context, pipeline: str, start: str, end: str | None, for
         raise click.BadParameter(str(exc)) from None
     tty = sys.stderr.isatty()
 
+    def fired(f: dict[str, Any]) -> None:
+        note = "queued" if f["submitted"] else f"left alone: {f['status']}"
+        click.echo(f"{f['fire_time']}  run {f['run_id']}  {note}")
+
     def progress(over: int, total: int) -> None:
         click.echo(f"\r{over}/{total} runs over", nl=False, err=True)
 
+    if tty and not no_wait:  # a log line first clears the progress line
+        from runex.trace import before_each_line
+
+        before_each_line("\r\x1b[K")
     fires = rx.backfill(pipeline, first, last, force, wait=not no_wait, workers=workers,
-                        profile=profile, on_progress=progress if tty else None)
+                        profile=profile, on_progress=progress if tty else None, on_fire=fired)
     if tty and not no_wait and fires:
         click.echo("", err=True)
-    for f in fires:
-        note = "queued" if f["submitted"] else "left alone"
-        click.echo(f"{f['fire_time']}  run {f['run_id']}  {note}: {f['status']}")
     click.echo(f"{sum(f['submitted'] for f in fires)} of {len(fires)} fire times queued")
     if no_wait or not fires:
         return
@@ -332,8 +340,7 @@ def runs(limit: int, status: str | None, pipeline: str | None, since: str | None
          as_json: bool, home: str | None, extension_dirs: tuple[str, ...]) -> None:
     """List runs, newest first: status, partitions, records written, when created and for
     which fire time, how long each took, and the first error of a failed one."""
-    rows = open_runex(home, extension_dirs).runs(limit, status, pipeline,
-                                                 since and since_time(since))
+    rows = open_runex(home, extension_dirs).runs(limit, status, pipeline, since)
     if as_json:
         dump(rows)
         return
@@ -344,24 +351,6 @@ def runs(limit: int, status: str | None, pipeline: str | None, since: str | None
            for r in rows],
           ["RUN", "PIPELINE", "STATUS", "PARTITIONS", "RECORDS OUT", "CREATED", "FIRE TIME",
            "TOOK", "ERROR"])
-
-
-def since_time(text: str) -> datetime.datetime:
-    """`--since`: a time (see `cron.parse_time`) or a duration back from now."""
-    from runex.cron import parse_time
-    from runex.pipeline import parse_duration
-
-    try:
-        return parse_time(text)
-    except errors.ScheduleError:
-        pass
-    try:
-        back = parse_duration(text, "--since")
-    except errors.RunexError:
-        raise click.BadParameter(f"{text!r} is neither a time (2026-11-01, "
-                                 "2026-11-01T06:00) nor a duration (30m, 2h, 7d)",
-                                 param_hint="--since") from None
-    return datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=back)
 
 
 def shorten(text: str | None, width: int = 60) -> str | None:

@@ -12,13 +12,15 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runex import __version__, trace
 from runex.identity import alive, rebooted
 from runex.reserve import Reserve, free_bytes
+from runex.scheduler import scan
 
-Runex = Any  # a `runex.app.Runex` (which imports this module)
+if TYPE_CHECKING:  # for type checkers only: `runex.app` imports this module
+    from runex.app import Runex
 
 LOW_SPACE = 100 << 20  # bytes free under the home below which a warning is given
 BIG_LOG = 64 << 20  # a write-ahead log larger than this has not been checkpointed for long
@@ -43,6 +45,8 @@ def examine(rx: Runex) -> list[Finding]:
         return found  # the rest reads the home
     found += _extensions(rx)
     found += _pipelines(rx)
+    if not rx.project.ledger_path.exists():  # nothing has run: nothing more to read
+        return found
     found += _consumers(rx)
     found += _attempts(rx)
     found += _logs(rx)
@@ -63,9 +67,12 @@ def _home(rx: Runex) -> list[Finding]:
                                         "its owner and permissions")]
     free = free_bytes(home)
     reserve = Reserve(home)
-    if not reserve.ok():
+    if not reserve.ok() and free < 2 * reserve.size:
         return [Finding("home", "fail", (reserve.problem or reserve.describe())
                         + "; consumers take no work until there is room")]
+    if not reserve.ok():
+        return [Finding("home", "warn", f"{home}: the reserve file is missing, with "
+                        f"{free / (1 << 20):,.0f} MiB free; the next consumer makes it again")]
     status = "warn" if free < LOW_SPACE else "ok"
     return [Finding("home", status, f"{home}: writable, {free / (1 << 20):,.0f} MiB free"
                     + ("; free some space before it fills" if status == "warn" else ""))]
@@ -83,7 +90,7 @@ def _extensions(rx: Runex) -> list[Finding]:
 
 
 def _pipelines(rx: Runex) -> list[Finding]:
-    rows = rx.scheduler().scan()
+    rows = scan(rx.project.root, rx.pipeline_files, rx.plan)
     bad = [e for e in rows if e.error]
     found = [Finding("pipelines", "fail", e.error or "") for e in bad]
     scheduled = sum(1 for e in rows if e.schedule is not None)

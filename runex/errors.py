@@ -45,6 +45,12 @@ class ConfigError(RunexError):
     """`runex.toml`, a worker profile or an environment variable is wrong."""
 
 
+class UsageError(RunexError):
+    """A value given on the command line (or to the matching `Runex` method) is malformed."""
+
+    exit_code = EXIT_USAGE
+
+
 class NotFound(RunexError):
     exit_code = EXIT_NOT_FOUND
 

@@ -121,6 +121,7 @@ def run_chunk(state: WorkerState, claims: list[Claim]) -> int:
             sync_outputs(state, outcomes, delays)
             synced = True
     finally:  # a second signal may land anywhere: record what is known
+        state.running.end()  # whatever happened before a partition began
         ran = len(outcomes)
         if not synced:  # output that may not be on disk yet is not recorded as done
             outcomes = [Outcome(o.claim, "interrupted", o.records_in, o.records_out,
@@ -200,12 +201,13 @@ def run_one(state: WorkerState, claim: Claim, cancel: Cancellation, timeout: flo
     plan: Plan | None = None
     state.running.begin(claim, timeout)
     try:
-        try:
-            plan = state.plan(claim.run_id, claim.spec)
-            with deadline(timeout):
+        # The soft limit starts with the hard one: loading the pipeline's code counts too.
+        with deadline(timeout):
+            try:
+                plan = state.plan(claim.run_id, claim.spec)
                 process(plan, claim, stats, cancel)
-        finally:
-            state.running.end()
+            finally:
+                state.running.end()
     except KeyboardInterrupt:
         # The consumer stopped this worker mid-partition: give the partition back.
         log.warning("partition.interrupted", records_in=stats.records_in)

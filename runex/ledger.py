@@ -684,16 +684,15 @@ class Ledger:
             rows = self.conn.execute(
                 "SELECT id FROM runs ORDER BY created_at DESC LIMIT 1").fetchall()
         else:
-            rows = self.conn.execute(
-                "SELECT id FROM runs WHERE id >= ? AND id < ? ORDER BY id LIMIT 2",
-                (ref, ref + "\uffff")).fetchall()
-            if not rows and ref:  # not a prefix: a part (a scan, for what people type)
+            rows = self.conn.execute("SELECT id FROM runs WHERE id = ?", (ref,)).fetchall()
+            if not rows and ref:  # a part of an id: a scan, over what people type
+                part = ref.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
                 rows = self.conn.execute(
-                    "SELECT id FROM runs WHERE instr(id, ?) > 0 ORDER BY id LIMIT 3",
-                    (ref,)).fetchall()
+                    "SELECT id FROM runs WHERE id LIKE ? ESCAPE '\\' ORDER BY id LIMIT 3",
+                    (f"%{part}%",)).fetchall()
         if not rows:
             raise NotFound(f"no run {ref!r} in {self.path}; `runex runs` lists the runs")
-        if len(rows) > 1 and rows[0][0] != ref:
+        if len(rows) > 1:
             shown = ", ".join(r[0] for r in rows[:2])
             raise NotFound(f"{ref!r} is part of more than one run id ({shown}"
                            f"{', ...' if len(rows) > 2 else ''}); give more of the id")
@@ -743,8 +742,7 @@ class Ledger:
 
     def backup(self, path: str | os.PathLike) -> None:
         """A consistent copy of the ledger in `path`, made while others write it, synced."""
-        with self._storage_errors():
-            self.engine.backup(self.conn, path)
+        self.engine.backup(self.conn, path)
 
     def highest_waiting_priority(self) -> int | None:
         """The highest priority of the runs queued or running, if any."""

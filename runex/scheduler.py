@@ -54,29 +54,7 @@ class Scheduler:
 
     def scan(self) -> list[Entry]:
         """Every pipeline file, re-read when its modification time or size changed."""
-        paths = sorted(self.root.glob(self.pattern))
-        for gone in set(self.entries) - set(paths):
-            del self.entries[gone]
-        for path in paths:
-            try:
-                st = path.stat()
-            except OSError:
-                continue
-            stamp = (st.st_mtime_ns, st.st_size)
-            entry = self.entries.get(path)
-            if entry is None or entry.stamp != stamp:
-                self.entries[path] = entry = self._read(path, stamp)
-        return list(self.entries.values())
-
-    def _read(self, path: Path, stamp: tuple[int, int]) -> Entry:
-        entry = Entry(path, stamp)
-        try:
-            pipeline = load(path)  # kept with its {fire_time} placeholders
-            self.check(pipeline)  # against the extensions
-            entry.pipeline, entry.schedule = pipeline, pipeline.schedule
-        except RunexError as exc:
-            entry.error = str(exc)
-        return entry
+        return scan(self.root, self.pattern, self.check, self.entries)
 
     def tick(self, now: dt.datetime | None = None) -> list[str]:
         """Fire what is due at `now`; returns the ids of the runs this call created."""
@@ -176,6 +154,38 @@ class Scheduler:
             if entry.error or entry.schedule is not None:
                 rows.append(row)
         return rows
+
+
+def scan(root: Path, pattern: str, check: Callable[[Pipeline], Any],
+         entries: dict[Path, Entry] | None = None) -> list[Entry]:
+    """The pipeline files matching `pattern` under `root`, each loaded and checked (with
+    `check`), or with its error; `entries` (updated) keeps those read before, read again
+    only when their modification time or size changed."""
+    entries = {} if entries is None else entries
+    paths = sorted(root.glob(pattern))
+    for gone in set(entries) - set(paths):
+        del entries[gone]
+    for path in paths:
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        stamp = (st.st_mtime_ns, st.st_size)
+        entry = entries.get(path)
+        if entry is None or entry.stamp != stamp:
+            entries[path] = _read(path, stamp, check)
+    return list(entries.values())
+
+
+def _read(path: Path, stamp: tuple[int, int], check: Callable[[Pipeline], Any]) -> Entry:
+    entry = Entry(path, stamp)
+    try:
+        pipeline = load(path)  # kept with its {fire_time} placeholders
+        check(pipeline)  # against the extensions
+        entry.pipeline, entry.schedule = pipeline, pipeline.schedule
+    except RunexError as exc:
+        entry.error = str(exc)
+    return entry
 
 
 def fire_times(pipeline: Pipeline, start: dt.datetime, end: dt.datetime) -> list[dt.datetime]:

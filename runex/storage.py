@@ -216,17 +216,24 @@ class SqliteEngine:
 
     @staticmethod
     def backup(conn: sqlite3.Connection, path: str | os.PathLike) -> None:
-        """SQLite's online backup of the ledger into a new file `path` (written beside it,
-        synced, then renamed: a power cut leaves the old file or the whole copy)."""
+        """SQLite's online backup of the ledger into the file `path` (written beside it,
+        synced, then renamed: a power cut leaves the old file or the whole copy). Errors
+        writing the copy are `OSError`s naming it."""
         target = Path(path)
         temp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
         temp.unlink(missing_ok=True)
-        copy = sqlite3.connect(temp)
         try:
-            conn.backup(copy, pages=1024)  # in steps: writers are not held up for long
-            copy.execute("PRAGMA journal_mode=DELETE")  # one file, readable anywhere
-        finally:
-            copy.close()
+            copy = sqlite3.connect(temp)
+            try:
+                # In one step: a copy in steps starts again whenever a worker commits
+                # meanwhile, and may never end. A reader holds no writer up in WAL mode.
+                conn.backup(copy)
+                copy.execute("PRAGMA journal_mode=DELETE")  # one file, readable anywhere
+            finally:
+                copy.close()
+        except sqlite3.Error as exc:
+            temp.unlink(missing_ok=True)
+            raise OSError(str(exc)) from exc
         fsync_path(temp)
         os.replace(temp, target)
         fsync_dir(target.parent)

@@ -35,6 +35,9 @@ _pending: list[tuple[Any, ...]] = []
 _state: dict[str, Any] = {"dir": None, "fd": None, "until": 0.0, "pid": None,
                          "configured": False, "console": False, "before_line": ""}
 
+# A forked process starts with none of its parent's pending events: the parent writes them.
+os.register_at_fork(after_in_child=_pending.clear)
+
 LOG_FORMATS = ("console", "logfmt", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # Events of every partition and step: in the operator's log at `debug` only.
@@ -97,6 +100,9 @@ def _for_operator(log_format: str, log_level: str) -> Callable[..., Any]:
         level = "debug" if event["event"] in CHATTER else method
         if LOG_LEVELS.index(level if level in LOG_LEVELS else "error") >= least:
             line = {k: v for k, v in event.items() if v is not None}
+            if log_format == "logfmt":  # lists and dicts as JSON, not Python's repr
+                line = {k: json.dumps(v, default=str) if isinstance(v, list | dict) else v
+                        for k, v in line.items()}
             if log_format != "json":
                 line.pop("host", None)  # the journal and the terminal know it
                 line.pop("ts", None)

@@ -100,3 +100,20 @@ def test_backup_while_a_worker_runs_is_a_whole_ledger(project):
     copy.project.ensure_home()
     os.replace(project / "copy.db", project / "restored" / "ledger.db")
     assert copy.show(run_id).id == run_id
+
+
+def test_doctor_changes_nothing_in_a_project_that_never_ran(project):
+    work_pipeline(project, stop=20)
+    code, found = findings(project)
+    assert code == 0 and found["home"][0]["status"] == "warn"  # it does not exist yet
+    assert not (project / ".runex").exists()
+
+
+def test_backup_makes_its_folder_and_says_when_it_cannot_write(project):
+    work_pipeline(project, stop=20)
+    rx = Runex()
+    rx.run("pipelines/p.toml", workers=0)
+    assert rx.backup(project / "backups" / "one.db")["newest_run"] == rx.runs(1)[0]["id"]
+    result = runex_cli("backup", "/sys/kernel/ledger.db", cwd=project)
+    assert result.returncode == 5
+    assert "cannot write the backup /sys/kernel/ledger.db" in result.stderr

@@ -83,11 +83,15 @@ def test_the_storage_hook_sees_every_connection_with_runex_pragmas(tmp_path):
 
 
 def test_the_process_hook_names_each_worker_it_makes(tmp_path):
+    from runex.ledger import Ledger
+    from runex.registry import Registry
+    from runex.worker import WorkerState
+
     huey = tasks.make_huey(tmp_path / "queue.db")
-    runner = RunexConsumer(huey, workers=2, worker_type="process")
+    state = WorkerState(Registry(), Ledger(tmp_path / "ledger.db"), huey, tmp_path)
+    runner = RunexConsumer(huey, workers=2, worker_type="process", state=state)
     assert [w.slot for w, _ in runner.worker_threads] == [0, 1]  # Worker-1, Worker-2
-    assert all(w.slots is runner.slots and w.state is runner.state
-               for w, _ in runner.worker_threads)
+    assert all(w.slots is runner.slots and w.state is state for w, _ in runner.worker_threads)
     assert len(runner.slots) == 3 * 2
     assert all(w.consumer_pid == os.getpid() for w, _ in runner.worker_threads)
 

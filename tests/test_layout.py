@@ -27,10 +27,16 @@ def modules() -> dict[str, Path]:
 
 
 def imports(path: Path, known: set[str]) -> set[str]:
-    """Every runex module `path` imports, wherever the import statement is (in a function,
-    under TYPE_CHECKING): `from runex import x` counts as `runex.x` when that is a module."""
+    """Every runex module `path` imports when it runs, wherever the import statement is (in
+    a function too; not the `if TYPE_CHECKING:` blocks, which only type checkers read):
+    `from runex import x` counts as `runex.x` when that is a module."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):  # drop what only type checkers import
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING",
+                                                                   "typing.TYPE_CHECKING"):
+            node.body = []
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name in known}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -158,7 +164,7 @@ def test_small_things_a_person_asked_for(project):
     assert json.loads(runex_cli("runs", "--json", "--since", "2999-01-01", cwd=project,
                                 check=True).stdout) == []
     result = runex_cli("runs", "--since", "yesterday-ish", cwd=project)
-    assert result.returncode == 2 and "is neither a time" in result.stderr
+    assert result.returncode == 2 and "--since 'yesterday-ish' is neither a time" in result.stderr
     ok = json.loads(runex_cli("validate", "p.toml", "--json", cwd=project, check=True).stdout)
     assert ok["ok"] and ok["pipeline"]["source"]["use"] == "range"
     result = runex_cli("validate", "bad.toml", "--json", cwd=project)

@@ -88,9 +88,23 @@ def test_an_older_run_that_ends_after_a_newer_one_fails_and_leaves_the_newer_out
     rx.retry(older.id)
     rx.work(workers=0, burst=True)
     run = rx.show(older.id)
-    assert run.status == "failed" and "a newer run of the pipeline replaced 't'" in run.error
+    assert run.status == "failed" and f"run {newer.id} replaced 't' meanwhile" in run.error
     assert rows("out/o.db", "SELECT run_id FROM _runex_outputs") == [(newer.id,)]
     assert rows("out/o.db", "SELECT COUNT(*) FROM t") == [(30,)]
+
+
+def test_a_replace_without_rows_empties_the_table_and_other_tables_stages_are_kept(project):
+    rx = Runex()
+    pipeline(project, SQLITE + 'mode = "replace"\n', stop=30)
+    rx.run("p.toml", workers=0)
+    other = 'use = "sqlite"\npath = "out/o.db"\ntable = "t_x"\nmode = "replace"\n'
+    pipeline(project, other, stop=20, fail_on=12)
+    rx.run("p.toml", workers=0)  # failed: its stage of t_x is kept, for a retry
+    pipeline(project, SQLITE + 'mode = "replace"\n', stop=0)
+    assert rx.run("p.toml", workers=0).status == "succeeded"
+    assert rows("out/o.db", "SELECT COUNT(*) FROM t") == [(0,)]  # empty, not gone
+    names = [n for (n,) in rows("out/o.db", "SELECT name FROM sqlite_master")]
+    assert any(n.startswith("_runex_stage_t_x_") for n in names)
 
 
 def test_upsert_replaces_rows_with_the_same_key(project):

@@ -29,7 +29,7 @@ def test_a_worker_under_a_pipe_logs_one_line_per_run_finished(project):
     result = runex_cli("worker", "--burst", "-w", "2", cwd=project, check=True)
     log = result.stderr
     [started] = lines(log, "consumer.started")
-    assert "workers=2" in started and "failed=1" in started and "version=" in started
+    assert "workers=2" in started and "failed_files=1" in started and "version=" in started
     [failed] = lines(log, "extension.failed")
     assert "broken.py:1: ModuleNotFoundError" in failed
     finished = lines(log, "run.finished")
@@ -123,5 +123,11 @@ def test_run_goes_ahead_of_queued_work_and_says_what_it_leaves(project):
     [left] = lines(result.stderr, "run.others_queued")
     assert "another run still has" in left and "partitions to do" in left
     rx = Runex()
-    assert rx.show("last").pipeline == "quick"
+    quick = rx.show("last")
+    assert quick.pipeline == "quick" and quick.status == "succeeded"
+    # its partitions went first: no partition of the queued run started before them
+    began = [a["started_at"] for p in rx.show(queued).to_dict()["partitions"]
+             for a in p["attempts"]]
+    assert all(t >= min(a["started_at"] for p in quick.partitions for a in p.attempts)
+               for t in began)
     assert rx.ledger.progress(queued).get("succeeded", 0) < 100  # left for `runex worker`

@@ -77,7 +77,7 @@ def test_a_slow_partition_hands_back_the_rest_of_its_pack(project):
     run_id = rx.submit("pipelines/p.toml")
     rx.huey.flush()
     # partition 0 takes a second; PACK_SLICE is 0.2 s
-    execute(rx.worker_state(), run_id, [0, 1, 2, 3])
+    execute(rx.prepare_workers(), run_id, [0, 1, 2, 3])
     task = rx.huey.dequeue()
     assert task.args == (run_id, [1, 2, 3]) and rx.huey.dequeue() is None
     parts = show(rx, run_id)["partitions"]
@@ -119,7 +119,7 @@ def test_a_stopping_worker_gives_back_what_it_has_not_started(project, at):
     rx = Runex()
     run_id = rx.submit("pipelines/p.toml")
     rx.huey.flush()
-    state = rx.worker_state()
+    state = rx.prepare_workers()
     state.stopping = (project / "stop").exists
     execute(state, run_id, list(range(10)))
     messages = []
@@ -157,7 +157,7 @@ def test_stopping_mid_pack_loses_and_doubles_nothing(project, signals):
         assert ledger(project, "SELECT COUNT(*) FROM partitions WHERE status = 'running'") == [
             (0,)]
         assert ledger(project, "SELECT DISTINCT status FROM attempts") == [("succeeded",)]
-        state = rx.worker_state()
+        state = rx.prepare_workers()
         assert reaper.requeue_vanished(state, older_than=0) == 0  # all are on the queue
     runex_cli("worker", "--burst", "-w", "1", cwd=project, check=True)
     data = show(rx, run_id)

@@ -135,7 +135,7 @@ def test_a_vanished_message_is_requeued(project):
     rx = Runex()
     run_id = rx.submit("pipelines/p.toml")
     rx.huey.storage.flush_queue()  # as if a worker died between dequeue and claim
-    state = rx.worker_state()
+    state = rx.prepare_workers()
     assert reaper.requeue_vanished(state, older_than=0) == 2
     assert reaper.requeue_vanished(state, older_than=0) == 0  # messages are back
     drain(rx)
@@ -278,7 +278,7 @@ def test_a_paused_worker_that_stopped_renewing_its_lease_loses_the_partition(pro
     rx = Runex()
     run_id = rx.submit("pipelines/p.toml")
     claim(rx.ledger, run_id, 0, started=my_start())
-    state = rx.worker_state()
+    state = rx.prepare_workers()
     assert reaper.reap_lost(state) == 0  # alive, lease fresh
     assert reaper.reap_lost(state, now=time.time() + 120) == 1  # alive, lease expired
     attempt = show(rx, run_id)["partitions"][0]["attempts"][0]

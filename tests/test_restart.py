@@ -71,7 +71,7 @@ def test_vanished_messages_are_requeued_at_once_when_no_other_consumer_runs(proj
 def test_another_live_consumer_is_seen_and_one_of_an_earlier_boot_is_not(project):
     work_pipeline(project, stop=10)
     rx = Runex()
-    state = rx.worker_state()
+    state = rx.prepare_workers()
     other = subprocess.Popen(["sleep", "30"])
     try:
         started = process_start(other.pid)
@@ -144,7 +144,7 @@ def test_the_reaper_finalizes_runs_whose_finalizer_is_gone_or_was_itself(project
     process (a full disk stopped it mid-way) is taken up again."""
     work_pipeline(project, stop=20)
     rx = Runex()
-    state = rx.worker_state()
+    state = rx.prepare_workers()
     runs = []
     for finalizer in (f"{trace.HOST}:{os.getpid()}:{my_start()}:an-earlier-boot",
                       holder()):

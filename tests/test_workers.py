@@ -108,8 +108,11 @@ def test_a_broken_extension_is_reported_and_the_others_still_work(project):
     write(project / "extensions" / "broken.py", "import nope_not_installed\n")
     result = runex_cli("run", "pipelines/p.toml", "-w", "1", cwd=project)
     assert result.returncode == 0
-    assert ("warning: extensions/broken.py:1: ModuleNotFoundError: "
-            "No module named 'nope_not_installed'") in result.stderr
+    assert ("event=extension.failed error=\"extensions/broken.py:1: ModuleNotFoundError: "
+            "No module named 'nope_not_installed'\"") in result.stderr
+    quiet = runex_cli("run", "pipelines/p.toml", "-w", "1", "-q", cwd=project)
+    assert quiet.stderr == ("warning: extensions/broken.py:1: ModuleNotFoundError: "
+                            "No module named 'nope_not_installed'\n")
     listing = runex_cli("extensions", cwd=project)
     assert listing.returncode == 3
     assert "kernel  work" in listing.stdout and "extensions/k.py:4" in listing.stdout

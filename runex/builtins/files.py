@@ -310,16 +310,19 @@ def write_csv(ctx, records):
 
 
 def finalize_files(ctx, ext, skip_header):
-    if ctx.params.get("mode") == "replace":
-        swap_in(ctx, ext)
+    """The merged file first, then (replace) the folder swapped in: a merge that fails
+    leaves `path` as it was."""
+    replace = ctx.params.get("mode") == "replace"
+    if replace:
+        check_parts(ctx, ext)
     merge_parts(ctx, ext, skip_header)
+    if replace:
+        swap_in(ctx)
 
 
-def swap_in(ctx, ext):
-    """Make `path` the run's folder: a symbolic link replaced in one rename, then synced."""
-    path = os.path.abspath(ctx.params["path"])
-    runs = f"{path}.runs"
-    mine = os.path.join(runs, ctx.run_id)
+def check_parts(ctx, ext):
+    """Every part of the run is in its folder (a newer run's replace removes an older's)."""
+    mine = parts_folder(ctx)
     missing = [i for i in range(ctx.partition_count)
                if not os.path.exists(part_name(mine, i, ext))]
     if missing:
@@ -327,6 +330,13 @@ def swap_in(ctx, ext):
             f"{len(missing)} of this run's {ctx.partition_count} parts are not in {mine}: a "
             f"newer run of the pipeline replaced {ctx.params['path']} meanwhile and removed "
             "them; run the pipeline again if this one's output is wanted")
+
+
+def swap_in(ctx):
+    """Make `path` the run's folder: a symbolic link replaced in one rename, then synced."""
+    path = os.path.abspath(ctx.params["path"])
+    runs = f"{path}.runs"
+    mine = os.path.join(runs, ctx.run_id)
     make_dirs(mine)  # a run without partitions has an empty folder
     if os.path.isdir(path) and not os.path.islink(path):  # written by an append run
         os.replace(path, os.path.join(runs, f"previous-{time.time():.0f}"))
@@ -340,18 +350,19 @@ def swap_in(ctx, ext):
     # made in one second do not sort by time: their first parts do.)
     began = first_part(mine) or time.time()
     for name in os.listdir(runs):
-        other = first_part(os.path.join(runs, name))
-        if name != ctx.run_id and (name.startswith("previous-") or other is None
-                                   or other <= began):
+        other = first_part(os.path.join(runs, name))  # None: just begun, or gone
+        if name != ctx.run_id and (name.startswith("previous-") or (
+                other is not None and other <= began)):
             shutil.rmtree(os.path.join(runs, name), ignore_errors=True)
 
 
 def first_part(folder):
     """When the first part file in `folder` was written (None: it has none)."""
     times = []
-    for entry in os.scandir(folder):
-        with contextlib.suppress(OSError):
-            times.append(entry.stat().st_mtime)
+    with contextlib.suppress(OSError):  # removed meanwhile by another run's finalize
+        for entry in os.scandir(folder):
+            with contextlib.suppress(OSError):
+                times.append(entry.stat().st_mtime)
     return min(times, default=None)
 
 

@@ -14,8 +14,8 @@ its journal mode as it is (a new file: the rollback journal, a little faster for
   every partition succeeded, that table becomes `table` in one transaction (the old one is
   dropped, with its indexes): readers see the old rows or the new ones, never a mix, and a
   run that fails or is cancelled leaves the table as it was. `_runex_outputs` records which
-  run's rows the table holds. When runs of one pipeline overlap, the one that ends last wins,
-  and an older one still going fails at its end, saying so.
+  run's rows the table holds. When runs of one pipeline overlap, the one that began last
+  wins: an older one that ends after it fails at its end, saying so.
 - `upsert`, with `key = ["column", ...]`: a row whose key is in the table already replaces
   that row (a unique index on the key is made; a table with duplicate keys is refused).
 
@@ -32,6 +32,7 @@ not grow with the partition and the write lock is held only for the final copy.
 import itertools
 import operator
 import os
+import re
 import sqlite3
 import time
 
@@ -325,6 +326,27 @@ OUTPUTS = """CREATE TABLE IF NOT EXISTS _runex_outputs (
     replaced_at REAL NOT NULL)"""
 
 
+def superseded(table, newer=None):
+    who = f"run {newer}" if newer else "a newer run of the pipeline"
+    return (f"{who} replaced {table!r} meanwhile and dropped this run's rows, and the table "
+            "holds that run's output; run the pipeline again if this one's is wanted")
+
+
+def stage_run(table, name):
+    """The run id of `name` if it is a stage table of `table`, else None."""
+    prefix = stage_name(table, "")
+    rest = name[len(prefix):] if name.startswith(prefix) else ""
+    return rest if RUN_ID.fullmatch(rest) else None
+
+
+RUN_ID = re.compile(r"\d{8}-\d{6}-[0-9a-f]{8}")
+
+
+def table_exists(conn, table):
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                        (table,)).fetchone() is not None
+
+
 def first_commit(conn, run_id):
     return conn.execute("SELECT MIN(committed_at) FROM _runex_commits WHERE run_id = ?",
                         (run_id,)).fetchone()[0]
@@ -347,6 +369,9 @@ def finalize_sqlite(ctx):
         if done and done[0] == ctx.run_id:  # finalized before (then stopped: a full disk)
             conn.execute("ROLLBACK")
             return
+        mine = first_commit(conn, ctx.run_id) or time.time()
+        if done and (first_commit(conn, done[0]) or 0) > mine:
+            raise RuntimeError(superseded(table, done[0]))
         names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = "
                                             "'table' AND name LIKE '\\_runex\\_stage\\_%' "
                                             "ESCAPE '\\'")}
@@ -355,22 +380,20 @@ def finalize_sqlite(ctx):
         staged = (conn.execute(f"SELECT COUNT(*) FROM {quote(stage)}").fetchone()[0]
                   if stage in names else 0)
         if staged != committed_rows:
-            raise RuntimeError(
-                f"{staged:,} of the {committed_rows:,} rows this run wrote are in {stage}: a "
-                f"newer run of the pipeline replaced {table!r} meanwhile and dropped this "
-                "run's rows, and the table holds that run's output; run the pipeline again "
-                "if this one's is wanted")
-        conn.execute(f"DROP TABLE IF EXISTS {quote(table)}")
+            raise RuntimeError(f"{staged:,} of the {committed_rows:,} rows this run wrote are "
+                               f"in {stage}: " + superseded(table))
         if stage in names:
+            conn.execute(f"DROP TABLE IF EXISTS {quote(table)}")
             conn.execute(f"ALTER TABLE {quote(stage)} RENAME TO {quote(table)}")
-        # Stages of runs that began before this one: failed, cancelled or superseded. (Run
-        # ids made in one second do not sort by time: their first commits do.)
-        prefix = stage_name(table, "")
-        mine = first_commit(conn, ctx.run_id) or time.time()
+        elif table_exists(conn, table):  # a run without rows: the table stays, empty
+            conn.execute(f"DELETE FROM {quote(table)}")
+        # Stages of this table's runs that began before this one: failed, cancelled or
+        # superseded. (Run ids made in one second do not sort by time: first commits do.)
         for name in names:
-            if name.startswith(prefix) and name != stage:
-                began = first_commit(conn, name[len(prefix):])
-                if began is None or began <= mine:
+            run_id = stage_run(table, name)
+            if run_id and run_id != ctx.run_id:
+                began = first_commit(conn, run_id)
+                if began is not None and began <= mine:
                     conn.execute(f"DROP TABLE {quote(name)}")
         conn.execute("INSERT INTO _runex_outputs (name, run_id, replaced_at) VALUES (?, ?, ?) "
                      "ON CONFLICT (name) DO UPDATE SET run_id = excluded.run_id, "
