@@ -103,8 +103,12 @@ def _for_operator(log_format: str, log_level: str) -> Callable[..., Any]:
             if log_format == "logfmt":  # lists and dicts as JSON, not Python's repr
                 line = {k: json.dumps(v, default=str) if isinstance(v, list | dict) else v
                         for k, v in line.items()}
-            if log_format != "json":
-                line.pop("host", None)  # the journal and the terminal know it
+            if log_format == "console":  # the time first, short: a person reads it
+                line.pop("host", None)  # the terminal knows it
+                line.pop("ts", None)
+                line["timestamp"] = time.strftime("%H:%M:%S", time.localtime(event["ts"]))
+            elif log_format == "logfmt":
+                line.pop("host", None)  # the journal knows it
                 line.pop("ts", None)
                 line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S",
                                               time.localtime(event["ts"])), **line}
