@@ -218,7 +218,9 @@ class Runex:
         try:
             runner.run()
         finally:
-            with contextlib.suppress(DiskFull):  # the consumer's own events, to the ledger
+            # The consumer's own events, to the ledger; not worth an error over the one
+            # that may be on its way out (a full or failing disk).
+            with contextlib.suppress(StorageError):
                 self.ledger.add_events(trace.drain())
         if runner.disk_full and runner.stop_on_full:
             raise DiskFull(f"{runner.reserve.describe()}; stopped, nothing is lost: what was "
