@@ -492,6 +492,33 @@ class Runex:
         `PipelineError` (or `UnknownName`...) saying what is wrong; returns the checked plan."""
         return self.plan(pipeline, params)
 
+    def prune(self, older_than: str | float = "30d", keep_last: int = 0,
+              dry_run: bool = False) -> dict[str, Any]:
+        """Delete what the home keeps of runs that ended more than `older_than` ago (a
+        duration: `30d`, `12h`, or seconds), except the newest `keep_last` runs: their
+        partitions, attempts, events and fires in the ledger, and the trace files of the days
+        before. Runs not over, and the fires a schedule needs, are kept. `dry_run`: count
+        only. Returns the counts, and the trace files removed."""
+        try:
+            seconds = parse_duration(older_than, "--older-than")
+        except PipelineError as exc:
+            raise UsageError(str(exc)) from None
+        before = time.time() - seconds
+        done = self.ledger.prune(before, keep_last, dry_run)
+        files = []
+        traces = self.project.traces_dir
+        last_day = time.strftime("%Y-%m-%d", time.gmtime(before))  # files of whole days only
+        for path in sorted(traces.glob("????-??-??.jsonl")) if traces.exists() else []:
+            if path.stem < last_day:
+                files.append(path.name)
+                if not dry_run:
+                    path.unlink(missing_ok=True)
+        if not dry_run:
+            self.ledger.checkpoint()
+            self.ledger.sync()
+        return {**dataclasses.asdict(done), "trace_files": files, "dry_run": dry_run,
+                "before": iso(dt.datetime.fromtimestamp(before, dt.UTC))}
+
     def doctor(self) -> list[Finding]:
         """What is wrong with this installation: the home, extensions, pipeline files,
         consumers, attempts that lost their worker, storage, the clock (see `runex.doctor`)."""

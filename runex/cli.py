@@ -533,6 +533,32 @@ def doctor(ctx: click.Context, as_json: bool, home: str | None,
 
 
 @cli.command()
+@click.option("--older-than", default="30d", show_default=True,
+              help="Prune runs that ended longer ago than this: 30d, 12h, 90m.")
+@click.option("--keep-last", type=click.IntRange(0), default=0,
+              help="Keep the newest N runs whatever their age.")
+@click.option("--dry-run", is_flag=True, help="Only count what would be deleted.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@project_options
+def prune(older_than: str, keep_last: int, dry_run: bool, as_json: bool, home: str | None,
+          extension_dirs: tuple[str, ...]) -> None:
+    """Delete finished runs older than --older-than from the ledger (with their partitions,
+    attempts, events and fires) and the trace files of those days. Runs not over, and the
+    fires a schedule needs, are kept. Workers may run meanwhile."""
+    rx = open_runex(home, extension_dirs)
+    rx.trace_to_home(console=False)
+    done = rx.prune(older_than, keep_last, dry_run)
+    if as_json:
+        dump(done)
+        return
+    verb = "would delete" if dry_run else "deleted"
+    click.echo(f"{verb} {plural(done['runs'], 'run')} that ended before {done['before']}: "
+               f"{plural(done['partitions'], 'partition')}, "
+               f"{plural(done['attempts'], 'attempt')}, {plural(done['events'], 'event')}, "
+               f"{plural(done['fires'], 'fire')}; {plural(len(done['trace_files']), 'trace file')}")
+
+
+@cli.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 @project_options
 def backup(file: str, home: str | None, extension_dirs: tuple[str, ...]) -> None:

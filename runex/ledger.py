@@ -183,6 +183,17 @@ class Lost:
     complete: bool
 
 
+@dataclass
+class Pruned:
+    """What `Ledger.prune` deleted (or, dry, would delete)."""
+
+    runs: int = 0
+    partitions: int = 0
+    attempts: int = 0
+    events: int = 0
+    fires: int = 0
+
+
 @dataclass(frozen=True)
 class Cancelled:
     """What `Ledger.cancel` did."""
@@ -662,6 +673,55 @@ class Ledger:
                 "WHERE run_id = ? AND status = 'succeeded') "
                 "WHERE id = ?", (status, error, now, now, run_id, run_id, run_id))
             self._insert_events(conn, events)
+
+    def prune(self, before: float, keep_last: int = 0, dry_run: bool = False,
+              batch: int = 100) -> Pruned:
+        """Delete the runs that ended before `before` (not the newest `keep_last` runs),
+        with their partitions, attempts, events and fires, `batch` runs per transaction so
+        that workers wait for none for long. Runs not over are never pruned, nor the newest
+        fire of each pipeline (what its schedule already fired) or a fire still waiting.
+        `dry_run`: count only."""
+        done = Pruned()
+        skip = "" if not keep_last else (
+            " AND id NOT IN (SELECT id FROM runs ORDER BY created_at DESC LIMIT ?)")
+        select = ("SELECT id FROM runs WHERE status IN ('succeeded', 'failed', 'cancelled') "
+                  f"AND COALESCE(finished_at, created_at) < ?{skip} ORDER BY created_at")
+        ids = [r[0] for r in self.conn.execute(select, (before, *([keep_last] if keep_last
+                                                                   else [])))]
+        keep_fires = ("NOT IN (SELECT pipeline || ' ' || MAX(fire_time) FROM fires "
+                      "GROUP BY pipeline) AND status != 'waiting'")
+        for i in range(0, len(ids), batch):
+            chunk = ids[i:i + batch]
+            marks = ", ".join("?" * len(chunk))
+            with self.tx() as conn:
+                counts = [conn.execute(f"SELECT COUNT(*) FROM {table} WHERE run_id IN "
+                                       f"({marks})", chunk).fetchone()[0]
+                          for table in ("partitions", "attempts", "events")]
+                fires = conn.execute(
+                    f"SELECT COUNT(*) FROM fires WHERE run_id IN ({marks}) AND "
+                    f"pipeline || ' ' || fire_time {keep_fires}", chunk).fetchone()[0]
+                if not dry_run:
+                    for table in ("events", "attempts", "partitions"):
+                        conn.execute(f"DELETE FROM {table} WHERE run_id IN ({marks})", chunk)
+                    conn.execute(f"DELETE FROM fires WHERE run_id IN ({marks}) AND "
+                                 f"pipeline || ' ' || fire_time {keep_fires}", chunk)
+                    # A newest fire kept for its schedule no longer names a run.
+                    conn.execute(f"UPDATE fires SET run_id = NULL WHERE run_id IN ({marks})",
+                                 chunk)
+                    conn.execute(f"DELETE FROM runs WHERE id IN ({marks})", chunk)
+            done.runs += len(chunk)
+            done.partitions += counts[0]
+            done.attempts += counts[1]
+            done.events += counts[2]
+            done.fires += fires
+        # Fires without a run (skipped, failed to submit) that are old enough.
+        orphan = (f"FROM fires WHERE run_id IS NULL AND created_at < ? AND "
+                  f"pipeline || ' ' || fire_time {keep_fires}")
+        done.fires += self.conn.execute(f"SELECT COUNT(*) {orphan}", (before,)).fetchone()[0]
+        if not dry_run:
+            with self.tx() as conn:
+                conn.execute(f"DELETE {orphan}", (before,))
+        return done
 
     def add_events(self, events: list[tuple[Any, ...]]) -> None:
         if events:

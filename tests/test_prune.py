@@ -1,0 +1,66 @@
+"""`runex prune`: finished runs older than a cutoff leave every table and the trace files;
+runs not over and the fires a schedule needs stay."""
+
+import json
+import sqlite3
+import time
+
+from runex import Runex
+
+from .conftest import runex_cli, work_pipeline, write
+
+
+def count(db, sql, *args):
+    with sqlite3.connect(db) as conn:
+        return conn.execute(sql, args).fetchone()[0]
+
+
+def test_prune_deletes_old_runs_everywhere_and_keeps_what_is_needed(project):
+    work_pipeline(project, stop=30)
+    rx = Runex()
+    old = [rx.run("pipelines/p.toml", workers=0).id for _ in range(2)]
+    waiting = rx.submit("pipelines/p.toml")  # queued, never run: not over
+    fresh = rx.run("pipelines/p.toml", workers=0).id
+    ledger = project / ".runex" / "ledger.db"
+    now = time.time()
+    with rx.ledger.tx() as conn:  # the old runs ended 40 days ago, the queued one began then
+        conn.execute("UPDATE runs SET finished_at = ?, created_at = ? WHERE id IN (?, ?, ?)",
+                     (now - 40 * 86400, now - 40 * 86400, *old, waiting))
+        # the schedule's fires: an old one, and the newest, both of old runs
+        conn.execute("INSERT INTO fires (pipeline, fire_time, status, run_id, created_at) "
+                     "VALUES ('p', '2026-10-01T00:00:00Z', 'fired', ?, ?), "
+                     "('p', '2026-10-02T00:00:00Z', 'fired', ?, ?)",
+                     (old[0], now - 40 * 86400, old[1], now - 40 * 86400))
+    traces = project / ".runex" / "traces"
+    write(traces / "2026-10-01.jsonl", '{"event": "x"}\n')
+    today = sorted(traces.glob("*.jsonl"))[-1].name
+
+    dry = json.loads(runex_cli("prune", "--dry-run", "--json", cwd=project, check=True).stdout)
+    assert dry["runs"] == 2 and dry["partitions"] == 6 and dry["fires"] == 1
+    assert dry["trace_files"] == ["2026-10-01.jsonl"]
+    assert count(ledger, "SELECT COUNT(*) FROM runs") == 4  # nothing deleted
+
+    result = runex_cli("prune", cwd=project, check=True)
+    assert result.stdout.startswith("deleted 2 runs that ended before ")
+    for table in ("partitions", "attempts", "events"):
+        assert count(ledger, f"SELECT COUNT(*) FROM {table} WHERE run_id IN (?, ?)",
+                     *old) == 0, table
+    assert {r["id"] for r in rx.runs()} == {waiting, fresh}
+    # the newest fire stays (the schedule must know it fired), without its run
+    assert count(ledger, "SELECT COUNT(*) FROM fires") == 1
+    assert count(ledger, "SELECT run_id IS NULL FROM fires WHERE fire_time = "
+                         "'2026-10-02T00:00:00Z'") == 1
+    assert rx.ledger.last_fire("p") == "2026-10-02T00:00:00Z"
+    assert sorted(p.name for p in traces.glob("*.jsonl")) == [today]
+    assert rx.show(fresh).status == "succeeded" and rx.show(waiting).status == "queued"
+
+
+def test_keep_last_and_bad_durations(project):
+    work_pipeline(project, stop=10)
+    rx = Runex()
+    ids = [rx.run("pipelines/p.toml", workers=0).id for _ in range(3)]
+    time.sleep(0.01)
+    done = rx.prune(older_than="0s", keep_last=1)
+    assert done["runs"] == 2 and [r["id"] for r in rx.runs()] == [ids[-1]]
+    result = runex_cli("prune", "--older-than", "soon", cwd=project)
+    assert result.returncode == 2 and "'soon' is not a duration" in result.stderr
