@@ -282,7 +282,7 @@ class Runex:
         run_id = self.submit(pipeline)
         started = time.time()
         progress = None if on_progress is None else (
-            lambda: on_progress(self.ledger.progress(run_id)))
+            lambda over: on_progress(self.ledger.progress(run_id)))
         try:
             runner = self._work_until_over([run_id], workers, profile, progress)
         except DiskFull as exc:
@@ -307,15 +307,16 @@ class Runex:
                              "runs them")
 
     def _work_until_over(self, run_ids: list[str], workers: int | None, profile: str | None,
-                         progress: Callable[[], None] | None = None
+                         progress: Callable[[int], None] | None = None
                          ) -> consumer.RunexConsumer | None:
         """Work the queue here until every run of `run_ids` is over: with worker processes,
-        or (`workers=0`) in this process. `progress()` is called at each look. Returns the
-        consumer that ran, if any."""
+        or (`workers=0`) in this process. `progress(runs over)` is called at each look.
+        Returns the consumer that ran, if any."""
         def over() -> bool:
+            done = sum(self.ledger.run(r)["status"] in TERMINAL_RUN for r in run_ids)
             if progress is not None:
-                progress()
-            return all(self.ledger.run(r)["status"] in TERMINAL_RUN for r in run_ids)
+                progress(done)
+            return done == len(run_ids)
 
         if workers == 0 or not over():
             return self.work(workers, profile, until=over, schedules=False)
@@ -395,9 +396,8 @@ class Runex:
                 on_fire(dict(result[-1]))
         run_ids = [f["run_id"] for f in result]
         if wait and run_ids:
-            progress = None if on_progress is None else (lambda: on_progress(
-                sum(self.ledger.run(r)["status"] in TERMINAL_RUN for r in run_ids),
-                len(run_ids)))
+            progress = None if on_progress is None else (
+                lambda over: on_progress(over, len(run_ids)))
             self._work_until_over(run_ids, workers, profile, progress)
         for f in result:
             f["status"] = self.ledger.run(f["run_id"])["status"]

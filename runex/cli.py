@@ -96,9 +96,10 @@ def table(rows: list[list[Any]], headers: list[str]) -> None:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
-def report_load_errors(rx: Runex, verbose: bool) -> None:
+def report_load_errors(rx: Runex, verbose: bool, label: str = "warning",
+                       color: str = "yellow") -> None:
     for error in rx.load_errors:
-        click.secho(f"warning: {error}", fg="yellow", err=True)
+        click.secho(f"{label}: {error}", fg=color, err=True)
         if verbose and getattr(error, "traceback", None):
             click.echo(error.traceback, err=True)
 
@@ -476,10 +477,7 @@ def extensions(ctx: click.Context, as_json: bool, home: str | None,
         return
     table([[i["kind"], i["name"] + (" (batch)" if i.get("batch") else ""), i["origin"]]
            for i in data["extensions"]], ["KIND", "NAME", "DEFINED AT"])
-    for error in rx.load_errors:
-        click.secho(f"error: {error}", fg="red", err=True)
-        if ctx.obj["verbose"] and getattr(error, "traceback", None):
-            click.echo(error.traceback, err=True)
+    report_load_errors(rx, ctx.obj["verbose"], "error", "red")
     if data["errors"]:
         ctx.exit(errors.EXIT_INVALID)
 

@@ -28,14 +28,16 @@ from runex.worker import Running, WorkerState
 DISK_CHECK = 1.0  # seconds between looks at the home's reserve (a stat) while it is full
 
 
-def die_with_parent(parent: int) -> None:
-    """On Linux, have the kernel SIGKILL this worker when its consumer (pid `parent`) dies,
-    so that a killed consumer leaves no orphan consuming the queue (the reaper recovers what
-    it held)."""
+def start_child(huey: Any, consumer: int) -> None:
+    """First thing in a process the consumer (pid `consumer`) forked, worker or scheduler:
+    its own queue connection (never the parent's), and, on Linux, a SIGKILL from the kernel
+    when the consumer dies, so that a killed consumer leaves no orphan consuming the queue
+    (the reaper recovers what it held)."""
+    huey_private.forget_connection(huey.storage)
     if not sys.platform.startswith("linux"):
         return
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the consumer died before prctl took effect
+    if os.getppid() != consumer:  # the consumer died before prctl took effect
         os._exit(1)
 
 
@@ -51,8 +53,7 @@ class RunexWorker(Worker):
     def initialize(self) -> None:
         """In the new worker process, first: its own queue connection, and its stop flag and
         timeout slot in the state it works with."""
-        huey_private.forget_connection(self.huey.storage)
-        die_with_parent(self.consumer_pid)
+        start_child(self.huey, self.consumer_pid)
         super().initialize()
         self.watch = self.huey.storage.watch()
         self.stop_fd = huey_private.stop_fd(self.stop_flag)
@@ -85,8 +86,7 @@ class RunexScheduler(Scheduler):
     consumer_pid = 0
 
     def initialize(self) -> None:
-        huey_private.forget_connection(self.huey.storage)
-        die_with_parent(self.consumer_pid)
+        start_child(self.huey, self.consumer_pid)
         super().initialize()
 
 

@@ -693,7 +693,8 @@ class Ledger:
         for i in range(0, len(ids), batch):
             chunk = ids[i:i + batch]
             marks = ", ".join("?" * len(chunk))
-            with self.tx() as conn:
+            # A dry run only reads: no write lock for it.
+            with contextlib.nullcontext(self.conn) if dry_run else self.tx() as conn:
                 counts = [conn.execute(f"SELECT COUNT(*) FROM {table} WHERE run_id IN "
                                        f"({marks})", chunk).fetchone()[0]
                           for table in ("partitions", "attempts", "events")]

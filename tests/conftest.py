@@ -108,6 +108,23 @@ def work_pipeline(project: Path, stop: int, size: int = 10, options: str = "",
                  f"[options]\n{options}\n")
 
 
+def hanging_project(root: Path) -> Path:
+    """A project whose p.toml has 2 partitions, each sleeping 30 s in its kernel: what a
+    Ctrl-C test interrupts."""
+    write(root / "runex.toml", 'extensions = ["extensions"]\n')
+    write(root / "extensions" / "slow.py", """
+        import time
+        from runex import register_kernel
+
+        @register_kernel("slow")
+        def slow(record):
+            time.sleep(30)
+            return record
+    """)
+    return write(root / "p.toml", '[source]\nuse = "range"\nstop = 2\nsize = 1\n\n'
+                                  '[[steps]]\nuse = "slow"\n\n[sink]\nuse = "null"\n')
+
+
 def drain(rx: Runex, timeout: float = 30) -> None:
     """Work the queue in this process, without a consumer, until nothing is left to do
     (retries included: tests give them a tiny retry_delay)."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import require, runex_cli, write
+from .conftest import hanging_project, require, runex_cli, write
 
 PAD = """
     from runex import register_kernel
@@ -202,18 +202,7 @@ def test_sigterm_stops_a_consumer_whose_partitions_keep_failing(tmp_path):
 @pytest.mark.slow
 def test_a_second_ctrl_c_of_run_exits_at_once_with_one_line(tmp_path):
     root = tmp_path / "project"
-    write(root / "runex.toml", 'extensions = ["extensions"]\n')
-    write(root / "extensions" / "k.py", """
-        import time
-        from runex import register_kernel
-
-        @register_kernel("slow")
-        def slow(record):
-            time.sleep(30)
-            return record
-    """)
-    write(root / "p.toml", '[source]\nuse = "range"\nstop = 2\nsize = 1\n\n[[steps]]\n'
-                           'use = "slow"\n\n[sink]\nuse = "null"\n')
+    hanging_project(root)
     proc = subprocess.Popen([sys.executable, "-m", "runex", "run", "p.toml", "-w", "2"],
                             cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ledger = root / ".runex" / "ledger.db"

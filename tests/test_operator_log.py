@@ -13,7 +13,7 @@ import pytest
 
 from runex import Runex
 
-from .conftest import runex_cli, work_pipeline, write
+from .conftest import hanging_project, runex_cli, work_pipeline, write
 
 
 def lines(text: str, event: str) -> list[str]:
@@ -73,17 +73,7 @@ def read_until(fd: int, wanted: str, timeout: float = 30) -> str:
 
 @pytest.mark.slow
 def test_ctrl_c_on_a_terminal_says_what_it_finishes_and_a_second_stops_at_once(project):
-    write(project / "extensions" / "slow.py", """
-        import time
-        from runex import register_kernel
-
-        @register_kernel("slow")
-        def slow(record):
-            time.sleep(30)
-            return record
-    """)
-    write(project / "p.toml", '[source]\nuse = "range"\nstop = 2\nsize = 1\n\n'
-                              '[[steps]]\nuse = "slow"\n\n[sink]\nuse = "null"\n')
+    hanging_project(project)
     master, slave = pty.openpty()
     proc = subprocess.Popen([sys.executable, "-m", "runex", "run", "p.toml", "-w", "1"],
                             cwd=project, stdin=slave, stdout=slave, stderr=slave,
