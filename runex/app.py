@@ -10,7 +10,7 @@ import functools
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,11 @@ from runex.reserve import Reserve
 from runex.runs import Run
 from runex.scheduler import DEFAULT_PIPELINES, Scheduler, fire_times
 from runex.worker import WorkerState
+
+# Consumers prune finished runs (`retain` in runex.toml) as often as they reap, at most
+# RETAIN_RUNS runs and about RETAIN_ROWS partitions each time: a step of a second or so.
+RETAIN_RUNS = 100
+RETAIN_ROWS = 20_000
 
 REAP_HERE = 2.0  # seconds idle before `work(workers=0)` looks for lost work
 
@@ -143,20 +148,18 @@ class Runex:
         plan = self.plan(pipeline, params, fire_time)
         pipe = plan.pipeline
         self.ensure_trace()
-        keys = self._partition_keys(plan)
         new = NewRun(new_run_id(), pipe.name, pipe.to_dict(), str(self.project.root),
-                     pipe.options.priority, keys, iso(fire_time) if fire_time else None)
-        if record is None:
-            self.ledger.create_run(new)
-        elif not record(new):
+                     pipe.options.priority, self._partition_keys(plan),
+                     iso(fire_time) if fire_time else None)
+        count = self.ledger.create_run(new) if record is None else record(new)
+        if count is None:
             return None
-        trace.logger(run_id=new.id, pipeline=pipe.name).info(
-            "run.submitted", partitions=len(keys), source=pipe.source.use, sink=pipe.sink.use,
+        trace.logger(run_id=new.id, pipeline=pipe.name).debug(
+            "run.submitted", partitions=count, source=pipe.source.use, sink=pipe.sink.use,
             scheduled_for=new.scheduled_for)
-        self.ledger.add_events(trace.drain())
         try:
-            if keys:
-                tasks.enqueue(self.huey, new.id, range(len(keys)), pipe.options.priority)
+            if count:
+                tasks.enqueue(self.huey, new.id, range(count), pipe.options.priority)
             else:  # nothing to run: finalized now, like any run (a merge of nothing)
                 finalize_run(self.prepare_workers(), new.id)
         except DiskFull as exc:  # the run is recorded: a consumer queues it again
@@ -166,25 +169,34 @@ class Runex:
         self.ledger.sync()  # on disk before its id is returned (and printed)
         return new.id
 
-    def _partition_keys(self, plan: Plan) -> list[Any]:
+    def _partition_keys(self, plan: Plan) -> Iterator[str]:
+        """The source's partition keys as JSON text, as the source lists them (a list of a
+        million is never held); a key that is not JSON-able, or a failing source, raises
+        `PipelineError` as they come, and the run is not recorded."""
         where = plan.pipeline.path or plan.pipeline.name
         if plan.source_partitions is None:
-            return [None]
+            yield "null"
+            return
+        source = plan.pipeline.source.use
         try:
             with chdir(self.project.root):
-                keys = list(plan.source_partitions(**plan.source_partitions_params))
+                keys = iter(plan.source_partitions(**plan.source_partitions_params))
+                while True:
+                    try:
+                        key = next(keys)
+                    except StopIteration:
+                        return
+                    try:
+                        yield json.dumps(key)
+                    except (TypeError, ValueError):
+                        raise PipelineError(
+                            f"{where}: source {source!r} returned a partition key that is not "
+                            f"JSON-able: {key!r}; use strings, numbers, lists or dicts") from None
+        except PipelineError:
+            raise
         except Exception as exc:  # noqa: BLE001 - user code: report, store nothing
-            raise PipelineError(f"{where}: source {plan.pipeline.source.use!r} could not list "
-                                f"its partitions: {type(exc).__name__}: {exc}") from exc
-        for key in keys:
-            try:
-                json.dumps(key)
-            except (TypeError, ValueError):
-                raise PipelineError(
-                    f"{where}: source {plan.pipeline.source.use!r} returned a partition key "
-                    f"that is not JSON-able: {key!r}; use strings, numbers, lists or dicts"
-                ) from None
-        return keys
+            raise PipelineError(f"{where}: source {source!r} could not list its partitions: "
+                                f"{type(exc).__name__}: {exc}") from exc
 
     def work(self, workers: int | None = None, profile: str | None = None, burst: bool = False,
              until: Callable[[], bool] | None = None,
@@ -209,19 +221,17 @@ class Runex:
         self._wait_for_room(wait=not stops)  # a consumer that must not wait raises DiskFull
         self._say_started(count, profile)
         state = self.prepare_workers()
+        reap_every = float(settings.get("reap_every", 10))
         jobs = [(1.0, self.scheduler().tick)] if schedules and not burst else []
+        jobs.append((reap_every, self._retain))
         runner = consumer.make(state, count, float(settings.get("max_delay", 0.5)),
                                grace=float(settings.get("grace", 60)),
-                               reap_every=float(settings.get("reap_every", 10)), jobs=jobs,
+                               reap_every=reap_every, jobs=jobs,
                                stop_when=(lambda: any(f() for f in stops)) if stops else None,
                                stop_on_full=bool(stops))
-        try:
-            runner.run()
-        finally:
-            # The consumer's own events, to the ledger; not worth an error over the one
-            # that may be on its way out (a full or failing disk).
-            with contextlib.suppress(StorageError):
-                self.ledger.add_events(trace.drain())
+        runner.run()
+        with contextlib.suppress(StorageError):  # done: the log back to its small size
+            self.ledger.reclaim()
         if runner.disk_full and runner.stop_on_full:
             raise DiskFull(f"{runner.reserve.describe()}; stopped, nothing is lost: what was "
                            "not done is queued, and `runex worker` does it once there is room")
@@ -412,7 +422,7 @@ class Runex:
             return {"run_id": run_id, "cancelled": 0, "running": 0, "status": status,
                     "already_over": True}
         trace.logger(run_id=run_id).info("run.cancel_requested")
-        done = self.ledger.cancel(run_id, events=trace.drain())
+        done = self.ledger.cancel(run_id)
         if done.complete:
             finalize_run(self.prepare_workers(), run_id)
         self.ledger.sync()
@@ -433,7 +443,6 @@ class Runex:
                            + ("" if partition is None else f" with index {partition}"))
         trace.logger(run_id=run["id"], pipeline=run["pipeline"]).info(
             "run.retried", partitions=indexes)
-        self.ledger.add_events(trace.drain())
         tasks.enqueue(self.huey, run["id"], indexes, run["priority"])
         self.ledger.sync()
         return indexes
@@ -464,8 +473,54 @@ class Runex:
         return rows
 
     def trace(self, ref: str) -> list[dict[str, Any]]:
-        """The trace events of a run, in time order (each a dict with `ts` and `event`)."""
-        return [json.loads(e["data"]) for e in self.ledger.events(self.ledger.resolve_run_id(ref))]
+        """The trace events of a run, in time order (each a dict with `ts` and `event`): those
+        of the trace files, and those that the ledger's rows hold (`trace.ROW_FACTS`: the run
+        submitted, started and finished, each attempt claimed and committed)."""
+        run = self.ledger.run(self.ledger.resolve_run_id(ref))
+        # (files written before runex kept each fact once hold the rows' events too)
+        events = [e for e in trace.read(self.project.traces_dir, run["id"], run["created_at"],
+                                        run["finished_at"] or time.time())
+                  if e["event"] not in trace.ROW_FACTS]
+        events += self._row_events(run)
+        events.sort(key=lambda e: e["ts"])
+        return events
+
+    def _row_events(self, run: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """The events of `trace.ROW_FACTS` that a run's rows in the ledger tell."""
+        base = {"run_id": run["id"], "pipeline": run["pipeline"]}
+        spec = json.loads(run["spec"])
+        yield {"ts": run["created_at"], "event": "run.submitted", "level": "info", **base,
+               "partitions": run["partition_count"], "scheduled_for": run["scheduled_for"]}
+        if run["started_at"] is not None:
+            yield {"ts": run["started_at"], "event": "run.started", "level": "info", **base,
+                   "partitions": run["partition_count"]}
+        after = -1
+        while page := self.ledger.partitions(run["id"], after, limit=1000):
+            keys = {p["idx"]: json.loads(p["key"]) for p in page}
+            after = page[-1]["idx"]
+            for a in self.ledger.attempts(run["id"], list(keys)):
+                where = {**base, "partition": keys[a["idx"]], "partition_index": a["idx"],
+                         "attempt": a["attempt"], "pid": a["pid"], "host": a["host"]}
+                yield {"ts": a["started_at"], "event": "partition.claimed", "level": "info",
+                       **where}
+                for i, step in enumerate(_steps(a["steps"], spec)):
+                    yield {"ts": a["finished_at"], "event": "step.finished", "level": "info",
+                           **where, "step": i, **step}
+                if a["status"] == "succeeded":
+                    yield {"ts": a["finished_at"], "event": "partition.committed",
+                           "level": "info", **where, "records_in": a["records_in"],
+                           "records_out": a["records_out"],
+                           "seconds": round(a["finished_at"] - a["started_at"], 4)}
+        if run["status"] in TERMINAL_RUN:
+            counts = self.ledger.progress(run["id"])
+            yield {"ts": run["finished_at"], "event": "run.finished",
+                   "level": "info" if run["status"] == "succeeded" else "warning", **base,
+                   "status": run["status"], "partitions": run["partition_count"],
+                   "failed": run["partition_count"] - counts.get("succeeded", 0),
+                   "records_in": run["records_in"], "records_out": run["records_out"],
+                   "seconds": round(run["finished_at"] - (run["started_at"]
+                                                          or run["created_at"]), 3),
+                   "error": run["error"]}
 
     def schedules(self, now: dt.datetime | None = None) -> list[dict[str, Any]]:
         """Each pipeline file with a schedule: its next fire times, its last fire and that
@@ -505,19 +560,39 @@ class Runex:
             raise UsageError(str(exc)) from None
         before = time.time() - seconds
         done = self.ledger.prune(before, keep_last, dry_run)
+        files = self._prune_trace_files(before, dry_run)
+        if not dry_run:
+            self.ledger.sync()
+        return {**dataclasses.asdict(done), "trace_files": files, "dry_run": dry_run,
+                "before": iso(dt.datetime.fromtimestamp(before, dt.UTC))}
+
+    def _prune_trace_files(self, before: float, dry_run: bool = False) -> list[str]:
+        """Delete the trace files of the whole days before `before`; returns their names."""
         files = []
         traces = self.project.traces_dir
-        last_day = time.strftime("%Y-%m-%d", time.gmtime(before))  # files of whole days only
+        last_day = time.strftime("%Y-%m-%d", time.gmtime(before))
         for path in sorted(traces.glob("????-??-??.jsonl")) if traces.exists() else []:
             if path.stem < last_day:
                 files.append(path.name)
                 if not dry_run:
                     path.unlink(missing_ok=True)
-        if not dry_run:
-            self.ledger.checkpoint()
-            self.ledger.sync()
-        return {**dataclasses.asdict(done), "trace_files": files, "dry_run": dry_run,
-                "before": iso(dt.datetime.fromtimestamp(before, dt.UTC))}
+        return files
+
+    def _retain(self) -> None:
+        """What every consumer does as often as it reaps: prune the finished runs that
+        `retain` and `retain_runs` (runex.toml) let go, a small step at a time (the next look
+        goes on), and their days' trace files; once nothing is queued or running, give the
+        space back and cut the write-ahead logs back."""
+        seconds, runs = self.project.retention
+        before = None if seconds is None else time.time() - seconds
+        done = self.ledger.prune(before, beyond=runs, runs=RETAIN_RUNS, budget=RETAIN_ROWS)
+        if done.runs:
+            trace.logger().debug("ledger.pruned", **dataclasses.asdict(done))
+        if before is not None:
+            self._prune_trace_files(before)
+        if self.ledger.unfinished_partitions() == 0:
+            self.ledger.reclaim()
+            self.huey.storage.truncate_log()
 
     def doctor(self) -> list[Finding]:
         """What is wrong with this installation: the home, extensions, pipeline files,
@@ -542,28 +617,31 @@ class Runex:
                 "newest_run": runs[0]["id"] if runs else None}
 
     def show(self, ref: str) -> Run:
-        """A run with its partitions and their attempts; `to_dict()` is what `runex show
+        """A run, with counts of its partitions by status; its `partitions`, with their
+        attempts, are read from the ledger as they are used. `to_dict()` is what `runex show
         --json` prints."""
         run = self.ledger.run(self.ledger.resolve_run_id(ref))
-        attempts: dict[int, list[dict[str, Any]]] = {}
-        for a in self.ledger.attempts(run["id"]):
-            attempts.setdefault(a.pop("idx"), []).append(_with_seconds(a))
-            del a["run_id"]
-        partitions = []
-        for p in self.ledger.partitions(run["id"]):
-            partitions.append({
-                "index": p["idx"], "key": json.loads(p["key"]), "status": p["status"],
-                "attempts": attempts.get(p["idx"], []), "records_in": p["records_in"],
-                "records_out": p["records_out"], "error": p["error"],
-                "seconds": _with_seconds(dict(p))["seconds"],
-            })
-        if run["records_in"] is None:  # not over: what is committed so far
-            done = [p for p in partitions if p["status"] == "succeeded"]
-            run["records_in"] = sum(p["records_in"] or 0 for p in done)
-            run["records_out"] = sum(p["records_out"] or 0 for p in done)
+        run_id = run["id"]
         spec = json.loads(run.pop("spec"))
         run.pop("finalizer")
-        return Run.from_dict({**_with_seconds(run), "spec": spec, "partitions": partitions})
+        run["counts"] = self.ledger.progress(run_id)
+
+        def fetch(after: int = -1, limit: int | None = None, status: str | None = None,
+                  unsettled: bool = False) -> list[dict[str, Any]]:
+            rows = self.ledger.partitions(run_id, after, limit, status, unsettled)
+            if not rows:
+                return []
+            attempts: dict[int, list[dict[str, Any]]] = {}
+            for a in self.ledger.attempts(run_id, [p["idx"] for p in rows]):
+                attempts.setdefault(a.pop("idx"), []).append(_with_seconds(a))
+                a["steps"] = _steps(a["steps"], spec)
+                del a["run_id"]
+            return [{"index": p["idx"], "key": json.loads(p["key"]), "status": p["status"],
+                     "attempts": attempts.get(p["idx"], []), "records_in": p["records_in"],
+                     "records_out": p["records_out"], "error": p["error"],
+                     "seconds": _with_seconds(p)["seconds"]} for p in rows]
+
+        return Run.from_ledger({**_with_seconds(run), "spec": spec}, fetch)
 
 
 def since_time(text: str) -> dt.datetime:
@@ -578,6 +656,14 @@ def since_time(text: str) -> dt.datetime:
         raise UsageError(f"--since {text!r} is neither a time (2026-11-01, 2026-11-01T06:00) "
                          "nor a duration back from now (30m, 2h, 7d)") from None
     return dt.datetime.now(dt.UTC) - dt.timedelta(seconds=back)
+
+
+def _steps(stored: str | None, spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """An attempt's steps, as its row keeps them, with their kernels' names."""
+    kernels = [step.get("use") for step in spec.get("steps", [])]
+    return [{"kernel": kernels[i] if i < len(kernels) else None, "records_in": n_in,
+             "records_out": n_out, "seconds": seconds}
+            for i, (n_in, n_out, seconds) in enumerate(json.loads(stored) if stored else [])]
 
 
 def _with_seconds(row: dict[str, Any]) -> dict[str, Any]:

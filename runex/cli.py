@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import datetime
 import gc
+import itertools
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
 from runex import errors
+from runex.runs import PARTITION_STATUSES
 from runex.runs import TERMINAL as TERMINAL_RUN
 
 if TYPE_CHECKING:
@@ -183,7 +185,7 @@ def run(ctx: click.Context, pipeline: str, params: tuple[str, ...], workers: int
     finally:  # an error (a full disk) is printed below the bar, not over it
         if progress:
             progress.done()
-    print_summary(result.to_dict(), time.monotonic() - started)
+    print_summary(result.summary(), time.monotonic() - started)
     if not result.over:
         click.echo(f"interrupted: the run goes on with `runex worker`; "
                    f"`runex show {result.id}` tells how far it got", err=True)
@@ -215,9 +217,7 @@ class Progress:
 
 
 def print_summary(run: dict[str, Any], seconds: float) -> None:
-    parts: dict[str, int] = {}
-    for p in run["partitions"]:
-        parts[p["status"]] = parts.get(p["status"], 0) + 1
+    parts = run["counts"]
     color = {"succeeded": "green", "failed": "red"}.get(run["status"], "yellow")
     click.echo(f"run {run['id']} ({run['pipeline']}): "
                + click.style(run["status"], fg=color) + f" in {seconds:.2f}s")
@@ -361,25 +361,46 @@ def shorten(text: str | None, width: int = 60) -> str | None:
     return line if len(line) <= width else line[:width - 1] + "…"
 
 
+SHOWN = 50  # partitions listed by `runex show` without --partitions: all of a run this small
+
+
 @cli.command()
 @click.argument("run_ref", metavar="RUN")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--partitions", "listed", is_flag=True,
+              help=f"List every partition (by default: all of a run of up to {SHOWN}, else "
+                   "those that did not succeed, up to 20).")
+@click.option("--status", type=click.Choice(PARTITION_STATUSES),
+              help="List only the partitions with this status.")
+@click.option("--after", type=int, default=-1, metavar="INDEX",
+              help="List from the partition after this index: the next page.")
+@click.option("--limit", type=click.IntRange(1), help="List at most this many partitions.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print JSON: the run and its partitions (all, unless filtered), streamed.")
 @project_options
 @click.pass_context
-def show(ctx: click.Context, run_ref: str, as_json: bool, home: str | None,
+def show(ctx: click.Context, run_ref: str, listed: bool, status: str | None, after: int,
+         limit: int | None, as_json: bool, home: str | None,
          extension_dirs: tuple[str, ...]) -> None:
-    """Show a run: status, partitions with their attempts, errors with tracebacks.
+    """Show a run: status, counts of partitions by status, partitions with their attempts,
+    errors with tracebacks. A run of a million partitions answers at once: its partitions
+    are listed only when asked, a page at a time.
 
     RUN is a run id, a unique prefix of one, or `last`."""
-    rx = open_runex(home, extension_dirs)
-    data = rx.show(run_ref).to_dict()
-    if as_json:
-        dump(data)
+    run = open_runex(home, extension_dirs).show(run_ref)
+    data = run.summary()
+    if as_json:  # one partition at a time, never the whole run in memory
+        head = json.dumps(data, indent=2, default=str)
+        click.echo(head[:-2] + ',\n  "partitions": [', nl=False)
+        for i, p in enumerate(run.partitions.where(status, after=after, limit=limit)):
+            click.echo(("," if i else "") + "\n    " + json.dumps(p.to_dict(), default=str),
+                       nl=False)
+        click.echo("\n  ]\n}")
         return
     click.echo(f"run {data['id']}  pipeline {data['pipeline']}  status {data['status']}")
+    counts = data["counts"]
     if data["status"] in TERMINAL_RUN:
         took = f"finished {when(data['finished_at'])}  took {data['seconds']}s"
-    elif any(p["status"] == "running" for p in data["partitions"]):
+    elif counts.get("running"):
         took = f"running for {data['seconds']}s"
     else:  # queued, waiting for a retry, or its consumer was stopped
         took = "not finished, and nothing is running it now (`runex worker` goes on with it)"
@@ -387,21 +408,45 @@ def show(ctx: click.Context, run_ref: str, as_json: bool, home: str | None,
                + took)
     committed = "" if data["status"] in TERMINAL_RUN else " so far"
     click.echo(f"records {data['records_in']} in, {data['records_out']} out{committed}")
+    click.echo(f"partitions {data['partition_count']:,}: "
+               + (", ".join(f"{n:,} {s}" for s, n in sorted(counts.items())) or "none"))
     if data["error"]:
         click.echo(f"error: {data['error']}")
-    click.echo("")
-    table([[p["index"], json.dumps(p["key"]), p["status"], len(p["attempts"]), p["records_in"],
-            p["records_out"], p["seconds"],
-            p["attempts"][-1]["code_version"] if p["attempts"] else None]
-           for p in data["partitions"]],
-          ["#", "KEY", "STATUS", "ATTEMPTS", "IN", "OUT", "SECONDS", "CODE"])
-    for p in data["partitions"]:
-        for a in p["attempts"]:
-            if a["error"]:
-                click.echo(f"\npartition {p['index']} attempt {a['attempt']} ({a['status']}, "
-                           f"pid {a['pid']} on {a['host']}): {a['error']}")
-                if a["traceback"] and (ctx.obj["verbose"] or a is p["attempts"][-1]):
-                    click.echo(a["traceback"].rstrip())
+    total = len(run.partitions)
+    everything = listed or status is not None or after >= 0 or limit is not None
+    if everything or total <= SHOWN:
+        parts = run.partitions.where(status, after=after, limit=limit)
+        note = ""
+    else:
+        unsettled = total - counts.get("succeeded", 0)
+        parts = run.partitions.where(unsettled=True, limit=20) if unsettled else iter(())
+        note = (f"({min(unsettled, 20):,} of {total:,} partitions shown: those that did not "
+                "succeed; `--partitions` lists them all, `--status failed` the failed ones)")
+    show_partitions(ctx, parts)
+    if note:
+        click.echo(f"\n{note}")
+
+
+def show_partitions(ctx: click.Context, parts: Iterator[Any]) -> None:
+    """The partitions as a table, a page at a time, then the errors of their attempts."""
+    errors_seen = []
+    page: list[Any] = []
+    for p in itertools.chain(parts, [None]):
+        if p is not None:
+            page.append(p)
+        if len(page) == 1000 or (p is None and page):
+            click.echo("")
+            table([[p.index, json.dumps(p.key), p.status, len(p.attempts), p.records_in,
+                    p.records_out, p.seconds,
+                    p.attempts[-1]["code_version"] if p.attempts else None] for p in page],
+                  ["#", "KEY", "STATUS", "ATTEMPTS", "IN", "OUT", "SECONDS", "CODE"])
+            errors_seen += [(p, a) for p in page for a in p.attempts if a["error"]]
+            page = []
+    for p, a in errors_seen:
+        click.echo(f"\npartition {p.index} attempt {a['attempt']} ({a['status']}, "
+                   f"pid {a['pid']} on {a['host']}): {a['error']}")
+        if a["traceback"] and (ctx.obj["verbose"] or a is p.attempts[-1]):
+            click.echo(a["traceback"].rstrip())
 
 
 @cli.command()
@@ -541,8 +586,9 @@ def doctor(ctx: click.Context, as_json: bool, home: str | None,
 def prune(older_than: str, keep_last: int, dry_run: bool, as_json: bool, home: str | None,
           extension_dirs: tuple[str, ...]) -> None:
     """Delete finished runs older than --older-than from the ledger (with their partitions,
-    attempts, events and fires) and the trace files of those days. Runs not over, and the
-    fires a schedule needs, are kept. Workers may run meanwhile."""
+    attempts and fires) and the trace files of those days, and give the space back to the
+    disk. Runs not over, and the fires a schedule needs, are kept. Workers may run meanwhile
+    (consumers also prune by themselves: `retain` in runex.toml)."""
     rx = open_runex(home, extension_dirs)
     rx.trace_to_home(console=False)
     done = rx.prune(older_than, keep_last, dry_run)
@@ -552,8 +598,8 @@ def prune(older_than: str, keep_last: int, dry_run: bool, as_json: bool, home: s
     verb = "would delete" if dry_run else "deleted"
     click.echo(f"{verb} {plural(done['runs'], 'run')} that ended before {done['before']}: "
                f"{plural(done['partitions'], 'partition')}, "
-               f"{plural(done['attempts'], 'attempt')}, {plural(done['events'], 'event')}, "
-               f"{plural(done['fires'], 'fire')}; {plural(len(done['trace_files']), 'trace file')}")
+               f"{plural(done['attempts'], 'attempt')}, {plural(done['fires'], 'fire')}; "
+               f"{plural(len(done['trace_files']), 'trace file')}")
 
 
 @cli.command()

@@ -50,6 +50,10 @@ class Stats:
     records_out: int = 0
     steps: list[StepStats] = field(default_factory=list)
 
+    def step_rows(self) -> list[list[float]] | None:
+        """Each step's records in, records out and seconds, as the attempt's row keeps them."""
+        return [[s.records_in, s.records_out, round(s.seconds, 6)] for s in self.steps] or None
+
 
 def execute(state: WorkerState, run_id: str, indexes: list[int]) -> None:
     """Run a pack of partitions of one run: the body of runex's huey task.
@@ -70,8 +74,7 @@ def execute(state: WorkerState, run_id: str, indexes: list[int]) -> None:
         while not state.stopping() and state.reserve.ok() and (chunk := holding.take(size)):
             try:
                 claims = state.ledger.claim_many(run_id, chunk, trace.HOST, os.getpid(),
-                                                 my_start(), events=trace.drain(),
-                                                 boot_id=BOOT_ID)
+                                                 my_start(), boot_id=BOOT_ID)
             except DiskFull:
                 holding.untake(chunk)  # nothing was claimed: they go back to the queue
                 break
@@ -175,7 +178,8 @@ def failed(claim: Claim, exc: BaseException, done: Stats | Outcome, log: Any
         log.info("partition.cancelled")
         earlier = done if isinstance(done, Outcome) else None
         return Outcome(claim, status, done.records_in, done.records_out, error, None, False,
-                       earlier and earlier.started, earlier and earlier.code_version), 0.0
+                       earlier and earlier.started, earlier and earlier.code_version,
+                       earlier and earlier.steps), 0.0
     if is_disk_full(exc):  # most likely under the sink's output, when the sink has a path
         target = claim.spec.get("sink", {}).get("params", {}).get("path")
         target = os.path.abspath(target if isinstance(target, str) else ".")
@@ -186,7 +190,8 @@ def failed(claim: Claim, exc: BaseException, done: Stats | Outcome, log: Any
     earlier = done if isinstance(done, Outcome) else None
     return Outcome(claim, status, done.records_in, done.records_out, error,
                    "".join(traceback.format_exception(exc)), retry,
-                   earlier and earlier.started, earlier and earlier.code_version), delay
+                   earlier and earlier.started, earlier and earlier.code_version,
+                   earlier and earlier.steps), delay
 
 
 def run_one(state: WorkerState, claim: Claim, cancel: Cancellation, timeout: float | None
@@ -195,7 +200,7 @@ def run_one(state: WorkerState, claim: Claim, cancel: Cancellation, timeout: flo
     how many seconds to retry it (0: now, for an interrupted one)."""
     log = trace.logger(run_id=claim.run_id, pipeline=claim.pipeline, partition=claim.key,
                        partition_index=claim.index, attempt=claim.attempt)
-    log.info("partition.claimed")
+    log.debug("partition.claimed")
     stats = Stats()
     began, started = time.time(), time.perf_counter()
     plan: Plan | None = None
@@ -219,12 +224,14 @@ def run_one(state: WorkerState, claim: Claim, cancel: Cancellation, timeout: flo
         outcome, delay = failed(claim, exc, stats, log.bind(
             seconds=round(time.perf_counter() - started, 4)))
         outcome.started, outcome.code_version = began, plan and plan.code_version
+        outcome.steps = stats.step_rows()
         return outcome, delay
     _log_steps(log, stats)
-    log.info("partition.committed", records_in=stats.records_in,
-             records_out=stats.records_out, seconds=round(time.perf_counter() - started, 4))
+    log.debug("partition.committed", records_in=stats.records_in,
+              records_out=stats.records_out, seconds=round(time.perf_counter() - started, 4))
     return Outcome(claim, "succeeded", stats.records_in, stats.records_out,
-                   started=began, code_version=plan.code_version), 0.0
+                   started=began, code_version=plan.code_version,
+                   steps=stats.step_rows()), 0.0
 
 
 def _record(state: WorkerState, run_id: str, outcomes: list[Outcome],
@@ -245,23 +252,18 @@ class Recording:
     on from the write that failed.
 
     A full disk that refuses the ledger write has released the home's reserve, which leaves
-    room to try once more at once, without the trace events (they are in the trace files,
-    if those had room)."""
+    room to try once more."""
 
     def __init__(self, state: WorkerState, run_id: str, outcomes: list[Outcome],
                  delays: dict[int, float]):
         self.state, self.run_id, self.outcomes, self.delays = state, run_id, outcomes, delays
-        self.events = trace.drain()
         self.applied: list[bool] | None = None
         self.complete = self.queued = False
 
     def __call__(self) -> None:
         state, run_id, outcomes = self.state, self.run_id, self.outcomes
         if self.applied is None:
-            try:
-                recorded = state.ledger.finish_many(outcomes, self.events)
-            except DiskFull:
-                recorded = state.ledger.finish_many(outcomes)
+            recorded = state.ledger.finish_many(outcomes)
             self.applied, self.complete = recorded.applied, recorded.complete
         if not self.queued:
             self._queue_again()
@@ -278,7 +280,6 @@ class Recording:
                     "partition.fenced", reason="a newer attempt holds this partition")
             elif o.requeue:
                 (later if self.delays.get(o.claim.index) else now).append(o.claim.index)
-        self.state.ledger.add_events(trace.drain())
         if not (now or later):
             return
         huey = self.state.huey
@@ -291,7 +292,7 @@ class Recording:
 
 def _log_steps(log: Any, stats: Stats) -> None:
     for i, step in enumerate(stats.steps):
-        log.info("step.finished", step=i, kernel=step.name, records_in=step.records_in,
+        log.debug("step.finished", step=i, kernel=step.name, records_in=step.records_in,
                  records_out=step.records_out, seconds=round(step.seconds, 4))
 
 

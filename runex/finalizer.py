@@ -23,13 +23,15 @@ def finalize_run(state: WorkerState, run_id: str) -> None:
         return
     run = state.ledger.run(run_id)
     log = trace.logger(run_id=run_id, pipeline=run["pipeline"])
-    parts = state.ledger.partitions(run_id)
-    bad = [p for p in parts if p["status"] != "succeeded"]
+    counts = state.ledger.progress(run_id)
+    total = run["partition_count"]
+    failed = total - counts.get("succeeded", 0)
     error = None
-    if bad:
-        shown = ", ".join(f"{p['idx']} ({p['key']}): {p['status']}" for p in bad[:10])
-        more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
-        error = f"{len(bad)} of {len(parts)} partitions did not succeed: {shown}{more}"
+    if failed:
+        bad = state.ledger.partitions(run_id, unsettled=True, limit=10)
+        shown = ", ".join(f"{p['idx']} ({p['key']}): {p['status']}" for p in bad)
+        more = f" and {failed - len(bad)} more" if failed > len(bad) else ""
+        error = f"{failed} of {total} partitions did not succeed: {shown}{more}"
         first = next((p for p in bad if p["error"]), None)
         if first is not None:  # what to read first
             error = f"partition {first['idx']} ({first['key']}): {first['error']}; {error}"
@@ -38,7 +40,7 @@ def finalize_run(state: WorkerState, run_id: str) -> None:
             plan = state.plan(run_id, json.loads(run["spec"]))
             if plan.sink_finalize is not None:
                 ctx = SinkContext(run_id=run_id, pipeline=run["pipeline"],
-                                  params=plan.sink_params, partition_count=len(parts))
+                                  params=plan.sink_params, partition_count=total)
                 with chdir(Path(run["project_dir"])):
                     plan.sink_finalize(ctx)
                     if plan.sink_sync is not None:  # durable before the run is recorded
@@ -48,12 +50,10 @@ def finalize_run(state: WorkerState, run_id: str) -> None:
             log.error("run.finalize_failed", error=error,
                       traceback="".join(traceback.format_exception(exc)))
     status = ("cancelled" if run["cancel_requested"] else "failed" if error else "succeeded")
-    done = [p for p in parts if p["status"] == "succeeded"]
     began = run["started_at"] or run["created_at"]
     log_at = log.info if status == "succeeded" else log.warning
-    log_at("run.finished", status=status, partitions=len(parts), failed=len(bad),
-           records_in=sum(p["records_in"] or 0 for p in done),
-           records_out=sum(p["records_out"] or 0 for p in done),
+    log_at("run.finished", status=status, partitions=total, failed=failed,
+           records_in=run["records_in"], records_out=run["records_out"],
            seconds=round(time.time() - began, 3), error=error)
-    state.ledger.finish_run(run_id, status, error, events=trace.drain())
+    state.ledger.finish_run(run_id, status, error)
     state.ledger.sync()  # on disk before anyone reads that the run is over

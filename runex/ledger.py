@@ -1,4 +1,4 @@
-"""The ledger: the database of record for runs, partitions, attempts and trace events.
+"""The ledger: the database of record for runs, partitions, attempts, schedules and fires.
 
 All of runex's SQL lives here, written once for every engine (`runex.storage`: SQLite in the
 home). The schema is versioned, and migrated when a ledger of an earlier version is opened.
@@ -13,7 +13,7 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,14 @@ TERMINAL_RUN = ("succeeded", "failed", "cancelled")  # a run in one of these is 
 # A partition is over unless it is `queued` or `running`: succeeded, failed, cancelled or
 # quarantined.
 LEASE_SECONDS = 60.0  # a claim not renewed for this long is lost (workers on other hosts)
+# The conditions of the partial indexes, written the same in every query that uses them (an
+# engine uses such an index only for a query whose WHERE has the index's condition).
+UNSETTLED = "status != 'succeeded'"  # partitions: not done, or not done well
+RUNNING = "status = 'running'"  # attempts
+OPEN_RUN = "status IN ('queued', 'running')"  # runs
+# Fires that pruning keeps: the newest of each pipeline (its schedule's memory), and waiting ones
+KEEP_FIRES = ("NOT IN (SELECT pipeline || ' ' || MAX(fire_time) FROM fires GROUP BY pipeline) "
+              "AND status != 'waiting'")
 
 SCHEMA = [
     # version 1
@@ -117,6 +125,71 @@ SCHEMA = [
     [
         "ALTER TABLE attempts ADD COLUMN code_version TEXT",
     ],
+    # version 4: each fact once, in few bytes. Partitions and attempts are stored in their
+    # primary key's order (no second copy of the key); their other indexes hold only what is
+    # not settled yet, so they are empty once work is done; each run keeps its partitions'
+    # counts by status and its records so far (progress, completion and a run's end read
+    # a few rows, not the run's partitions); trace events are kept in the trace files only.
+    [
+        """CREATE TABLE run_counts (
+            run_id TEXT NOT NULL,
+            status TEXT NOT NULL,
+            n INTEGER NOT NULL,
+            PRIMARY KEY (run_id, status)){clustered}""",
+        "INSERT INTO run_counts (run_id, status, n) "
+        "SELECT run_id, status, COUNT(*) FROM partitions GROUP BY run_id, status",
+        "UPDATE runs SET "
+        "records_in = (SELECT COALESCE(SUM(records_in), 0) FROM partitions p "
+        "WHERE p.run_id = runs.id AND p.status = 'succeeded'), "
+        "records_out = (SELECT COALESCE(SUM(records_out), 0) FROM partitions p "
+        "WHERE p.run_id = runs.id AND p.status = 'succeeded') WHERE records_in IS NULL",
+        """CREATE TABLE partitions_4 (
+            run_id TEXT NOT NULL,
+            idx INTEGER NOT NULL,
+            key TEXT NOT NULL,
+            status TEXT NOT NULL,
+            attempt INTEGER NOT NULL DEFAULT 0,
+            attempt_base INTEGER NOT NULL DEFAULT 0,
+            records_in INTEGER,
+            records_out INTEGER,
+            error TEXT,
+            queued_at REAL NOT NULL,
+            started_at REAL,
+            finished_at REAL,
+            PRIMARY KEY (run_id, idx)){clustered}""",
+        "INSERT INTO partitions_4 SELECT run_id, idx, key, status, attempt, attempt_base, "
+        "records_in, records_out, error, queued_at, started_at, finished_at FROM partitions",
+        "DROP TABLE partitions",
+        "ALTER TABLE partitions_4 RENAME TO partitions",
+        f"CREATE INDEX partitions_unsettled ON partitions (run_id, status) WHERE {UNSETTLED}",
+        """CREATE TABLE attempts_4 (
+            run_id TEXT NOT NULL,
+            idx INTEGER NOT NULL,
+            attempt INTEGER NOT NULL,
+            status TEXT NOT NULL,
+            host TEXT NOT NULL,
+            pid INTEGER NOT NULL,
+            pid_started TEXT,
+            boot_id TEXT,
+            lease_until REAL,
+            started_at REAL NOT NULL,
+            finished_at REAL,
+            records_in INTEGER,
+            records_out INTEGER,
+            error TEXT,
+            traceback TEXT,
+            code_version TEXT,
+            steps TEXT,
+            PRIMARY KEY (run_id, idx, attempt)){clustered}""",
+        "INSERT INTO attempts_4 SELECT run_id, idx, attempt, status, host, pid, pid_started, "
+        "boot_id, lease_until, started_at, finished_at, records_in, records_out, error, "
+        "traceback, code_version, NULL FROM attempts",
+        "DROP TABLE attempts",
+        "ALTER TABLE attempts_4 RENAME TO attempts",
+        f"CREATE INDEX attempts_running ON attempts (host, pid) WHERE {RUNNING}",
+        f"CREATE INDEX runs_open ON runs (created_at) WHERE {OPEN_RUN}",
+        "DROP TABLE events",
+    ],
 ]
 
 
@@ -152,6 +225,7 @@ class Outcome:
     requeue: bool = False  # back to `queued`: retried, or given back
     started: float | None = None  # when it really started, if after its claim
     code_version: str | None = None  # of the code it ran (`extensions.code_version`)
+    steps: list[list[float]] | None = None  # per step: records in, records out, seconds
 
 
 @dataclass(frozen=True)
@@ -163,7 +237,7 @@ class NewRun:
     spec: dict[str, Any]
     project_dir: str
     priority: int
-    keys: list[Any]
+    keys: Iterable[str]  # each partition's key as JSON text, in order, read once
     scheduled_for: str | None = None  # the fire time of a scheduled run
 
 
@@ -190,7 +264,6 @@ class Pruned:
     runs: int = 0
     partitions: int = 0
     attempts: int = 0
-    events: int = 0
     fires: int = 0
 
 
@@ -255,12 +328,14 @@ class Ledger:
             version = engine.schema_version(conn)
             for statements in SCHEMA[version:]:
                 for sql in statements:
-                    conn.execute(sql)
+                    conn.execute(sql.replace("{clustered}", engine.clustered))
             engine.set_schema_version(conn, len(SCHEMA))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+        if not engine.can_reclaim(conn):  # a ledger of runex 0.1: once, as it is upgraded
+            engine.allow_reclaim(conn)
 
     def close(self) -> None:
         if self._conn is not None and self._pid == os.getpid():
@@ -303,57 +378,75 @@ class Ledger:
 
     # -- writes ----------------------------------------------------------------------
 
-    def create_run(self, run: NewRun, events: list[tuple[Any, ...]] = ()) -> None:
-        """The run and all its partitions, `queued`, in one transaction."""
+    def create_run(self, run: NewRun) -> int:
+        """The run and all its partitions, `queued`, in one transaction; returns how many
+        partitions it has. The keys are read as they come (never held as one list); if reading
+        them raises, nothing is written."""
         with self.tx() as conn:
-            self._insert_run(conn, run, events)
+            return self._insert_run(conn, run)
 
-    def fire_run(self, run: NewRun, events: list[tuple[Any, ...]] = ()) -> bool:
+    def fire_run(self, run: NewRun) -> int | None:
         """A scheduled run (at its fire time, `run.scheduled_for`) with its row in `fires`, in
         one transaction; nothing is written if the fire time has a row already (another
-        consumer fired it). Returns whether the run was created."""
-        return self._create_fired(run, events, (
+        consumer fired it): then None, else how many partitions the run has."""
+        return self._create_fired(run, (
             "INSERT INTO fires (pipeline, fire_time, status, run_id, created_at) "
             "VALUES (?, ?, 'fired', ?, ?) ON CONFLICT DO NOTHING",
             (run.pipeline, run.scheduled_for, run.id, time.time())))
 
-    def fire_waiting_run(self, run: NewRun, events: list[tuple[Any, ...]] = ()) -> bool:
+    def fire_waiting_run(self, run: NewRun) -> int | None:
         """The run of a fire time that waited for an earlier run (`overlap = "queue"`), if
-        it still waits. Returns whether the run was created."""
-        return self._create_fired(run, events, (
+        it still waits (else None)."""
+        return self._create_fired(run, (
             "UPDATE fires SET status = 'fired', run_id = ? WHERE pipeline = ? AND "
             "fire_time = ? AND status = 'waiting'", (run.id, run.pipeline, run.scheduled_for)))
 
-    def refire_run(self, run: NewRun, events: list[tuple[Any, ...]] = ()) -> bool:
+    def refire_run(self, run: NewRun) -> int | None:
         """A run of a fire time that may have fired before (backfill): its row in `fires`
         points at the new run."""
-        return self._create_fired(run, events, (
+        return self._create_fired(run, (
             "INSERT INTO fires (pipeline, fire_time, status, run_id, created_at) "
             "VALUES (?, ?, 'fired', ?, ?) ON CONFLICT (pipeline, fire_time) DO UPDATE "
             "SET status = 'fired', run_id = excluded.run_id, reason = NULL",
             (run.pipeline, run.scheduled_for, run.id, time.time())))
 
-    def _create_fired(self, run: NewRun, events: list[tuple[Any, ...]],
-                      fire: tuple[str, tuple[Any, ...]]) -> bool:
+    def _create_fired(self, run: NewRun, fire: tuple[str, tuple[Any, ...]]) -> int | None:
         with self.tx() as conn:
             if conn.execute(*fire).rowcount != 1:
-                return False  # the transaction commits nothing
-            self._insert_run(conn, run, events)
-        return True
+                return None  # the transaction commits nothing
+            return self._insert_run(conn, run)
 
-    def _insert_run(self, conn: Any, run: NewRun, events: list[tuple[Any, ...]]) -> None:
+    def _insert_run(self, conn: Any, run: NewRun) -> int:
         now = time.time()
         conn.execute(
             "INSERT INTO runs (id, pipeline, spec, project_dir, status, priority, "
-            "scheduled_for, partition_count, created_at) "
-            "VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+            "scheduled_for, partition_count, records_in, records_out, created_at) "
+            "VALUES (?, ?, ?, ?, 'queued', ?, ?, 0, 0, 0, ?)",
             (run.id, run.pipeline, json.dumps(run.spec), run.project_dir, run.priority,
-             run.scheduled_for, len(run.keys), now))
-        conn.executemany(
-            "INSERT INTO partitions (run_id, idx, key, status, queued_at) "
-            "VALUES (?, ?, ?, 'queued', ?)",
-            [(run.id, i, json.dumps(k), now) for i, k in enumerate(run.keys)])
-        self._insert_events(conn, events)
+             run.scheduled_for, now))
+        count = 0
+
+        def rows() -> Iterator[tuple[Any, ...]]:
+            nonlocal count
+            for key in run.keys:
+                yield run.id, count, key, now
+                count += 1
+
+        conn.executemany("INSERT INTO partitions (run_id, idx, key, status, queued_at) "
+                         "VALUES (?, ?, ?, 'queued', ?)", rows())
+        conn.execute("UPDATE runs SET partition_count = ? WHERE id = ?", (count, run.id))
+        self._count(conn, run.id, {"queued": count})
+        return count
+
+    @staticmethod
+    def _count(conn: Any, run_id: str, moved: dict[str, int]) -> None:
+        """Add to the run's partition counts by status (`run_counts`): +n to the status
+        partitions moved to, -n to the one they left."""
+        changes = [(run_id, status, n) for status, n in moved.items() if n]
+        if changes:
+            conn.executemany(
+                "INSERT INTO run_counts (run_id, status, n) VALUES (?, ?, ?) ON CONFLICT "
+                "(run_id, status) DO UPDATE SET n = run_counts.n + excluded.n", changes)
 
     # -- schedules ---------------------------------------------------------------------
 
@@ -387,8 +480,7 @@ class Ledger:
             "ON r.id = f.run_id WHERE f.pipeline = ? ORDER BY f.fire_time DESC LIMIT ?",
             (pipeline, limit))
 
-    def record_fire(self, pipeline: str, fire_time: str, status: str, reason: str,
-                    events: list[tuple[Any, ...]] = ()) -> bool:
+    def record_fire(self, pipeline: str, fire_time: str, status: str, reason: str) -> bool:
         """A fire without a run: `skipped`, `waiting` or `error`. It changes a fire that was
         waiting, and no other: False when the fire time has another row."""
         with self.tx() as conn:
@@ -398,8 +490,6 @@ class Ledger:
                 "SET status = excluded.status, reason = excluded.reason "
                 "WHERE fires.status = 'waiting'",
                 (pipeline, fire_time, status, reason, time.time()))
-            if cur.rowcount == 1:
-                self._insert_events(conn, events)
             return cur.rowcount == 1
 
     def waiting_fires(self) -> list[tuple[str, str]]:
@@ -409,13 +499,12 @@ class Ledger:
     def active_run(self, pipeline: str) -> str | None:
         """The newest queued or running run of a pipeline."""
         row = self.conn.execute(
-            "SELECT id FROM runs WHERE pipeline = ? AND status IN ('queued', 'running') "
+            f"SELECT id FROM runs WHERE pipeline = ? AND {OPEN_RUN} "
             "ORDER BY created_at DESC LIMIT 1", (pipeline,)).fetchone()
         return row[0] if row else None
 
     def claim_many(self, run_id: str, indexes: Sequence[int], host: str, pid: int,
-                   pid_started: str | None, events: list[tuple[Any, ...]] = (),
-                   boot_id: str | None = None) -> list[Claim]:
+                   pid_started: str | None, boot_id: str | None = None) -> list[Claim]:
         """Take the partitions of `indexes` that are queued, in one transaction, bumping each
         one's attempt number (the fencing token). A partition running elsewhere, done, or of
         a cancelled run is left out. The attempt records its worker: `host`, `pid`, the
@@ -428,7 +517,6 @@ class Ledger:
                 f"started_at = ? WHERE run_id = ? AND idx IN ({marks}) AND status = 'queued' "
                 "RETURNING idx, attempt, attempt_base, key", (now, run_id, *indexes)).fetchall()
             if not rows:
-                self._insert_events(conn, events)
                 return []
             order = {idx: i for i, idx in enumerate(indexes)}
             rows.sort(key=lambda r: order[r[0]])
@@ -443,7 +531,7 @@ class Ledger:
                 "UPDATE runs SET status = 'running', started_at = COALESCE(started_at, ?) "
                 "WHERE id = ? RETURNING pipeline, spec, project_dir, partition_count, "
                 "started_at", (now, run_id)).fetchone()
-            self._insert_events(conn, events)
+            self._count(conn, run_id, {"queued": -len(rows), "running": len(rows)})
         spec = json.loads(run[1])
         claims = [Claim(run_id, idx, json.loads(key), attempt, failures.get(idx, 0), run[0],
                         spec, run[2], run[3]) for idx, attempt, _, key in rows]
@@ -476,13 +564,14 @@ class Ledger:
         return Claim(row[0], index, json.loads(row[1]), attempt, failures, row[2],
                      json.loads(row[3]), row[4], row[5])
 
-    def finish_many(self, outcomes: Sequence[Outcome], events: list[tuple[Any, ...]] = ()
-                    ) -> Recorded:
+    def finish_many(self, outcomes: Sequence[Outcome]) -> Recorded:
         """Record how attempts of one run ended, in one transaction. A partition moves only
         if its attempt still holds it (a fenced, stale attempt changes nothing); `requeue`
         puts it back to `queued` for a retry."""
         now = time.time()
         applied = []
+        moved: dict[str, int] = {}
+        records = [0, 0]
         with self.tx() as conn:
             for o in outcomes:
                 key = (o.claim.run_id, o.claim.index, o.claim.attempt)
@@ -495,34 +584,48 @@ class Ledger:
                     if applied[-1]:
                         conn.execute("DELETE FROM attempts WHERE run_id = ? AND idx = ? "
                                      "AND attempt = ?", key)
+                        moved["running"] = moved.get("running", 0) - 1
+                        moved["queued"] = moved.get("queued", 0) + 1
                     continue
+                status = "queued" if o.requeue else o.status
                 cur = conn.execute(
                     "UPDATE partitions SET status = ?, records_in = ?, records_out = ?, "
                     "error = ?, started_at = COALESCE(?, started_at), finished_at = ?, "
                     "queued_at = ? WHERE run_id = ? AND idx = ? AND attempt = ? "
                     "AND status = 'running'",
-                    ("queued" if o.requeue else o.status, o.records_in, o.records_out, o.error,
-                     o.started, None if o.requeue else now, now, *key))
+                    (status, o.records_in, o.records_out, o.error, o.started,
+                     None if o.requeue else now, now, *key))
                 applied.append(cur.rowcount == 1)
                 conn.execute(
                     "UPDATE attempts SET status = ?, started_at = COALESCE(?, started_at), "
                     "finished_at = ?, records_in = ?, records_out = ?, error = ?, traceback = ?, "
-                    "code_version = ? "
-                    "WHERE run_id = ? AND idx = ? AND attempt = ? AND status = 'running'",
+                    "code_version = ?, steps = ? WHERE run_id = ? AND idx = ? AND attempt = ? "
+                    f"AND {RUNNING}",
                     (o.status if applied[-1] else "fenced", o.started, now, o.records_in,
-                     o.records_out, o.error, o.traceback, o.code_version, *key))
-            self._insert_events(conn, events)
-            over = [o.claim.run_id for o, ok in zip(outcomes, applied, strict=True)
-                    if ok and not o.requeue]
-            complete = bool(over) and self._complete(conn, over[0])
+                     o.records_out, o.error, o.traceback, o.code_version,
+                     o.steps and json.dumps(o.steps, separators=(",", ":")), *key))
+                if applied[-1]:
+                    moved["running"] = moved.get("running", 0) - 1
+                    moved[status] = moved.get(status, 0) + 1
+                    if status == "succeeded":
+                        records[0] += o.records_in
+                        records[1] += o.records_out
+            if outcomes:
+                run_id = outcomes[0].claim.run_id
+                self._count(conn, run_id, moved)
+                if records != [0, 0]:  # a run's records: those of its committed partitions
+                    conn.execute("UPDATE runs SET records_in = records_in + ?, records_out = "
+                                 "records_out + ? WHERE id = ?", (*records, run_id))
+            over = any(ok and not o.requeue for o, ok in zip(outcomes, applied, strict=True))
+            complete = over and self._complete(conn, outcomes[0].claim.run_id)
         return Recorded(applied, complete)
 
     @staticmethod
     def _complete(conn: Any, run_id: str) -> bool:
-        """No partition of the run is queued or running (an index lookup, not a count)."""
+        """No partition of the run is queued or running (its counts, not its partitions)."""
         return conn.execute(
-            "SELECT 1 FROM partitions WHERE run_id = ? AND status IN ('queued', 'running') "
-            "LIMIT 1", (run_id,)).fetchone() is None
+            "SELECT COALESCE(SUM(n), 0) FROM run_counts WHERE run_id = ? AND status IN "
+            "('queued', 'running')", (run_id,)).fetchone()[0] == 0
 
     def renew_lease(self, claims: Sequence[Claim]) -> int:
         """Extend the lease of running attempts; returns how many are still running."""
@@ -530,12 +633,12 @@ class Ledger:
         with self.tx() as conn:
             return sum(conn.execute(
                 "UPDATE attempts SET lease_until = ? WHERE run_id = ? AND idx = ? "
-                "AND attempt = ? AND status = 'running'",
+                f"AND attempt = ? AND {RUNNING}",
                 (until, c.run_id, c.index, c.attempt)).rowcount for c in claims)
 
     def running_attempts(self) -> list[dict[str, Any]]:
         return self._rows("SELECT run_id, idx, attempt, host, pid, pid_started, boot_id, "
-                          "lease_until FROM attempts WHERE status = 'running'")
+                          f"lease_until FROM attempts WHERE {RUNNING}")
 
     # -- consumers ---------------------------------------------------------------------
 
@@ -558,14 +661,14 @@ class Ledger:
         return self._rows("SELECT * FROM consumers ORDER BY started_at")
 
     def lose_attempt(self, run_id: str, index: int, attempt: int, reason: str,
-                     quarantine_after: int, events: list[tuple[Any, ...]] = ()) -> Lost:
+                     quarantine_after: int) -> Lost:
         """Declare a running attempt lost (its worker died). The partition goes back to the
         queue, or, lost `quarantine_after` times, to `quarantined`."""
         now = time.time()
         with self.tx() as conn:
             cur = conn.execute(
                 "UPDATE attempts SET status = 'lost', finished_at = ?, error = ? "
-                "WHERE run_id = ? AND idx = ? AND attempt = ? AND status = 'running'",
+                f"WHERE run_id = ? AND idx = ? AND attempt = ? AND {RUNNING}",
                 (now, reason, run_id, index, attempt))
             if cur.rowcount != 1:
                 return Lost(None, False)
@@ -584,44 +687,51 @@ class Ledger:
                 "WHERE run_id = ? AND idx = ? AND attempt = ? AND status = 'running'",
                 (status, error, now, now if status == "quarantined" else None,
                  run_id, index, attempt))
-            self._insert_events(conn, events)
+            if cur.rowcount == 1:
+                self._count(conn, run_id, {"running": -1, status: 1})
             complete = status == "quarantined" and self._complete(conn, run_id)
         return Lost(status, complete)
 
-    def queued_before(self, cutoff: float) -> list[tuple[str, int, int]]:
-        """(run id, index, priority) of partitions queued since before `cutoff`."""
-        return self.conn.execute(
-            "SELECT p.run_id, p.idx, r.priority FROM partitions p JOIN runs r ON r.id = p.run_id "
-            "WHERE p.status = 'queued' AND p.queued_at < ?", (cutoff,)).fetchall()
+    def queued_counts(self) -> dict[str, int]:
+        """For each run with partitions queued: how many."""
+        return dict(self.conn.execute(
+            "SELECT run_id, n FROM run_counts WHERE status = 'queued' AND n > 0 AND run_id IN "
+            f"(SELECT id FROM runs WHERE {OPEN_RUN})").fetchall())
+
+    def queued_before(self, run_id: str, cutoff: float) -> Iterator[int]:
+        """The indexes of the run's partitions queued since before `cutoff`, as read."""
+        for row in self.conn.execute(
+                f"SELECT idx FROM partitions WHERE run_id = ? AND {UNSETTLED} AND "
+                "status = 'queued' AND queued_at < ?", (run_id, cutoff)):
+            yield row[0]
 
     def unfinalized_runs(self) -> list[tuple[str, str | None]]:
         """(id, finalizer) of runs whose partitions are all over but that are not finished:
         nobody finalized them, or their finalizer died."""
         return self.conn.execute(
-            "SELECT id, finalizer FROM runs r WHERE status IN ('queued', 'running') AND NOT "
-            "EXISTS (SELECT 1 FROM partitions p WHERE p.run_id = r.id AND p.status IN "
-            "('queued', 'running'))").fetchall()
+            f"SELECT id, finalizer FROM runs r WHERE {OPEN_RUN} AND NOT EXISTS (SELECT 1 "
+            "FROM run_counts c WHERE c.run_id = r.id AND c.status IN ('queued', 'running') "
+            "AND c.n > 0)").fetchall()
 
     def release_finalizer(self, run_id: str, finalizer: str) -> None:
         with self.tx() as conn:
             conn.execute("UPDATE runs SET finalizer = NULL WHERE id = ? AND finalizer = ? "
-                         "AND status IN ('queued', 'running')", (run_id, finalizer))
+                         f"AND {OPEN_RUN}", (run_id, finalizer))
 
-    def cancel(self, run_id: str, events: list[tuple[Any, ...]] = ()) -> Cancelled:
+    def cancel(self, run_id: str) -> Cancelled:
         """Cancel a run: queued partitions never start, running ones stop at their next
         batch."""
         now = time.time()
         with self.tx() as conn:
-            conn.execute("UPDATE runs SET cancel_requested = 1 WHERE id = ? "
-                         "AND status IN ('queued', 'running')", (run_id,))
+            conn.execute(f"UPDATE runs SET cancel_requested = 1 WHERE id = ? AND {OPEN_RUN}",
+                         (run_id,))
             cancelled = conn.execute(
                 "UPDATE partitions SET status = 'cancelled', finished_at = ?, "
-                "error = 'cancelled before it started' WHERE run_id = ? AND status = 'queued'",
-                (now, run_id)).rowcount
-            running = conn.execute(
-                "SELECT COUNT(*) FROM partitions WHERE run_id = ? AND status = 'running'",
-                (run_id,)).fetchone()[0]
-            self._insert_events(conn, events)
+                f"error = 'cancelled before it started' WHERE run_id = ? AND {UNSETTLED} AND "
+                "status = 'queued'", (now, run_id)).rowcount
+            self._count(conn, run_id, {"queued": -cancelled, "cancelled": cancelled})
+            running = conn.execute("SELECT COALESCE(SUM(n), 0) FROM run_counts WHERE "
+                                   "run_id = ? AND status = 'running'", (run_id,)).fetchone()[0]
             complete = self._complete(conn, run_id)
         return Cancelled(cancelled, running, complete)
 
@@ -635,14 +745,19 @@ class Ledger:
         `index`), with a fresh retry budget; their earlier attempts are kept. Returns the
         indexes re-queued."""
         now = time.time()
-        only = "" if index is None else " AND idx = ?"
+        only, params = ("", (run_id,)) if index is None else (" AND idx = ?", (run_id, index))
+        which = (f"WHERE run_id = ? AND {UNSETTLED} AND status IN ('failed', 'timeout', "
+                 f"'quarantined', 'cancelled'){only}")
         with self.tx() as conn:
+            before = dict(conn.execute(f"SELECT status, COUNT(*) FROM partitions {which} "
+                                       "GROUP BY status", params).fetchall())
             rows = conn.execute(
                 "UPDATE partitions SET status = 'queued', attempt_base = attempt, error = NULL, "
-                "finished_at = NULL, queued_at = ? WHERE run_id = ? AND status IN "
-                f"('failed', 'timeout', 'quarantined', 'cancelled'){only} RETURNING idx",
-                (now, run_id) + (() if index is None else (index,))).fetchall()
+                f"finished_at = NULL, queued_at = ? {which} RETURNING idx",
+                (now, *params)).fetchall()
             if rows:
+                self._count(conn, run_id, {"queued": len(rows),
+                                           **{status: -n for status, n in before.items()}})
                 conn.execute(
                     "UPDATE runs SET status = CASE WHEN started_at IS NULL THEN 'queued' "
                     "ELSE 'running' END, finalizer = NULL, finished_at = NULL, error = NULL, "
@@ -655,86 +770,118 @@ class Ledger:
         with self.tx() as conn:
             cur = conn.execute(
                 "UPDATE runs SET finalizer = ? WHERE id = ? AND (finalizer IS NULL OR "
-                "finalizer = ?) AND status IN ('queued', 'running')", (worker, run_id, worker))
+                f"finalizer = ?) AND {OPEN_RUN}", (worker, run_id, worker))
             return cur.rowcount == 1
 
-    def finish_run(self, run_id: str, status: str, error: str | None = None,
-                   events: list[tuple[Any, ...]] = ()) -> None:
-        """Set the run's final status, and its totals: the records of its committed
-        partitions (what a failed attempt read is not in them)."""
+    def finish_run(self, run_id: str, status: str, error: str | None = None) -> None:
+        """Set the run's final status."""
         now = time.time()
         with self.tx() as conn:
             conn.execute(
                 "UPDATE runs SET status = ?, error = ?, finished_at = ?, "
-                "started_at = COALESCE(started_at, ?), "
-                "records_in = (SELECT COALESCE(SUM(records_in), 0) FROM partitions "
-                "WHERE run_id = ? AND status = 'succeeded'), "
-                "records_out = (SELECT COALESCE(SUM(records_out), 0) FROM partitions "
-                "WHERE run_id = ? AND status = 'succeeded') "
-                "WHERE id = ?", (status, error, now, now, run_id, run_id, run_id))
-            self._insert_events(conn, events)
+                "started_at = COALESCE(started_at, ?) WHERE id = ?",
+                (status, error, now, now, run_id))
 
-    def prune(self, before: float, keep_last: int = 0, dry_run: bool = False,
-              batch: int = 100) -> Pruned:
-        """Delete the runs that ended before `before` (not the newest `keep_last` runs),
-        with their partitions, attempts, events and fires, `batch` runs per transaction so
-        that workers wait for none for long. Runs not over are never pruned, nor the newest
+    def prune(self, before: float | None, keep_last: int = 0, dry_run: bool = False,
+              beyond: int | None = None, runs: int | None = None, rows: int = 500,
+              pause: float = 0.01, budget: int | None = None) -> Pruned:
+        """Delete the runs that ended before `before`, and (`beyond`) those that are not
+        among the newest `beyond` runs, but never the newest `keep_last` runs: at most `runs`
+        of them, oldest first, with their partitions, attempts, counts and fires; then give
+        the space back to the file system. Runs not over are never pruned, nor the newest
         fire of each pipeline (what its schedule already fired) or a fire still waiting.
-        `dry_run`: count only."""
+        `dry_run`: count only.
+
+        Workers go on meanwhile: each transaction deletes about `rows` partitions (a large
+        run is deleted in slices of its partitions, its run row last), and the next waits
+        `pause` seconds, so that a worker waiting for the write lock gets it first. With a
+        `budget`, it stops after deleting about that many partitions: call it again."""
         done = Pruned()
-        skip = "" if not keep_last else (
-            " AND id NOT IN (SELECT id FROM runs ORDER BY created_at DESC LIMIT ?)")
-        select = ("SELECT id FROM runs WHERE status IN ('succeeded', 'failed', 'cancelled') "
-                  f"AND COALESCE(finished_at, created_at) < ?{skip} ORDER BY created_at")
-        ids = [r[0] for r in self.conn.execute(select, (before, *([keep_last] if keep_last
-                                                                   else [])))]
-        keep_fires = ("NOT IN (SELECT pipeline || ' ' || MAX(fire_time) FROM fires "
-                      "GROUP BY pipeline) AND status != 'waiting'")
-        for i in range(0, len(ids), batch):
-            chunk = ids[i:i + batch]
-            marks = ", ".join("?" * len(chunk))
-            # A dry run only reads: no write lock for it.
-            with contextlib.nullcontext(self.conn) if dry_run else self.tx() as conn:
-                counts = [conn.execute(f"SELECT COUNT(*) FROM {table} WHERE run_id IN "
-                                       f"({marks})", chunk).fetchone()[0]
-                          for table in ("partitions", "attempts", "events")]
-                fires = conn.execute(
-                    f"SELECT COUNT(*) FROM fires WHERE run_id IN ({marks}) AND "
-                    f"pipeline || ' ' || fire_time {keep_fires}", chunk).fetchone()[0]
-                if not dry_run:
-                    for table in ("events", "attempts", "partitions"):
-                        conn.execute(f"DELETE FROM {table} WHERE run_id IN ({marks})", chunk)
-                    conn.execute(f"DELETE FROM fires WHERE run_id IN ({marks}) AND "
-                                 f"pipeline || ' ' || fire_time {keep_fires}", chunk)
-                    # A newest fire kept for its schedule no longer names a run.
-                    conn.execute(f"UPDATE fires SET run_id = NULL WHERE run_id IN ({marks})",
-                                 chunk)
-                    conn.execute(f"DELETE FROM runs WHERE id IN ({marks})", chunk)
-            done.runs += len(chunk)
-            done.partitions += counts[0]
-            done.attempts += counts[1]
-            done.events += counts[2]
-            done.fires += fires
-        # Fires without a run (skipped, failed to submit) that are old enough.
-        orphan = (f"FROM fires WHERE run_id IS NULL AND created_at < ? AND "
-                  f"pipeline || ' ' || fire_time {keep_fires}")
-        done.fires += self.conn.execute(f"SELECT COUNT(*) {orphan}", (before,)).fetchone()[0]
-        if not dry_run:
-            with self.tx() as conn:
-                conn.execute(f"DELETE {orphan}", (before,))
+        old = []
+        if before is not None:
+            old.append("COALESCE(finished_at, created_at) < ?")
+        if beyond is not None:
+            old.append("id NOT IN (SELECT id FROM runs ORDER BY created_at DESC LIMIT ?)")
+        if not old:
+            return done
+        keep = (" AND id NOT IN (SELECT id FROM runs ORDER BY created_at DESC LIMIT ?)"
+                if keep_last else "")
+        params = [p for p in (before, beyond, keep_last or None) if p is not None]
+        found = self.conn.execute(
+            "SELECT id, partition_count FROM runs WHERE status IN ('succeeded', 'failed', "
+            f"'cancelled') AND ({' OR '.join(old)}){keep} ORDER BY created_at LIMIT ?",
+            (*params, -1 if runs is None else runs)).fetchall()
+        group: list[str] = []
+        size = 0
+        for run_id, count in [*found, (None, 0)]:  # a last, empty step prunes what is left
+            if group and (run_id is None or size + count > rows):
+                self._prune_runs(group, done, dry_run)
+                group, size = [], 0
+                time.sleep(0 if dry_run else pause)
+            if run_id is None or (budget is not None and done.partitions >= budget):
+                break
+            if count > rows and not dry_run:  # a large run: its partitions in slices first
+                low = 0
+                while low < count and (budget is None or done.partitions < budget):
+                    with self.tx() as conn:
+                        for table in ("attempts", "partitions"):
+                            deleted = conn.execute(
+                                f"DELETE FROM {table} WHERE run_id = ? AND idx >= ? AND "
+                                "idx < ?", (run_id, low, low + rows)).rowcount
+                            setattr(done, table, getattr(done, table) + deleted)
+                    low += rows
+                    time.sleep(pause)
+                if low < count:
+                    break  # out of budget: the rest of this run next time
+            group.append(run_id)
+            size += min(count, rows)
+        if before is not None:
+            orphan = (f"FROM fires WHERE run_id IS NULL AND created_at < ? AND "
+                      f"pipeline || ' ' || fire_time {KEEP_FIRES}")
+            done.fires += self.conn.execute(f"SELECT COUNT(*) {orphan}", (before,)
+                                            ).fetchone()[0]
+            if not dry_run:
+                with self.tx() as conn:
+                    conn.execute(f"DELETE {orphan}", (before,))
+        if not dry_run and (done.runs or done.partitions):
+            self.reclaim(pause=pause)
         return done
 
-    def add_events(self, events: list[tuple[Any, ...]]) -> None:
-        if events:
-            with self.tx() as conn:
-                self._insert_events(conn, events)
+    def _prune_runs(self, ids: list[str], done: Pruned, dry_run: bool) -> None:
+        marks = ", ".join("?" * len(ids))
+        # A dry run only reads: no write lock for it.
+        with contextlib.nullcontext(self.conn) if dry_run else self.tx() as conn:
+            counts = [conn.execute(f"SELECT COUNT(*) FROM {table} WHERE run_id IN ({marks})",
+                                   ids).fetchone()[0] for table in ("partitions", "attempts")]
+            fires = conn.execute(f"SELECT COUNT(*) FROM fires WHERE run_id IN ({marks}) AND "
+                                 f"pipeline || ' ' || fire_time {KEEP_FIRES}", ids).fetchone()[0]
+            if not dry_run:
+                for table in ("attempts", "partitions", "run_counts"):
+                    conn.execute(f"DELETE FROM {table} WHERE run_id IN ({marks})", ids)
+                conn.execute(f"DELETE FROM fires WHERE run_id IN ({marks}) AND "
+                             f"pipeline || ' ' || fire_time {KEEP_FIRES}", ids)
+                # A newest fire kept for its schedule no longer names a run.
+                conn.execute(f"UPDATE fires SET run_id = NULL WHERE run_id IN ({marks})", ids)
+                conn.execute(f"DELETE FROM runs WHERE id IN ({marks})", ids)
+        done.runs += len(ids)
+        done.partitions += counts[0]
+        done.attempts += counts[1]
+        done.fires += fires
 
-    @staticmethod
-    def _insert_events(conn: Any, events: list[tuple[Any, ...]]) -> None:
-        """`events`: rows (ts, run_id, idx, attempt, event, data as JSON), see `trace.drain`."""
-        if events:
-            conn.executemany("INSERT INTO events (ts, run_id, idx, attempt, event, data) "
-                             "VALUES (?, ?, ?, ?, ?, ?)", events)
+    def reclaim(self, pages: int = 256, pause: float = 0.01) -> int:
+        """Give the ledger's free pages back to the file system, `pages` per transaction,
+        then cut its write-ahead log back, if no reader is in the way. Returns the pages
+        freed."""
+        freed = 0
+        with self._storage_errors():
+            conn, engine = self.conn, self.engine
+            if engine.can_reclaim(conn):
+                while engine.free_pages(conn):
+                    with self.tx():
+                        freed += min(engine.reclaim(conn, pages), pages)
+                    time.sleep(pause)
+            engine.truncate_log(conn)
+        return freed
 
     # -- reads -----------------------------------------------------------------------
 
@@ -778,22 +925,32 @@ class Ledger:
         return self._rows(f"SELECT * FROM runs{sql} ORDER BY created_at DESC LIMIT ?",
                           (*params, limit))
 
-    def partitions(self, run_id: str) -> list[dict[str, Any]]:
-        return self._rows("SELECT * FROM partitions WHERE run_id = ? ORDER BY idx", (run_id,))
+    def partitions(self, run_id: str, after: int = -1, limit: int | None = None,
+                   status: str | None = None, unsettled: bool = False
+                   ) -> list[dict[str, Any]]:
+        """The run's partitions in index order, from the first after index `after`: at most
+        `limit`, of one `status` only, or (`unsettled`) only those that did not succeed."""
+        where = ""
+        params: list[Any] = [run_id, after]
+        if unsettled or status not in (None, "succeeded"):
+            where += f" AND {UNSETTLED}"
+        if status is not None:
+            where += " AND status = ?"
+            params.append(status)
+        return self._rows(f"SELECT * FROM partitions WHERE run_id = ? AND idx > ?{where} "
+                          "ORDER BY idx LIMIT ?", (*params, -1 if limit is None else limit))
 
-    def attempts(self, run_id: str) -> list[dict[str, Any]]:
-        return self._rows("SELECT * FROM attempts WHERE run_id = ? ORDER BY idx, attempt",
-                          (run_id,))
-
-    def events(self, run_id: str) -> list[dict[str, Any]]:
-        order = self.engine.insertion_order
-        return self._rows(f"SELECT * FROM events WHERE run_id = ? ORDER BY ts, {order}",
-                          (run_id,))
+    def attempts(self, run_id: str, indexes: Sequence[int] | None = None
+                 ) -> list[dict[str, Any]]:
+        """The run's attempts (of the partitions of `indexes` only, if given)."""
+        only = "" if indexes is None else f" AND idx IN ({', '.join('?' * len(indexes))})"
+        return self._rows(f"SELECT * FROM attempts WHERE run_id = ?{only} ORDER BY idx, "
+                          "attempt", (run_id, *(indexes or ())))
 
     def progress(self, run_id: str) -> dict[str, int]:
         """Partition counts by status."""
         return dict(self.conn.execute(
-            "SELECT status, COUNT(*) FROM partitions WHERE run_id = ? GROUP BY status",
+            "SELECT status, n FROM run_counts WHERE run_id = ? AND n > 0 ORDER BY status",
             (run_id,)).fetchall())
 
     def newest_time(self) -> float | None:
@@ -807,8 +964,8 @@ class Ledger:
 
     def highest_waiting_priority(self) -> int | None:
         """The highest priority of the runs queued or running, if any."""
-        return self.conn.execute("SELECT MAX(priority) FROM runs WHERE status IN "
-                                 "('queued', 'running')").fetchone()[0]
+        return self.conn.execute(f"SELECT MAX(priority) FROM runs WHERE {OPEN_RUN}"
+                                 ).fetchone()[0]
 
     def other_work(self, run_id: str, since: float, host: str, pids: Sequence[int]
                    ) -> tuple[int, int, int]:
@@ -817,15 +974,16 @@ class Ledger:
         such runs)."""
         marks = ", ".join("?" * len(pids)) or "NULL"
         done = self.conn.execute(
-            "SELECT COUNT(*) FROM attempts WHERE run_id != ? AND started_at >= ? AND host = ? "
-            f"AND pid IN ({marks})", (run_id, since, host, *pids)).fetchone()[0]
+            "SELECT COUNT(*) FROM attempts WHERE run_id IN (SELECT id FROM runs WHERE id != ? "
+            "AND (finished_at IS NULL OR finished_at >= ?)) AND started_at >= ? AND host = ? "
+            f"AND pid IN ({marks})", (run_id, since, since, host, *pids)).fetchone()[0]
         left, runs = self.conn.execute(
-            "SELECT COUNT(*), COUNT(DISTINCT run_id) FROM partitions WHERE run_id != ? AND "
-            "status IN ('queued', 'running')", (run_id,)).fetchone()
+            "SELECT COALESCE(SUM(n), 0), COUNT(DISTINCT run_id) FROM run_counts WHERE "
+            "run_id != ? AND status IN ('queued', 'running') AND n > 0", (run_id,)).fetchone()
         return done, left, runs
 
     def unfinished_partitions(self) -> int:
         """Partitions queued or running in any run: zero means a burst worker may stop."""
         return self.conn.execute(
-            "SELECT COUNT(*) FROM partitions WHERE status IN ('queued', 'running')"
-        ).fetchone()[0]
+            "SELECT COALESCE(SUM(n), 0) FROM run_counts WHERE status IN ('queued', 'running') "
+            f"AND run_id IN (SELECT id FROM runs WHERE {OPEN_RUN})").fetchone()[0]

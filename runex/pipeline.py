@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import inspect
 import re
 import tomllib
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from runex.cron import Schedule
+from runex.cron import Schedule, duration_seconds
 from runex.errors import PipelineError, RunexError, ScheduleError, suggest
 from runex.extensions import code_version
 from runex.registry import Kernel, Registry, display_path
@@ -107,18 +108,13 @@ class Pipeline:
 
 
 _FIRE_TIME = re.compile(r"\{fire_time(?::([^}]*))?\}")
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
 def parse_duration(value: Any, where: str) -> float:
-    """`90`, `"90s"`, `"10m"`, `"1h30m"`, `"250ms"` to seconds."""
-    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
-        return float(value)
-    if isinstance(value, str) and value and _DURATION.sub("", value.replace(" ", "")) == "":
-        return sum(float(n) * _UNITS[u] for n, u in _DURATION.findall(value))
-    raise PipelineError(f"{where}: {value!r} is not a duration; write seconds (30) "
-                        'or a string such as "500ms", "30s", "10m", "1h30m"')
+    """`90`, `"90s"`, `"10m"`, `"1h30m"`, `"250ms"`, `"30d"` to seconds."""
+    seconds = duration_seconds(value)
+    if seconds is None:
+        raise PipelineError(f"{where}: {value!r} is not a duration; write seconds (30) "
+                            'or a string such as "500ms", "30s", "10m", "1h30m"')
+    return seconds
 
 
 def load(path: str | Path, overrides: Iterable[str] = ()) -> Pipeline:
@@ -226,6 +222,19 @@ def from_mapping(data: dict[str, Any], name: str, where: str = "<pipeline>") -> 
 
 # -- checking against the registry ---------------------------------------------------------
 
+def parameters(fn: Callable) -> tuple[inspect.Parameter, ...]:
+    """`fn`'s parameters, read once per function (every submit checks the pipeline's)."""
+    try:
+        return _parameters(fn)
+    except TypeError:  # not hashable: read every time
+        return tuple(inspect.signature(fn).parameters.values())
+
+
+@functools.lru_cache(maxsize=1024)
+def _parameters(fn: Callable) -> tuple[inspect.Parameter, ...]:
+    return tuple(inspect.signature(fn).parameters.values())
+
+
 @dataclass
 class Signature:
     """The parameters a callable takes after its first `skip` positional ones."""
@@ -240,7 +249,7 @@ class Signature:
     @classmethod
     def of(cls, fn: Callable, skip: int) -> Signature:
         try:
-            params = list(inspect.signature(fn).parameters.values())[skip:]
+            params = list(parameters(fn))[skip:]
         except (TypeError, ValueError):  # builtins without a signature: accept anything
             return cls([], [], True)
         named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
@@ -262,7 +271,7 @@ def _check_arguments(fn: Callable, count: int, what: str, label: str, example: s
                      ) -> list[str]:
     """A callable must take its first `count` arguments by position (`what` they are)."""
     try:
-        params = list(inspect.signature(fn).parameters.values())
+        params = list(parameters(fn))
     except (TypeError, ValueError):  # builtins without a signature: accept anything
         return []
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runex.cron import duration_seconds
 from runex.errors import ConfigError
 from runex.reserve import Reserve
 
@@ -40,7 +41,12 @@ CONFIG_KEYS = {
     "extensions": ("a list of folder names", _folders),
     "pipelines": ("a glob of pipeline files, e.g. \"pipelines/*.toml\"",
                   lambda v: isinstance(v, str) and v != ""),
+    "retain": ('a duration such as "30d", "12h" or "90m", or "forever"',
+               lambda v: v == "forever" or (isinstance(v, str) and duration_seconds(v))),
+    "retain_runs": ("a whole number of at least 1",
+                    lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
 }
+RETAIN = "30d"  # how long finished runs are kept by default
 PROFILE_KEYS = {
     "workers": ("a whole number of at least 1",
                 lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
@@ -82,6 +88,14 @@ class Project:
     @property
     def traces_dir(self) -> Path:
         return self.home / "traces"
+
+    @property
+    def retention(self) -> tuple[float | None, int | None]:
+        """How long finished runs are kept (seconds; None: forever), and how many of the
+        newest runs at most (None: any number): `retain` and `retain_runs` in runex.toml."""
+        retain = self.config.get("retain", RETAIN)
+        return (None if retain == "forever" else duration_seconds(retain),
+                self.config.get("retain_runs"))
 
     def ensure_home(self) -> None:
         """Create the data folder (0700), its traces folder, and its reserve (see

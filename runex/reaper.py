@@ -10,10 +10,11 @@ finalizing worker died. It only reads unless it finds something to mend.
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from runex import tasks, trace
@@ -76,7 +77,7 @@ def reap_lost(state: WorkerState, now: float | None = None) -> int:
         trace.logger(run_id=a["run_id"], pipeline=run["pipeline"], partition_index=a["idx"],
                      attempt=a["attempt"]).warning("partition.lost", reason=reason)
         lost = state.ledger.lose_attempt(a["run_id"], a["idx"], a["attempt"], reason,
-                                         options.quarantine_after, events=trace.drain())
+                                         options.quarantine_after)
         if lost.status is None:
             continue
         found += 1
@@ -111,27 +112,57 @@ def kill_overdue(state: WorkerState, pid: int, index: int, attempt: int,
 
 
 def requeue_vanished(state: WorkerState, older_than: float = 30.0) -> int:
-    """Queue again the partitions queued for a while that have no message on the queue."""
-    waiting = state.ledger.queued_before(time.time() - older_than)
-    if not waiting:
-        return 0
-    present = set()
+    """Queue again the partitions queued since before `older_than` seconds that have no
+    message on the queue.
+
+    A run's queued partitions are counted against the partitions its messages carry. Fewer
+    carried is normal while a worker holds a pack (a moment); a run is looked at partition
+    by partition only when it stays short without moving between two looks (its queued count
+    and its messages the same), or at once when `older_than` is short (a consumer alone, or
+    workers lost). A run of a million queued partitions so costs a count per look."""
+    queued = state.ledger.queued_counts()
+    carried = {run_id: 0 for run_id in queued}
+    for run_id, indexes in _messages(state):
+        if run_id in carried:
+            carried[run_id] += len(indexes)
+    seen, state.queued_seen = state.queued_seen, {r: (queued[r], carried[r]) for r in queued}
+    short = [r for r in queued if carried[r] < queued[r]
+             and (older_than <= VANISHED_ALONE or seen.get(r) == (queued[r], carried[r]))]
+    missing = 0
+    cutoff = time.time() - older_than
+    for run_id in short:
+        spans = sorted(span for r, ix in _messages(state) if r == run_id and ix
+                       for span in _spans(ix))
+        starts = [low for low, _ in spans]
+        priority = state.ledger.run(run_id)["priority"]
+        for idx in state.ledger.queued_before(run_id, cutoff):
+            at = bisect.bisect_right(starts, idx) - 1
+            if at >= 0 and spans[at][0] <= idx <= spans[at][1]:
+                continue  # a message carries it (a pack is a span of indexes)
+            trace.logger(run_id=run_id, partition_index=idx).warning(
+                "partition.requeued", reason="its queue message vanished")
+            tasks.enqueue(state.huey, run_id, [idx], priority)
+            missing += 1
+    return missing
+
+
+def _spans(indexes: list[int]) -> list[tuple[int, int]]:
+    """A message's indexes as spans (first, last): one, for a pack of consecutive ones."""
+    low, high = min(indexes), max(indexes)
+    if high - low + 1 == len(indexes):
+        return [(low, high)]
+    return [(i, i) for i in indexes]
+
+
+def _messages(state: WorkerState) -> Iterator[tuple[str, list[int]]]:
+    """(run id, partition indexes) of each message on the queue, due or scheduled."""
     storage = state.huey.storage
     for raw in storage.enqueued_items() + storage.scheduled_items():
         try:
             run_id, indexes = json.loads(bytes(raw))["message"]["args"]
-            for idx in [indexes] if isinstance(indexes, int) else indexes:
-                present.add((run_id, idx))
         except (ValueError, KeyError, IndexError, TypeError):
             continue  # not ours, or unreadable: huey drops it when a worker takes it
-    missing = [(run_id, idx, prio) for run_id, idx, prio in waiting
-               if (run_id, idx) not in present]
-    for run_id, idx, priority in missing:
-        trace.logger(run_id=run_id, partition_index=idx).warning(
-            "partition.requeued", reason="its queue message vanished")
-        tasks.enqueue(state.huey, run_id, [idx], priority)
-    state.ledger.add_events(trace.drain())
-    return len(missing)
+        yield run_id, [indexes] if isinstance(indexes, int) else indexes
 
 
 def reap_unfinalized(state: WorkerState) -> int:

@@ -43,8 +43,9 @@ class Kernel:
 
 @dataclass
 class DataSourceSpec:
-    """A source: `partitions(**params)` lists JSON-able partition keys (missing: one partition,
-    key `None`); `read(partition, **params)` yields the records of one partition."""
+    """A source: `partitions(**params)` lists JSON-able partition keys (any iterable; a
+    generator is read as it goes, so a million keys are never held at once; missing: one
+    partition, key `None`); `read(partition, **params)` yields the records of one partition."""
 
     name: str
     read: Callable[..., Iterable[dict]]

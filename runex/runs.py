@@ -1,15 +1,19 @@
 """What the Python API returns about a run: `Run`, with its `Partition`s and their attempts.
 
-`Run.to_dict()` is exactly what `runex show RUN --json` prints.
+`Run.to_dict()` is exactly what `runex show RUN --json` prints. A run's partitions are read
+from the ledger as they are used, a page at a time.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 TERMINAL = ("succeeded", "failed", "cancelled")  # a run in one of these is over
+PARTITION_STATUSES = ("queued", "running", "succeeded", "failed", "timeout", "cancelled",
+                      "quarantined")
 
 
 @dataclass(frozen=True)
@@ -21,14 +25,75 @@ class Partition:
     records_in: int | None
     records_out: int | None
     error: str | None
+    seconds: float | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Partition:
+        return cls(data["index"], data["key"], data["status"], data["attempts"],
+                   data["records_in"], data["records_out"], data["error"], data["seconds"])
+
+    def to_dict(self) -> dict[str, Any]:
+        """What `runex show --json` prints of the partition."""
+        return {"index": self.index, "key": self.key, "status": self.status,
+                "attempts": copy.deepcopy(self.attempts), "records_in": self.records_in,
+                "records_out": self.records_out, "error": self.error, "seconds": self.seconds}
+
+
+# Reads partitions, in index order, from the first after index `after`: at most `limit`, of
+# one `status`, or (`unsettled`) those that did not succeed; each as `Partition.to_dict`.
+Fetch = Callable[..., list[dict[str, Any]]]
+PAGE = 1000
+
+
+class Partitions(Sequence[Partition]):
+    """A run's partitions, read from the ledger a page at a time as they are used (a run of
+    a million is never held whole): `len`, indexing, slicing and iteration, and `where` for
+    some of them."""
+
+    def __init__(self, fetch: Fetch, count: int):
+        self._fetch, self._count = fetch, count
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, at: Any) -> Any:
+        if isinstance(at, slice):
+            return [self[i] for i in range(*at.indices(self._count))]
+        if at < 0:
+            at += self._count
+        if not 0 <= at < self._count:
+            raise IndexError("partition index out of range")
+        return Partition.from_dict(self._fetch(after=at - 1, limit=1)[0])
+
+    def __iter__(self) -> Iterator[Partition]:
+        return self.where()
+
+    def where(self, status: str | None = None, unsettled: bool = False, after: int = -1,
+              limit: int | None = None) -> Iterator[Partition]:
+        """The partitions of one `status`, or (`unsettled`) those that did not succeed, in
+        index order from the first after index `after`, at most `limit` of them."""
+        left = limit
+        while left is None or left > 0:
+            page = self._fetch(after=after, limit=PAGE if left is None else min(PAGE, left),
+                               status=status, unsettled=unsettled)
+            for data in page:
+                yield Partition.from_dict(data)
+            if len(page) < PAGE:
+                return
+            after = page[-1]["index"]
+            left = None if left is None else left - len(page)
 
 
 @dataclass(frozen=True)
 class Run:
+    """A run as the ledger holds it when read; its `partitions` are read as they are used.
+    `to_dict()` is what `runex show --json` prints."""
+
     id: str
     pipeline: str
     status: str  # queued running succeeded failed cancelled
-    partitions: list[Partition]
+    partitions: Partitions
+    counts: dict[str, int]  # partitions by status
     records_in: int
     records_out: int
     error: str | None
@@ -39,17 +104,24 @@ class Run:
     _data: dict[str, Any] = field(repr=False, compare=False)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Run:
-        parts = [Partition(p["index"], p["key"], p["status"], p["attempts"], p["records_in"],
-                           p["records_out"], p["error"]) for p in data["partitions"]]
-        return cls(data["id"], data["pipeline"], data["status"], parts, data["records_in"],
-                   data["records_out"], data["error"], data["created_at"], data["started_at"],
-                   data["finished_at"], data["scheduled_for"], data)
+    def from_ledger(cls, data: dict[str, Any], fetch: Fetch) -> Run:
+        """`data`: the run as `to_dict` prints it, without its partitions; `fetch` reads
+        them."""
+        return cls(data["id"], data["pipeline"], data["status"],
+                   Partitions(fetch, data["partition_count"]), data["counts"],
+                   data["records_in"], data["records_out"], data["error"], data["created_at"],
+                   data["started_at"], data["finished_at"], data["scheduled_for"], data)
 
     @property
     def over(self) -> bool:
         """Whether the run has ended (succeeded, failed or cancelled)."""
         return self.status in TERMINAL
 
-    def to_dict(self) -> dict[str, Any]:
+    def summary(self) -> dict[str, Any]:
+        """The run without its partitions (`counts` tells them by status)."""
         return copy.deepcopy(self._data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The run with every partition (for a run of a million, mind the memory:
+        `summary()` and iterating `partitions` read a page at a time)."""
+        return {**self.summary(), "partitions": [p.to_dict() for p in self.partitions]}

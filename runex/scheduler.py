@@ -75,7 +75,6 @@ class Scheduler:
                 run_id = self.fire(entry, fire_time)
                 if run_id:
                     created.append(run_id)
-        self.ledger.add_events(trace.drain())
         return created
 
     def due(self, entry: Entry, now: dt.datetime) -> list[dt.datetime]:
@@ -109,7 +108,7 @@ class Scheduler:
             status = "skipped" if pipeline.options.overlap == "skip" else "waiting"
             reason = f"run {active} was still going"
             log.info(f"schedule.{status}", because=active, reason=reason)
-            ledger.record_fire(name, when, status, reason, events=trace.drain())
+            ledger.record_fire(name, when, status, reason)
             return None
         return self._submit(entry, fire_time, ledger.fire_run, log)
 
@@ -120,15 +119,14 @@ class Scheduler:
         log = trace.logger(pipeline=entry.pipeline.name, fire_time=fire_time)
         return self._submit(entry, parse_time(fire_time), self.ledger.fire_waiting_run, log)
 
-    def _submit(self, entry: Entry, fire_time: dt.datetime, record: Callable[[NewRun], bool],
+    def _submit(self, entry: Entry, fire_time: dt.datetime, record: Callable[[NewRun], int | None],
                 log: Any) -> str | None:
         try:
             run_id = self.submit(entry.pipeline, (), fire_time, record)
         except RunexError as exc:
             # Recorded, so that a pipeline failing at a fire time does not retry every second.
             log.error("schedule.failed", error=str(exc))
-            self.ledger.record_fire(entry.pipeline.name, iso(fire_time), "error", str(exc),
-                                       events=trace.drain())
+            self.ledger.record_fire(entry.pipeline.name, iso(fire_time), "error", str(exc))
             return None
         if run_id is not None:
             log.info("schedule.fired", run_id=run_id)

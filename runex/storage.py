@@ -31,6 +31,8 @@ BUSY_TIMEOUT = 60.0  # seconds a writer waits for the lock before SQLite gives u
 # and syncs it, which takes milliseconds to tens of them. SQLite's default is 1000 (4 MiB);
 # consumers checkpoint every `reap_every` instead, so submits and claims seldom pay for it.
 AUTOCHECKPOINT_PAGES = 10_000
+# A write-ahead log that grew in a burst of work is cut back to this size once checkpointed.
+WAL_KEEP_BYTES = 1024 * 1024
 
 T = TypeVar("T")
 
@@ -42,15 +44,42 @@ def create_private(path: str | os.PathLike) -> None:
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
 
 
-def tune(conn: sqlite3.Connection, autocheckpoint: bool = True) -> None:
+def tune(conn: sqlite3.Connection, autocheckpoint: bool = True, ours: bool = True) -> None:
     """Write-ahead logging with `synchronous=NORMAL`: a commit survives a crash of the process
     and costs no fsync; what makes it survive a power cut is an explicit sync (see
     `durable.sync_log`). Switching a new file to WAL fails at once, not after the busy
-    timeout, while another process holds it: retried."""
+    timeout, while another process holds it: retried.
+
+    A file of runex's own (`ours`: the ledger, the queue; not a sink's) gives freed pages back
+    to the file system when asked, if it is new (`SqliteEngine.reclaim`), and its write-ahead
+    log is cut back to `WAL_KEEP_BYTES` after each checkpoint that empties it."""
+    if ours and conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0:
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # before the first table only
     retry_locked(lambda: conn.execute("PRAGMA journal_mode=WAL"))
     conn.execute("PRAGMA synchronous=NORMAL")
+    if ours:
+        conn.execute(f"PRAGMA journal_size_limit = {WAL_KEEP_BYTES}")
     if autocheckpoint:
         conn.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}")
+
+
+def truncate_log(conn: sqlite3.Connection, path: str | os.PathLike) -> bool:
+    """Checkpoint the whole write-ahead log of the database file `path` and cut it to nothing,
+    if no reader is in the way; returns whether it was cut. It waits for nobody (for when work
+    is done), and touches nothing when the log is empty already."""
+    try:
+        if os.path.getsize(f"{path}-wal") == 0:
+            return True
+    except FileNotFoundError:
+        return True
+    busy = conn.execute("PRAGMA busy_timeout").fetchone()[0]
+    conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        return conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {busy}")
 
 
 def begin_immediate(conn: sqlite3.Connection, timeout: float = BUSY_TIMEOUT) -> None:
@@ -164,7 +193,7 @@ class SqliteEngine:
     made durable by syncing the write-ahead log, and waiters woken by inotify."""
 
     name = "sqlite"
-    insertion_order = "rowid"  # what orders rows inserted in one transaction
+    clustered = " WITHOUT ROWID"  # a table stored in its primary key's order
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -204,6 +233,34 @@ class SqliteEngine:
         """Copy what the write-ahead log holds into the database, without waiting for
         anyone."""
         conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    def truncate_log(self, conn: sqlite3.Connection) -> bool:
+        """See `truncate_log`."""
+        return truncate_log(conn, self.path)
+
+    @staticmethod
+    def free_pages(conn: sqlite3.Connection) -> int:
+        """Pages of the file that hold nothing (what `reclaim` gives back)."""
+        return conn.execute("PRAGMA freelist_count").fetchone()[0]
+
+    def reclaim(self, conn: sqlite3.Connection, pages: int) -> int:
+        """In a write transaction: give up to `pages` free pages back to the file system
+        (the file shrinks); returns how many were free before."""
+        free = self.free_pages(conn)
+        if free:
+            conn.execute(f"PRAGMA incremental_vacuum({int(pages)})").fetchall()  # a page a step
+        return free
+
+    @staticmethod
+    def can_reclaim(conn: sqlite3.Connection) -> bool:
+        return conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental
+
+    @staticmethod
+    def allow_reclaim(conn: sqlite3.Connection) -> None:
+        """Make a file written before runex gave space back able to (`reclaim`): rewrites it
+        whole, once, outside any transaction."""
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        conn.execute("VACUUM")
 
     def sync(self) -> None:
         """Make every transaction committed so far survive a power cut (a connection of this

@@ -16,7 +16,7 @@ import functools
 import json
 import os
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from huey.registry import Message
@@ -25,7 +25,7 @@ from runex import huey_private, trace
 from runex.errors import DiskFull
 from runex.project import cpu_count
 from runex.reserve import Reserve, is_disk_full
-from runex.storage import FileWatch, create_private, tune
+from runex.storage import FileWatch, create_private, truncate_log, tune
 
 QUEUE_NAME = "runex"
 TASK_NAME = "runex.tasks.partition"  # huey's identity for the task: module + name
@@ -101,6 +101,12 @@ class QueueStorage(huey_private.ConnectionHook):
         with self.writing():
             self.sql("pragma wal_checkpoint(PASSIVE)")
 
+    def truncate_log(self) -> None:
+        """Cut the write-ahead log back to nothing, if no reader is in the way (when the
+        queue is idle)."""
+        with contextlib.suppress(DiskFull), self.writing():
+            truncate_log(self.conn, self.filename)
+
     @functools.cached_property
     def reserve(self) -> Reserve:
         return Reserve(os.path.dirname(self.filename))
@@ -173,16 +179,17 @@ MIN_MESSAGES = 64  # a run is split into at least this many messages (16 per CPU
 MAX_PACK = 256
 
 
-def packs(indexes: Iterable[int], cpus: int | None = None) -> list[list[int]]:
-    """Split partition indexes into messages: one each up to 16 per CPU (at least 64), then
-    packs of equal size (up to 256), so that there are about that many messages."""
-    indexes = list(indexes)
+def packs(indexes: Sequence[int], cpus: int | None = None) -> Iterator[list[int]]:
+    """Split partition indexes (a list, or a `range`: a million is never held) into messages:
+    one each up to 16 per CPU (at least 64), then packs of equal size (up to 256), so that
+    there are about that many messages."""
     messages = max(MIN_MESSAGES, 16 * (cpus or cpu_count()))
     size = min(MAX_PACK, max(1, -(-len(indexes) // messages)))
-    return [indexes[i:i + size] for i in range(0, len(indexes), size)]
+    for i in range(0, len(indexes), size):
+        yield list(indexes[i:i + size])
 
 
-def enqueue(huey: Queue, run_id: str, indexes: Iterable[int], priority: int = 0,
+def enqueue(huey: Queue, run_id: str, indexes: Sequence[int], priority: int = 0,
             delay: float | None = None, one_pack: bool = False) -> None:
     """Put the partitions on the queue, packed (`packs`; or all in one message), in one
     transaction (huey's own `enqueue` takes one transaction per message)."""
@@ -195,7 +202,7 @@ def enqueue(huey: Queue, run_id: str, indexes: Iterable[int], priority: int = 0,
             for pack in messages:
                 huey.add_schedule(task((run_id, pack), {}, eta=eta, priority=priority))
             return
-        huey_private.insert_messages(huey.storage, [
+        huey_private.insert_messages(huey.storage, (
             (QUEUE_NAME, huey.serialize_task(task((run_id, pack), {}, priority=priority)),
-             priority) for pack in messages])
+             priority) for pack in messages))
     huey.storage.notify()

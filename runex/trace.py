@@ -1,9 +1,11 @@
 """Execution traces and the operator's log: structlog, configured here and only here.
 
-Every event is written as one JSON line to `RUNEX_HOME/traces/YYYY-MM-DD.jsonl` (UTC) and kept
-for the ledger (written in the same transaction as the partition or run it belongs to, see
-`drain`). Events are dotted verbs (`partition.claimed`, `step.finished`, ...), traced per
-partition and per step, never per record.
+Events are dotted verbs (`partition.failed`, `step.finished`, ...), traced per partition and
+per step, never per record. Each fact is kept once: an event that only restates a row of the
+ledger (a run submitted, started or finished, a partition claimed or committed, its steps'
+counts and times, a schedule fired: `ROW_FACTS`) is not written again; every other event is
+written as one JSON line to `RUNEX_HOME/traces/YYYY-MM-DD.jsonl` (UTC). `runex trace` puts the
+two back together.
 
 The operator's log is the same events on stderr, one line each, for the person or the service
 manager running runex: a readable console renderer on a terminal, logfmt or JSON lines
@@ -15,13 +17,14 @@ per-step events, which `debug` shows.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,19 +33,17 @@ import structlog
 from runex.reserve import Reserve, is_disk_full
 
 HOST = socket.gethostname()
-# Events not yet in the ledger, as its rows: (ts, run_id, idx, attempt, event, data as JSON).
-_pending: list[tuple[Any, ...]] = []
 _state: dict[str, Any] = {"dir": None, "fd": None, "until": 0.0, "pid": None,
                          "configured": False, "console": False, "before_line": ""}
-
-# A forked process starts with none of its parent's pending events: the parent writes them.
-os.register_at_fork(after_in_child=_pending.clear)
 
 LOG_FORMATS = ("console", "logfmt", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # Events of every partition and step: in the operator's log at `debug` only.
 CHATTER = {"partition.claimed", "partition.committed", "step.finished", "run.submitted",
            "extensions.reloaded"}
+# Events whose facts the ledger's rows hold: in the operator's log, not in the trace files.
+ROW_FACTS = {"run.submitted", "run.started", "run.finished", "partition.claimed",
+             "partition.committed", "step.finished", "schedule.fired"}
 
 
 def _stamp(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
@@ -54,13 +55,11 @@ def _stamp(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
 
 
 def _write(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
-    """Append the event to today's JSON lines file and keep it for the ledger."""
-    data = json.dumps(event, default=str)
-    ts = event["ts"]
-    _pending.append((ts, event.get("run_id"), event.get("partition_index"),
-                     event.get("attempt"), event["event"], data))
+    """Append the event to today's JSON lines file, unless the ledger holds its facts."""
     folder = _state["dir"]
-    if folder is not None:
+    if folder is not None and event["event"] not in ROW_FACTS:
+        data = json.dumps(event, default=str)
+        ts = event["ts"]
         try:
             if _state["fd"] is None or ts >= _state["until"] or _state["pid"] != os.getpid():
                 if _state["fd"] is not None and _state["pid"] == os.getpid():
@@ -72,8 +71,8 @@ def _write(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
                 _state["until"], _state["pid"] = (ts // 86400 + 1) * 86400, os.getpid()
             os.write(_state["fd"], (data + "\n").encode())
         except OSError as exc:
-            # A trace line is not worth stopping work for: it is dropped (the ledger keeps
-            # the event). A full disk releases the home's reserve (see runex.reserve).
+            # A trace line is not worth stopping work for: it is dropped. A full disk
+            # releases the home's reserve (see runex.reserve).
             if is_disk_full(exc):
                 Reserve(Path(folder).parent).release()
     return event
@@ -123,7 +122,7 @@ def _for_operator(log_format: str, log_level: str) -> Callable[..., Any]:
 def configure(traces_dir: str | os.PathLike | None, console: bool | None = None,
               verbose: bool = False, log_format: str | None = None,
               log_level: str = "info") -> None:
-    """Route events to `traces_dir` (None: nowhere but the ledger) and, when `console`, to
+    """Route events to `traces_dir` (None: to no file) and, when `console`, to
     the operator's log on stderr (by default: when stderr is a terminal) in `log_format`
     (`console` on a terminal, `logfmt` otherwise, or `json`) from `log_level` up."""
     if console is None:
@@ -178,12 +177,11 @@ def tell_operator(message: str) -> None:
 
 
 def reset() -> None:
-    """Forget the configuration and pending events (for tests)."""
+    """Forget the configuration (for tests)."""
     if _state["fd"] is not None and _state["pid"] == os.getpid():
         os.close(_state["fd"])
     _state.update(dir=None, fd=None, until=0.0, pid=None, configured=False, console=False,
                   before_line="")
-    _pending.clear()
     structlog.reset_defaults()
 
 
@@ -195,8 +193,19 @@ def logger(**bound: Any) -> Any:
     return structlog.get_logger("runex").bind(**bound)
 
 
-def drain() -> list[tuple[Any, ...]]:
-    """Take the events not yet written to the ledger, as rows of its `events` table."""
-    events = _pending[:]
-    _pending.clear()
-    return events
+def read(traces_dir: str | os.PathLike, run_id: str, since: float, until: float
+         ) -> Iterator[dict[str, Any]]:
+    """The events of run `run_id` in the trace files of the days from `since` to `until`."""
+    mark = f'"run_id": {json.dumps(run_id)}'
+    day = since - since % 86400
+    while day <= until:
+        path = Path(traces_dir) / time.strftime("%Y-%m-%d.jsonl", time.gmtime(day))
+        with contextlib.suppress(FileNotFoundError), open(path, encoding="utf-8",
+                                                          errors="replace") as lines:
+            for line in lines:
+                if mark in line:
+                    with contextlib.suppress(ValueError):
+                        event = json.loads(line)
+                        if event.get("run_id") == run_id:
+                            yield event
+        day += 86400

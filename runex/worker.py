@@ -61,6 +61,8 @@ class WorkerState:
     running: Running = field(default_factory=Running)
     reserve: Reserve = field(init=False)  # gone while the disk under the home is full
     chunk: tuple[str, int] = ("", 1)  # (run id, chunk size) learned by this process's last pack
+    # The reaper's last look at each run with queued partitions: (queued, carried by messages)
+    queued_seen: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.reserve = Reserve(self.home)

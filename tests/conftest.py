@@ -68,6 +68,13 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
+def traced(project: Path, *names: str) -> list[dict]:
+    """The events in the home's trace files (of `names` only, if given), in file order."""
+    events = [json.loads(line) for f in sorted((project / ".runex" / "traces").glob("*.jsonl"))
+              for line in f.read_text().splitlines()]
+    return [e for e in events if not names or e["event"] in names]
+
+
 @pytest.fixture
 def project(tmp_path, monkeypatch):
     """An empty project folder (runex.toml, extensions/) as the current folder."""

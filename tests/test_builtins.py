@@ -28,7 +28,7 @@ def ctx(index, params, run_id="r1", attempt=1, count=0):
 def read_all(source, params):
     """Partition keys and records of a source, each function given the parameters it takes,
     as runex gives them."""
-    keys = source.partitions(**Signature.of(source.partitions, 0).select(params))
+    keys = list(source.partitions(**Signature.of(source.partitions, 0).select(params)))
     extra = Signature.of(source.read, 1).select(params)
     return keys, [r for key in keys for r in source.read(key, **extra)]
 
@@ -201,7 +201,7 @@ def test_sqlite_source_partitions_by_rowid(registry, tmp_path):
         conn.execute("CREATE TABLE t (x)")
         conn.executemany("INSERT INTO t VALUES (?)", [(i,) for i in range(25)])
     source = registry.source("sqlite")
-    keys = source.partitions(path=str(db), table="t", rows=10)
+    keys = list(source.partitions(path=str(db), table="t", rows=10))
     assert keys == [[1, 11], [11, 21], [21, 31]]
     got = [r["x"] for k in keys for r in source.read(k, path=str(db), table="t")]
     assert got == list(range(25))

@@ -5,9 +5,9 @@ import sqlite3
 
 import pytest
 
-from runex import Runex, tasks
+from runex import Runex, tasks, trace
 
-from .conftest import drain, show, write
+from .conftest import drain, show, traced, write
 
 EXT = """
     import time
@@ -133,20 +133,24 @@ def test_queue_messages_are_json_with_ids_only(rx, project):
                                 "retry_delay", "retry_backoff"}
 
 
-def test_traces_go_to_json_lines_and_the_ledger(rx, project):
+def test_each_fact_is_kept_once_and_the_trace_puts_them_together(rx, project):
     run_id = rx.submit(pipeline(project, '[[steps]]\nuse = "evens"', stop=20, size=10))
     drain(rx)
-    events = [json.loads(e["data"]) for e in rx.ledger.events(run_id)]
+    events = rx.trace(run_id)
     names = [e["event"] for e in events]
     assert names[0] == "run.submitted" and names[-1] == "run.finished"
     assert names.count("partition.claimed") == 2 and names.count("partition.committed") == 2
+    assert [e["ts"] for e in events] == sorted(e["ts"] for e in events)
     step = next(e for e in events if e["event"] == "step.finished")
     assert step["kernel"] == "evens" and step["records_in"] == 10 and step["records_out"] == 5
     assert {"run_id", "pipeline", "partition", "attempt", "pid", "host", "seconds"} <= set(
         next(e for e in events if e["event"] == "partition.committed"))
-    lines = [json.loads(line) for f in (project / ".runex" / "traces").glob("*.jsonl")
-             for line in f.read_text().splitlines()]
-    assert [e["event"] for e in lines if e.get("run_id") == run_id][1:] == names[1:]
+    # every event of a run that went well is a fact of the ledger's rows: none in the files
+    assert {e["event"] for e in events} <= trace.ROW_FACTS
+    assert [e for e in traced(project) if e.get("run_id") == run_id] == []
+    shown = rx.show(run_id).partitions[0].attempts[0]["steps"]
+    assert [(s["kernel"], s["records_in"], s["records_out"]) for s in shown] == [
+        ("evens", 10, 5)]
 
 
 def test_priority_orders_the_queue(rx, project):

@@ -25,9 +25,9 @@ SLOW_FIRST = """
 
 
 def test_partitions_are_packed_only_when_there_are_many():
-    assert tasks.packs(range(40), cpus=2) == [[i] for i in range(40)]
+    assert list(tasks.packs(range(40), cpus=2)) == [[i] for i in range(40)]
     for count, cpus in ((3000, 2), (3000, 64), (100_000, 4)):
-        packs = tasks.packs(range(count), cpus=cpus)
+        packs = list(tasks.packs(range(count), cpus=cpus))
         # About 16 messages per CPU (at least MIN_MESSAGES), unless packs would pass MAX_PACK.
         messages = max(tasks.MIN_MESSAGES, 16 * cpus, -(-count // tasks.MAX_PACK))
         assert [i for p in packs for i in p] == list(range(count))  # every index, in order

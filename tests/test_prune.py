@@ -2,8 +2,14 @@
 runs not over and the fires a schedule needs stay."""
 
 import json
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
 import time
+
+import pytest
 
 from runex import Runex
 
@@ -33,7 +39,8 @@ def test_prune_deletes_old_runs_everywhere_and_keeps_what_is_needed(project):
                      (old[0], now - 40 * 86400, old[1], now - 40 * 86400))
     traces = project / ".runex" / "traces"
     write(traces / "2026-10-01.jsonl", '{"event": "x"}\n')
-    today = sorted(traces.glob("*.jsonl"))[-1].name
+    today = time.strftime("%Y-%m-%d.jsonl", time.gmtime())
+    write(traces / today, '{"event": "y"}\n')
 
     dry = json.loads(runex_cli("prune", "--dry-run", "--json", cwd=project, check=True).stdout)
     assert dry["runs"] == 2 and dry["partitions"] == 6 and dry["fires"] == 1
@@ -42,7 +49,7 @@ def test_prune_deletes_old_runs_everywhere_and_keeps_what_is_needed(project):
 
     result = runex_cli("prune", cwd=project, check=True)
     assert result.stdout.startswith("deleted 2 runs that ended before ")
-    for table in ("partitions", "attempts", "events"):
+    for table in ("partitions", "attempts", "run_counts"):
         assert count(ledger, f"SELECT COUNT(*) FROM {table} WHERE run_id IN (?, ?)",
                      *old) == 0, table
     assert {r["id"] for r in rx.runs()} == {waiting, fresh}
@@ -64,3 +71,55 @@ def test_keep_last_and_bad_durations(project):
     assert done["runs"] == 2 and [r["id"] for r in rx.runs()] == [ids[-1]]
     result = runex_cli("prune", "--older-than", "soon", cwd=project)
     assert result.returncode == 2 and "'soon' is not a duration" in result.stderr
+
+
+def on_disk(home) -> int:
+    return sum(p.stat().st_size for p in home.glob("ledger.db*") if p.name != "ledger.db-shm")
+
+
+@pytest.mark.slow
+def test_consumers_prune_what_retain_lets_go_and_give_the_space_back(project):
+    """`retain` and `retain_runs` in runex.toml: a consumer prunes by itself, never a run
+    that is not over, and the ledger file shrinks."""
+    write(project / "runex.toml", 'extensions = ["extensions"]\nretain = "1d"\n'
+                                  "retain_runs = 3\n")
+    work_pipeline(project, stop=1500, size=1)
+    rx = Runex()
+    old = [rx.run("pipelines/p.toml", workers=0).id for _ in range(3)]
+    going = rx.submit("pipelines/p.toml", ["steps.0.pause=30", "source.stop=1"])
+    fresh = [rx.run("pipelines/p.toml", workers=0).id for _ in range(4)]
+    with rx.ledger.tx() as conn:  # three runs ended two days ago; one began then, not over
+        conn.execute("UPDATE runs SET created_at = created_at - 172800, finished_at = "
+                     "finished_at - 172800 WHERE id IN (?, ?, ?, ?)", (*old, going))
+    home = project / ".runex"
+    rx.ledger.reclaim()  # what the runs above left in the write-ahead log, in the file
+    before = on_disk(home)
+    proc = subprocess.Popen([sys.executable, "-m", "runex", "worker", "-w", "1", "--profile",
+                             "fast"], cwd=project, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while {r["id"] for r in rx.runs()} != {going, *fresh[1:]} or on_disk(home) > before / 2:
+            assert time.monotonic() < deadline, (rx.runs(), on_disk(home), before)
+            time.sleep(0.1)
+        assert not rx.show(going).over  # old, but not over: kept
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    ledger = home / "ledger.db"
+    gone = (*old, fresh[0])
+    for table in ("partitions", "attempts", "run_counts"):
+        assert count(ledger, f"SELECT COUNT(*) FROM {table} WHERE run_id IN (?, ?, ?, ?)",
+                     *gone) == 0, table
+    assert count(ledger, "SELECT COUNT(*) FROM partitions") == 3 * 1500 + 1
+    assert count(ledger, "PRAGMA freelist_count") == 0
+
+
+def test_a_bad_retain_names_the_file_and_key(project):
+    write(project / "runex.toml", 'extensions = ["extensions"]\nretain = "a month"\n')
+    result = runex_cli("runs", cwd=project)
+    assert result.returncode == 3
+    assert "runex.toml: key 'retain' must be a duration such as \"30d\"" in result.stderr
+    write(project / "runex.toml", 'extensions = ["extensions"]\nretain = "forever"\n'
+                                  "retain_runs = 5\n")
+    assert Runex().project.retention == (None, 5)

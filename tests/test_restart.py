@@ -110,7 +110,7 @@ def test_a_home_written_by_runex_0_1_opens_and_keeps_working(project):
     assert old["records_out"] == 43 and [p["status"] for p in old["partitions"]] == [
         "succeeded", "succeeded"]
     with sqlite3.connect(project / ".runex" / "ledger.db") as conn:
-        assert conn.execute("PRAGMA user_version").fetchone() == (3,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (4,)
         assert conn.execute("SELECT boot_id FROM attempts").fetchall() == [(None,)] * 4
     work_pipeline(project, stop=20)
     run_id = runex_cli("submit", "pipelines/p.toml", cwd=project, check=True).stdout.strip()
@@ -155,3 +155,49 @@ def test_the_reaper_finalizes_runs_whose_finalizer_is_gone_or_was_itself(project
         runs.append(run_id)
     assert reaper.reap_unfinalized(state) == 2
     assert [rx.ledger.run(r)["status"] for r in runs] == ["succeeded", "succeeded"]
+
+
+@pytest.mark.slow
+def test_a_home_of_ledger_schema_3_opens_and_keeps_working(tmp_path, monkeypatch):
+    """tests/fixtures/home-schema-3: written before each fact was kept once (trace events in
+    the ledger too, partitions with a rowid, no counts). Its history, fires and queued run
+    are all there after the upgrade, and the queued run goes on."""
+    fixture = TESTS / "fixtures" / "home-schema-3"
+    project = tmp_path / "fx"  # where the project was: its runs recorded /tmp/fx
+    shutil.copytree(fixture / "project", project)
+    home = project / ".runex"
+    home.mkdir()
+    for name in ("ledger.db", "queue.db", "traces"):
+        (shutil.copytree if name == "traces" else shutil.copy)(fixture / name, home / name)
+    with sqlite3.connect(home / "ledger.db") as conn:
+        conn.execute("UPDATE runs SET project_dir = ?", (str(project),))
+    monkeypatch.chdir(project)
+    runs = json.loads(runex_cli("runs", "--json", cwd=project, check=True).stdout)
+    assert [(r["pipeline"], r["status"], r["records_out"]) for r in runs] == [
+        ("example", "queued", 0), ("daily", "succeeded", 43), ("broken", "failed", 0),
+        ("example", "succeeded", 43)]
+    with sqlite3.connect(home / "ledger.db") as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (4,)
+        assert conn.execute("PRAGMA auto_vacuum").fetchone() == (2,)  # space can go back
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+        counts = conn.execute("SELECT status, SUM(n) FROM run_counts GROUP BY status "
+                              "ORDER BY status").fetchall()
+    assert "events" not in tables and "partitions_4" not in tables
+    assert counts == [("failed", 2), ("queued", 2), ("succeeded", 4)]
+    broken = json.loads(runex_cli("show", runs[2]["id"], "--json", cwd=project,
+                                  check=True).stdout)
+    assert broken["counts"] == {"failed": 2}
+    assert "ValueError: cannot read" in broken["partitions"][0]["attempts"][0]["traceback"]
+    # the trace of an old run: its events were in the files and the ledger; now the files
+    events = json.loads(runex_cli("trace", runs[3]["id"], "--json", cwd=project,
+                                  check=True).stdout)
+    names = [e["event"] for e in events]
+    assert names[0] == "run.submitted" and names[-1] == "run.finished"
+    assert names.count("partition.committed") == 2
+    schedules = json.loads(runex_cli("schedules", "--json", cwd=project, check=True).stdout)
+    assert schedules[0]["last"]["fire_time"] == "2026-11-26T06:00:00Z"
+    runex_cli("worker", "--burst", "-w", "1", cwd=project, check=True)  # the queued run
+    done = json.loads(runex_cli("show", runs[0]["id"], "--json", cwd=project,
+                                check=True).stdout)
+    assert done["status"] == "succeeded" and done["records_out"] == 43
+    assert done["counts"] == {"succeeded": 2}

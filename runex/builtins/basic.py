@@ -8,7 +8,7 @@ from runex import DataSourceSpec, SinkSpec
 def range_partitions(stop, start=0, size=1000):
     if size < 1:
         raise ValueError("size must be at least 1")
-    return [[i, min(i + size, stop)] for i in range(start, stop, size)]
+    return ([i, min(i + size, stop)] for i in range(start, stop, size))  # as they are read
 
 
 def read_range(partition, field="n"):

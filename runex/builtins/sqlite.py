@@ -62,7 +62,7 @@ def sqlite_partitions(path, table=None, query=None, rows=10_000):
         low, high = conn.execute(f"SELECT MIN(rowid), MAX(rowid) FROM {quote(table)}").fetchone()
     if low is None:
         return []
-    return [[start, start + rows] for start in range(low, high + 1, rows)]
+    return ([start, start + rows] for start in range(low, high + 1, rows))  # as they are read
 
 
 def read_sqlite(partition, path, table=None, query=None, columns="*", where=None):
@@ -105,7 +105,7 @@ def connect(path, wal=True):
         make_dirs(os.path.dirname(os.path.abspath(path)))
         conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None)
         if wal:
-            tune(conn, autocheckpoint=False)  # see runex.storage
+            tune(conn, autocheckpoint=False, ours=False)  # see runex.storage
         conn.execute(MARKERS)
         _connections[key] = conn
     return conn
