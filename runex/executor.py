@@ -198,9 +198,14 @@ def run_one(state: WorkerState, claim: Claim, cancel: Cancellation, timeout: flo
             ) -> tuple[Outcome, float]:
     """Run one claimed partition (within `timeout` seconds); returns how it ended, and in
     how many seconds to retry it (0: now, for an interrupted one)."""
-    log = trace.logger(run_id=claim.run_id, pipeline=claim.pipeline, partition=claim.key,
-                       partition_index=claim.index, attempt=claim.attempt)
-    log.debug("partition.claimed")
+    def log() -> Any:  # made when there is something to say: a partition that goes well
+        return trace.logger(run_id=claim.run_id, pipeline=claim.pipeline,  # says nothing
+                            partition=claim.key, partition_index=claim.index,
+                            attempt=claim.attempt)
+
+    chatty = trace.debugging()  # the operator's log shows every partition and step
+    if chatty:
+        log().debug("partition.claimed")
     stats = Stats()
     began, started = time.time(), time.perf_counter()
     plan: Plan | None = None
@@ -215,20 +220,23 @@ def run_one(state: WorkerState, claim: Claim, cancel: Cancellation, timeout: flo
                 state.running.end()
     except KeyboardInterrupt:
         # The consumer stopped this worker mid-partition: give the partition back.
-        log.warning("partition.interrupted", records_in=stats.records_in)
+        log().warning("partition.interrupted", records_in=stats.records_in)
         return Outcome(claim, "interrupted", stats.records_in, stats.records_out,
                        error="the worker was stopped", requeue=True, started=began,
                        code_version=plan and plan.code_version), 0.0
     except Exception as exc:  # noqa: BLE001 - a partition's failure must not stop the worker
-        _log_steps(log, stats)
-        outcome, delay = failed(claim, exc, stats, log.bind(
+        if chatty:
+            _log_steps(log(), stats)
+        outcome, delay = failed(claim, exc, stats, log().bind(
             seconds=round(time.perf_counter() - started, 4)))
         outcome.started, outcome.code_version = began, plan and plan.code_version
         outcome.steps = stats.step_rows()
         return outcome, delay
-    _log_steps(log, stats)
-    log.debug("partition.committed", records_in=stats.records_in,
-              records_out=stats.records_out, seconds=round(time.perf_counter() - started, 4))
+    if chatty:
+        _log_steps(log(), stats)
+        log().debug("partition.committed", records_in=stats.records_in,
+                    records_out=stats.records_out,
+                    seconds=round(time.perf_counter() - started, 4))
     return Outcome(claim, "succeeded", stats.records_in, stats.records_out,
                    started=began, code_version=plan.code_version,
                    steps=stats.step_rows()), 0.0

@@ -568,56 +568,57 @@ class Ledger:
         """Record how attempts of one run ended, in one transaction. A partition moves only
         if its attempt still holds it (a fenced, stale attempt changes nothing); `requeue`
         puts it back to `queued` for a retry."""
+        if not outcomes:
+            return Recorded([], False)
         now = time.time()
-        applied = []
+        run_id = outcomes[0].claim.run_id
         moved: dict[str, int] = {}
         records = [0, 0]
         with self.tx() as conn:
-            for o in outcomes:
-                key = (o.claim.run_id, o.claim.index, o.claim.attempt)
-                if o.status == "released":  # never started: as if never claimed
-                    cur = conn.execute(
-                        "UPDATE partitions SET status = 'queued', attempt = attempt - 1 "
-                        "WHERE run_id = ? AND idx = ? AND attempt = ? AND status = 'running'",
-                        key)
-                    applied.append(cur.rowcount == 1)
-                    if applied[-1]:
-                        conn.execute("DELETE FROM attempts WHERE run_id = ? AND idx = ? "
-                                     "AND attempt = ?", key)
-                        moved["running"] = moved.get("running", 0) - 1
-                        moved["queued"] = moved.get("queued", 0) + 1
-                    continue
-                status = "queued" if o.requeue else o.status
-                cur = conn.execute(
-                    "UPDATE partitions SET status = ?, records_in = ?, records_out = ?, "
-                    "error = ?, started_at = COALESCE(?, started_at), finished_at = ?, "
-                    "queued_at = ? WHERE run_id = ? AND idx = ? AND attempt = ? "
-                    "AND status = 'running'",
-                    (status, o.records_in, o.records_out, o.error, o.started,
-                     None if o.requeue else now, now, *key))
-                applied.append(cur.rowcount == 1)
-                conn.execute(
-                    "UPDATE attempts SET status = ?, started_at = COALESCE(?, started_at), "
-                    "finished_at = ?, records_in = ?, records_out = ?, error = ?, traceback = ?, "
-                    "code_version = ?, steps = ? WHERE run_id = ? AND idx = ? AND attempt = ? "
-                    f"AND {RUNNING}",
-                    (o.status if applied[-1] else "fenced", o.started, now, o.records_in,
-                     o.records_out, o.error, o.traceback, o.code_version,
-                     o.steps and json.dumps(o.steps, separators=(",", ":")), *key))
-                if applied[-1]:
-                    moved["running"] = moved.get("running", 0) - 1
+            held = set(conn.execute(  # the attempts that still hold their partition
+                "SELECT idx, attempt FROM partitions WHERE run_id = ? AND idx IN "
+                f"({', '.join('?' * len(outcomes))}) AND status = 'running'",
+                (run_id, *(o.claim.index for o in outcomes))).fetchall())
+            applied = [(o.claim.index, o.claim.attempt) in held for o in outcomes]
+            released = [(run_id, o.claim.index, o.claim.attempt)  # never started: unclaimed
+                        for o, ok in zip(outcomes, applied, strict=True)
+                        if ok and o.status == "released"]
+            conn.executemany("UPDATE partitions SET status = 'queued', attempt = attempt - 1 "
+                             "WHERE run_id = ? AND idx = ? AND attempt = ?", released)
+            conn.executemany("DELETE FROM attempts WHERE run_id = ? AND idx = ? AND "
+                             "attempt = ?", released)
+            ended = [(o, ok, "queued" if o.requeue else o.status)
+                     for o, ok in zip(outcomes, applied, strict=True) if o.status != "released"]
+            conn.executemany(
+                "UPDATE partitions SET status = ?, records_in = ?, records_out = ?, error = ?, "
+                "started_at = COALESCE(?, started_at), finished_at = ?, queued_at = ? "
+                "WHERE run_id = ? AND idx = ? AND attempt = ?",
+                [(status, o.records_in, o.records_out, o.error, o.started,
+                  None if o.requeue else now, now, run_id, o.claim.index, o.claim.attempt)
+                 for o, ok, status in ended if ok])
+            conn.executemany(
+                "UPDATE attempts SET status = ?, started_at = COALESCE(?, started_at), "
+                "finished_at = ?, records_in = ?, records_out = ?, error = ?, traceback = ?, "
+                "code_version = ?, steps = ? WHERE run_id = ? AND idx = ? AND attempt = ? "
+                f"AND {RUNNING}",
+                [(o.status if ok else "fenced", o.started, now, o.records_in, o.records_out,
+                  o.error, o.traceback, o.code_version,
+                  o.steps and json.dumps(o.steps, separators=(",", ":")), run_id,
+                  o.claim.index, o.claim.attempt) for o, ok, _ in ended])
+            moved["running"] = -sum(applied)
+            moved["queued"] = len(released)
+            for o, ok, status in ended:
+                if ok:
                     moved[status] = moved.get(status, 0) + 1
                     if status == "succeeded":
                         records[0] += o.records_in
                         records[1] += o.records_out
-            if outcomes:
-                run_id = outcomes[0].claim.run_id
-                self._count(conn, run_id, moved)
-                if records != [0, 0]:  # a run's records: those of its committed partitions
-                    conn.execute("UPDATE runs SET records_in = records_in + ?, records_out = "
-                                 "records_out + ? WHERE id = ?", (*records, run_id))
+            self._count(conn, run_id, moved)
+            if records != [0, 0]:  # a run's records: those of its committed partitions
+                conn.execute("UPDATE runs SET records_in = records_in + ?, records_out = "
+                             "records_out + ? WHERE id = ?", (*records, run_id))
             over = any(ok and not o.requeue for o, ok in zip(outcomes, applied, strict=True))
-            complete = over and self._complete(conn, outcomes[0].claim.run_id)
+            complete = over and self._complete(conn, run_id)
         return Recorded(applied, complete)
 
     @staticmethod

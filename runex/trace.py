@@ -34,7 +34,8 @@ from runex.reserve import Reserve, is_disk_full
 
 HOST = socket.gethostname()
 _state: dict[str, Any] = {"dir": None, "fd": None, "until": 0.0, "pid": None,
-                         "configured": False, "console": False, "before_line": ""}
+                         "configured": False, "console": False, "before_line": "",
+                         "debug": False}
 
 LOG_FORMATS = ("console", "logfmt", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -132,6 +133,7 @@ def configure(traces_dir: str | os.PathLike | None, console: bool | None = None,
     _state["dir"], _state["until"] = traces_dir, 0.0  # the next event opens its file there
     _state["configured"] = True
     _state["console"] = console
+    _state["debug"] = console and (verbose or log_level == "debug")
     last = _for_operator(log_format, log_level) if console else _drop
     structlog.configure(
         processors=[structlog.contextvars.merge_contextvars, _stamp,
@@ -181,12 +183,18 @@ def reset() -> None:
     if _state["fd"] is not None and _state["pid"] == os.getpid():
         os.close(_state["fd"])
     _state.update(dir=None, fd=None, until=0.0, pid=None, configured=False, console=False,
-                  before_line="")
+                  before_line="", debug=False)
     structlog.reset_defaults()
 
 
 def configured() -> bool:
     return _state["configured"]
+
+
+def debugging() -> bool:
+    """Whether the operator's log shows debug events (every partition and step); only then
+    are they worth making, as no trace file keeps them (`ROW_FACTS`)."""
+    return _state["debug"]
 
 
 def logger(**bound: Any) -> Any:

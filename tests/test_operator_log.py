@@ -121,3 +121,18 @@ def test_run_goes_ahead_of_queued_work_and_says_what_it_leaves(project):
     assert all(t >= min(a["started_at"] for p in quick.partitions for a in p.attempts)
                for t in began)
     assert rx.ledger.progress(queued).get("succeeded", 0) < 100  # left for `runex worker`
+
+
+@pytest.mark.slow
+def test_debug_shows_every_partition_and_step_which_no_file_keeps(project):
+    work_pipeline(project, stop=30, size=10)
+    result = runex_cli("run", "pipelines/p.toml", "-w", "1", "--log-level", "debug",
+                       "--log-format", "json", cwd=project, check=True)
+    events = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    names = [e["event"] for e in events]
+    assert names.count("partition.claimed") == names.count("partition.committed") == 3
+    step = next(e for e in events if e["event"] == "step.finished")
+    assert step["kernel"] == "work" and step["records_in"] == 10
+    quiet = runex_cli("run", "pipelines/p.toml", "-w", "1", "--log-format", "json",
+                      cwd=project, check=True)
+    assert "partition.claimed" not in quiet.stderr and "run.finished" in quiet.stderr
