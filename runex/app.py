@@ -7,14 +7,26 @@ import contextlib
 import dataclasses
 import datetime as dt
 import functools
+import itertools
 import json
 import os
+import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from runex import __version__, consumer, extensions, huey_private, reaper, tasks, trace
+from runex import (
+    __version__,
+    consumer,
+    extensions,
+    huey_private,
+    reaper,
+    retention,
+    tasks,
+    timeline,
+    trace,
+)
 from runex.cron import iso, parse_time
 from runex.doctor import Finding, examine
 from runex.durable import make_dirs
@@ -35,16 +47,12 @@ from runex.pipeline import Pipeline, Plan, check, load, parse_duration
 from runex.project import Project, chdir, cpu_count, load_profile, open_project
 from runex.registry import Registry
 from runex.reserve import Reserve
-from runex.runs import Run
+from runex.runs import Run, steps_of
 from runex.scheduler import DEFAULT_PIPELINES, Scheduler, fire_times
 from runex.worker import WorkerState
 
-# Consumers prune finished runs (`retain` in runex.toml) as often as they reap, at most
-# RETAIN_RUNS runs and about RETAIN_ROWS partitions each time: a step of a second or so.
-RETAIN_RUNS = 100
-RETAIN_ROWS = 20_000
-
 REAP_HERE = 2.0  # seconds idle before `work(workers=0)` looks for lost work
+LISTED_IN_MEMORY = 10_000  # partition keys a submit holds in memory; more go to a file
 
 
 class Runex:
@@ -148,10 +156,11 @@ class Runex:
         plan = self.plan(pipeline, params, fire_time)
         pipe = plan.pipeline
         self.ensure_trace()
-        new = NewRun(new_run_id(), pipe.name, pipe.to_dict(), str(self.project.root),
-                     pipe.options.priority, self._partition_keys(plan),
-                     iso(fire_time) if fire_time else None)
-        count = self.ledger.create_run(new) if record is None else record(new)
+        # The source's code runs now, not while the ledger's write lock is held.
+        with _listed(self._partition_keys(plan), self.project.home) as keys:
+            new = NewRun(new_run_id(), pipe.name, pipe.to_dict(), str(self.project.root),
+                         pipe.options.priority, keys, iso(fire_time) if fire_time else None)
+            count = self.ledger.create_run(new) if record is None else record(new)
         if count is None:
             return None
         trace.logger(run_id=new.id, pipeline=pipe.name).debug(
@@ -230,8 +239,8 @@ class Runex:
                                stop_when=(lambda: any(f() for f in stops)) if stops else None,
                                stop_on_full=bool(stops))
         runner.run()
-        with contextlib.suppress(StorageError):  # done: the log back to its small size
-            self.ledger.reclaim()
+        with contextlib.suppress(StorageError):  # done: the logs back to their small size
+            retention.settle(self.ledger, self.huey)
         if runner.disk_full and runner.stop_on_full:
             raise DiskFull(f"{runner.reserve.describe()}; stopped, nothing is lost: what was "
                            "not done is queued, and `runex worker` does it once there is room")
@@ -472,55 +481,12 @@ class Runex:
             _with_seconds(row)
         return rows
 
-    def trace(self, ref: str) -> list[dict[str, Any]]:
-        """The trace events of a run, in time order (each a dict with `ts` and `event`): those
-        of the trace files, and those that the ledger's rows hold (`trace.ROW_FACTS`: the run
-        submitted, started and finished, each attempt claimed and committed)."""
+    def trace(self, ref: str) -> Iterator[dict[str, Any]]:
+        """The trace events of a run, in time order (each a dict with `ts` and `event`), as
+        they are read: those of the trace files, and those that the ledger's rows tell (see
+        `runex.timeline`)."""
         run = self.ledger.run(self.ledger.resolve_run_id(ref))
-        # (files written before runex kept each fact once hold the rows' events too)
-        events = [e for e in trace.read(self.project.traces_dir, run["id"], run["created_at"],
-                                        run["finished_at"] or time.time())
-                  if e["event"] not in trace.ROW_FACTS]
-        events += self._row_events(run)
-        events.sort(key=lambda e: e["ts"])
-        return events
-
-    def _row_events(self, run: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        """The events of `trace.ROW_FACTS` that a run's rows in the ledger tell."""
-        base = {"run_id": run["id"], "pipeline": run["pipeline"]}
-        spec = json.loads(run["spec"])
-        yield {"ts": run["created_at"], "event": "run.submitted", "level": "info", **base,
-               "partitions": run["partition_count"], "scheduled_for": run["scheduled_for"]}
-        if run["started_at"] is not None:
-            yield {"ts": run["started_at"], "event": "run.started", "level": "info", **base,
-                   "partitions": run["partition_count"]}
-        after = -1
-        while page := self.ledger.partitions(run["id"], after, limit=1000):
-            keys = {p["idx"]: json.loads(p["key"]) for p in page}
-            after = page[-1]["idx"]
-            for a in self.ledger.attempts(run["id"], list(keys)):
-                where = {**base, "partition": keys[a["idx"]], "partition_index": a["idx"],
-                         "attempt": a["attempt"], "pid": a["pid"], "host": a["host"]}
-                yield {"ts": a["started_at"], "event": "partition.claimed", "level": "info",
-                       **where}
-                for i, step in enumerate(_steps(a["steps"], spec)):
-                    yield {"ts": a["finished_at"], "event": "step.finished", "level": "info",
-                           **where, "step": i, **step}
-                if a["status"] == "succeeded":
-                    yield {"ts": a["finished_at"], "event": "partition.committed",
-                           "level": "info", **where, "records_in": a["records_in"],
-                           "records_out": a["records_out"],
-                           "seconds": round(a["finished_at"] - a["started_at"], 4)}
-        if run["status"] in TERMINAL_RUN:
-            counts = self.ledger.progress(run["id"])
-            yield {"ts": run["finished_at"], "event": "run.finished",
-                   "level": "info" if run["status"] == "succeeded" else "warning", **base,
-                   "status": run["status"], "partitions": run["partition_count"],
-                   "failed": run["partition_count"] - counts.get("succeeded", 0),
-                   "records_in": run["records_in"], "records_out": run["records_out"],
-                   "seconds": round(run["finished_at"] - (run["started_at"]
-                                                          or run["created_at"]), 3),
-                   "error": run["error"]}
+        return timeline.events(self.ledger, run, self.project.traces_dir)
 
     def schedules(self, now: dt.datetime | None = None) -> list[dict[str, Any]]:
         """Each pipeline file with a schedule: its next fire times, its last fire and that
@@ -551,48 +517,28 @@ class Runex:
               dry_run: bool = False) -> dict[str, Any]:
         """Delete what the home keeps of runs that ended more than `older_than` ago (a
         duration: `30d`, `12h`, or seconds), except the newest `keep_last` runs: their
-        partitions, attempts, events and fires in the ledger, and the trace files of the days
-        before. Runs not over, and the fires a schedule needs, are kept. `dry_run`: count
-        only. Returns the counts, and the trace files removed."""
+        partitions, attempts and fires in the ledger, and the trace files of the days before
+        them and before the oldest run kept; then give the space back. Runs not over, and the
+        fires a schedule needs, are kept. `dry_run`: count only. Returns the counts, and the
+        trace files removed."""
         try:
             seconds = parse_duration(older_than, "--older-than")
         except PipelineError as exc:
             raise UsageError(str(exc)) from None
         before = time.time() - seconds
         done = self.ledger.prune(before, keep_last, dry_run)
-        files = self._prune_trace_files(before, dry_run)
+        files = retention.prune_trace_files(self.project.traces_dir, self.ledger, before,
+                                            dry_run)
         if not dry_run:
+            self.ledger.reclaim()
+            retention.settle(self.ledger, self.huey)
             self.ledger.sync()
         return {**dataclasses.asdict(done), "trace_files": files, "dry_run": dry_run,
                 "before": iso(dt.datetime.fromtimestamp(before, dt.UTC))}
 
-    def _prune_trace_files(self, before: float, dry_run: bool = False) -> list[str]:
-        """Delete the trace files of the whole days before `before`; returns their names."""
-        files = []
-        traces = self.project.traces_dir
-        last_day = time.strftime("%Y-%m-%d", time.gmtime(before))
-        for path in sorted(traces.glob("????-??-??.jsonl")) if traces.exists() else []:
-            if path.stem < last_day:
-                files.append(path.name)
-                if not dry_run:
-                    path.unlink(missing_ok=True)
-        return files
-
     def _retain(self) -> None:
-        """What every consumer does as often as it reaps: prune the finished runs that
-        `retain` and `retain_runs` (runex.toml) let go, a small step at a time (the next look
-        goes on), and their days' trace files; once nothing is queued or running, give the
-        space back and cut the write-ahead logs back."""
-        seconds, runs = self.project.retention
-        before = None if seconds is None else time.time() - seconds
-        done = self.ledger.prune(before, beyond=runs, runs=RETAIN_RUNS, budget=RETAIN_ROWS)
-        if done.runs:
-            trace.logger().debug("ledger.pruned", **dataclasses.asdict(done))
-        if before is not None:
-            self._prune_trace_files(before)
-        if self.ledger.unfinished_partitions() == 0:
-            self.ledger.reclaim()
-            self.huey.storage.truncate_log()
+        """A consumer's step of retention (see `runex.retention`)."""
+        retention.step(self.ledger, self.huey, self.project)
 
     def doctor(self) -> list[Finding]:
         """What is wrong with this installation: the home, extensions, pipeline files,
@@ -634,7 +580,7 @@ class Runex:
             attempts: dict[int, list[dict[str, Any]]] = {}
             for a in self.ledger.attempts(run_id, [p["idx"] for p in rows]):
                 attempts.setdefault(a.pop("idx"), []).append(_with_seconds(a))
-                a["steps"] = _steps(a["steps"], spec)
+                a["steps"] = steps_of(a["steps"], spec)
                 del a["run_id"]
             return [{"index": p["idx"], "key": json.loads(p["key"]), "status": p["status"],
                      "attempts": attempts.get(p["idx"], []), "records_in": p["records_in"],
@@ -642,6 +588,26 @@ class Runex:
                      "seconds": _with_seconds(p)["seconds"]} for p in rows]
 
         return Run.from_ledger({**_with_seconds(run), "spec": spec}, fetch)
+
+
+@contextlib.contextmanager
+def _listed(keys: Iterator[str], folder: Path) -> Iterator[Iterable[str]]:
+    """Every one of `keys` read now, kept in memory if they are few, else in a temporary file
+    in `folder` (the home: not /tmp, which may be memory), so that a million is never held."""
+    first = list(itertools.islice(keys, LISTED_IN_MEMORY))
+    if len(first) < LISTED_IN_MEMORY:
+        yield first
+        return
+    with tempfile.TemporaryFile("w+", dir=folder, encoding="utf-8") as spool:
+        try:
+            for key in itertools.chain(first, keys):  # JSON text: one line each
+                spool.write(key + "\n")
+            spool.seek(0)
+        except OSError as exc:
+            raise StorageError(f"cannot list the partitions in {folder} ({exc}); check that "
+                               "it is writable and has room") from exc
+        del first
+        yield (line[:-1] for line in spool)
 
 
 def since_time(text: str) -> dt.datetime:
@@ -656,14 +622,6 @@ def since_time(text: str) -> dt.datetime:
         raise UsageError(f"--since {text!r} is neither a time (2026-11-01, 2026-11-01T06:00) "
                          "nor a duration back from now (30m, 2h, 7d)") from None
     return dt.datetime.now(dt.UTC) - dt.timedelta(seconds=back)
-
-
-def _steps(stored: str | None, spec: dict[str, Any]) -> list[dict[str, Any]]:
-    """An attempt's steps, as its row keeps them, with their kernels' names."""
-    kernels = [step.get("use") for step in spec.get("steps", [])]
-    return [{"kernel": kernels[i] if i < len(kernels) else None, "records_in": n_in,
-             "records_out": n_out, "seconds": seconds}
-            for i, (n_in, n_out, seconds) in enumerate(json.loads(stored) if stored else [])]
 
 
 def _with_seconds(row: dict[str, Any]) -> dict[str, Any]:

@@ -6,9 +6,10 @@ import datetime
 import gc
 import itertools
 import json
+import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,9 @@ class Group(click.Group):
         except errors.RunexError as exc:
             click.echo(f"Error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except BrokenPipeError:  # `runex trace RUN | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing at exit
+            ctx.exit(errors.EXIT_PIPE_CLOSED)
         except KeyboardInterrupt:  # a second Ctrl-C: one line, not a traceback
             click.echo("\ninterrupted: stopped at once; `runex runs` tells what is left, and "
                        "`runex worker` goes on with it", err=True)
@@ -85,6 +89,14 @@ def dump(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
 
+def dump_each(items: Iterable[Any]) -> None:
+    """A JSON list, an item at a time as they come."""
+    click.echo("[", nl=False)
+    for i, item in enumerate(items):
+        click.echo(("," if i else "") + "\n  " + json.dumps(item, default=str), nl=False)
+    click.echo("\n]")
+
+
 def when(ts: float | None) -> str:
     if not ts:
         return "-"
@@ -116,7 +128,7 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 
     Exit codes: 0 ok; 1 the run failed or was cancelled; 2 bad command line; 3 invalid
     pipeline, extension or config; 4 no such run; 5 the data folder cannot be written
-    (disk full, read-only); 130 interrupted.
+    (disk full, read-only); 130 interrupted; 141 the output's reader went away.
     """
     ctx.obj = {"verbose": verbose}
 
@@ -389,12 +401,8 @@ def show(ctx: click.Context, run_ref: str, listed: bool, status: str | None, aft
     run = open_runex(home, extension_dirs).show(run_ref)
     data = run.summary()
     if as_json:  # one partition at a time, never the whole run in memory
-        head = json.dumps(data, indent=2, default=str)
-        click.echo(head[:-2] + ',\n  "partitions": [', nl=False)
-        for i, p in enumerate(run.partitions.where(status, after=after, limit=limit)):
-            click.echo(("," if i else "") + "\n    " + json.dumps(p.to_dict(), default=str),
-                       nl=False)
-        click.echo("\n  ]\n}")
+        for text in run.json_text(status, after, limit):
+            click.echo(text, nl=False)
         return
     click.echo(f"run {data['id']}  pipeline {data['pipeline']}  status {data['status']}")
     counts = data["counts"]
@@ -457,7 +465,7 @@ def trace(run_ref: str, as_json: bool, home: str | None, extension_dirs: tuple[s
     """The trace events of a run, in time order. RUN: a run id, a prefix, or `last`."""
     data = open_runex(home, extension_dirs).trace(run_ref)
     if as_json:
-        dump(data)
+        dump_each(data)
         return
     skip = {"ts", "event", "run_id", "level", "pipeline", "host"}
     for e in data:

@@ -19,10 +19,8 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import math
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from huey import crontab
@@ -168,17 +166,3 @@ def parse_time(text: str) -> dt.datetime:
         raise ScheduleError(f"{text!r} is not a date or time; write 2026-11-27 or "
                             "2026-11-27T18:00 (UTC unless an offset is given)") from None
     return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
-
-
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def duration_seconds(value: Any) -> float | None:
-    """`90`, `"90s"`, `"10m"`, `"1h30m"`, `"250ms"`, `"30d"` to seconds; None if it is not a
-    duration."""
-    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
-        return float(value)
-    if isinstance(value, str) and value and _DURATION.sub("", value.replace(" ", "")) == "":
-        return sum(float(n) * _UNITS[u] for n, u in _DURATION.findall(value))
-    return None

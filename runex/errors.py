@@ -12,6 +12,7 @@ EXIT_INVALID = 3  # a pipeline, extension or config file is invalid; nothing was
 EXIT_NOT_FOUND = 4  # the named run, partition or pipeline does not exist
 EXIT_STORAGE = 5  # the data folder cannot be written: disk full, read-only, failing
 EXIT_INTERRUPTED = 130  # stopped by Ctrl-C before the run ended
+EXIT_PIPE_CLOSED = 141  # the output's reader went away (`| head`), as for other Unix tools
 
 
 class RunexError(Exception):

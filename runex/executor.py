@@ -198,8 +198,10 @@ def run_one(state: WorkerState, claim: Claim, cancel: Cancellation, timeout: flo
             ) -> tuple[Outcome, float]:
     """Run one claimed partition (within `timeout` seconds); returns how it ended, and in
     how many seconds to retry it (0: now, for an interrupted one)."""
-    def log() -> Any:  # made when there is something to say: a partition that goes well
-        return trace.logger(run_id=claim.run_id, pipeline=claim.pipeline,  # says nothing
+    # The partition's logger, made only when there is something to say (a partition that
+    # goes well says nothing).
+    def log() -> Any:
+        return trace.logger(run_id=claim.run_id, pipeline=claim.pipeline,
                             partition=claim.key, partition_index=claim.index,
                             attempt=claim.attempt)
 

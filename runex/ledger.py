@@ -9,6 +9,7 @@ connection (re-opened after a fork).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import secrets
@@ -17,6 +18,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from runex import trace
 from runex.errors import NotFound
 from runex.storage import SqliteEngine, engine_for
 
@@ -32,6 +34,26 @@ OPEN_RUN = "status IN ('queued', 'running')"  # runs
 # Fires that pruning keeps: the newest of each pipeline (its schedule's memory), and waiting ones
 KEEP_FIRES = ("NOT IN (SELECT pipeline || ' ' || MAX(fire_time) FROM fires GROUP BY pipeline) "
               "AND status != 'waiting'")
+FINISHED = "status IN ('succeeded', 'failed', 'cancelled')"  # runs
+
+
+def _steps_from_events(conn: Any) -> None:
+    """Version 4: the steps' counts and times, which were `step.finished` events, become
+    their attempt's `steps`."""
+    rows = conn.execute("SELECT run_id, idx, attempt, data FROM events WHERE event = "
+                        "'step.finished' ORDER BY run_id, idx, attempt")
+    steps = []
+    for (run_id, idx, attempt), events in itertools.groupby(rows, key=lambda r: r[:3]):
+        done = sorted((json.loads(e[3]) for e in events), key=lambda e: e.get("step", 0))
+        steps.append((json.dumps([[e.get("records_in"), e.get("records_out"), e.get("seconds")]
+                                  for e in done], separators=(",", ":")), run_id, idx, attempt))
+        if len(steps) >= 1000:
+            conn.executemany("UPDATE attempts SET steps = ? WHERE run_id = ? AND idx = ? AND "
+                             "attempt = ?", steps)
+            steps = []
+    conn.executemany("UPDATE attempts SET steps = ? WHERE run_id = ? AND idx = ? AND "
+                     "attempt = ?", steps)
+
 
 SCHEMA = [
     # version 1
@@ -188,6 +210,13 @@ SCHEMA = [
         "ALTER TABLE attempts_4 RENAME TO attempts",
         f"CREATE INDEX attempts_running ON attempts (host, pid) WHERE {RUNNING}",
         f"CREATE INDEX runs_open ON runs (created_at) WHERE {OPEN_RUN}",
+        "CREATE INDEX fires_run ON fires (run_id)",
+        # runs being pruned: their row is gone, their partitions and attempts go in slices
+        """CREATE TABLE pruning (
+            run_id TEXT PRIMARY KEY,
+            partition_count INTEGER NOT NULL,
+            done INTEGER NOT NULL DEFAULT 0)""",
+        _steps_from_events,
         "DROP TABLE events",
     ],
 ]
@@ -328,14 +357,15 @@ class Ledger:
             version = engine.schema_version(conn)
             for statements in SCHEMA[version:]:
                 for sql in statements:
-                    conn.execute(sql.replace("{clustered}", engine.clustered))
+                    if callable(sql):  # a step of Python
+                        sql(conn)
+                    else:
+                        conn.execute(sql.replace("{clustered}", engine.clustered))
             engine.set_schema_version(conn, len(SCHEMA))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        if not engine.can_reclaim(conn):  # a ledger of runex 0.1: once, as it is upgraded
-            engine.allow_reclaim(conn)
 
     def close(self) -> None:
         if self._conn is not None and self._pid == os.getpid():
@@ -744,12 +774,14 @@ class Ledger:
     def retry(self, run_id: str, index: int | None = None) -> list[int]:
         """Re-queue the failed, timed-out, quarantined and cancelled partitions of a run (or only
         `index`), with a fresh retry budget; their earlier attempts are kept. Returns the
-        indexes re-queued."""
+        indexes re-queued (none of a run being pruned)."""
         now = time.time()
         only, params = ("", (run_id,)) if index is None else (" AND idx = ?", (run_id, index))
         which = (f"WHERE run_id = ? AND {UNSETTLED} AND status IN ('failed', 'timeout', "
                  f"'quarantined', 'cancelled'){only}")
         with self.tx() as conn:
+            if conn.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone() is None:
+                return []
             before = dict(conn.execute(f"SELECT status, COUNT(*) FROM partitions {which} "
                                        "GROUP BY status", params).fetchall())
             rows = conn.execute(
@@ -784,105 +816,153 @@ class Ledger:
                 (status, error, now, now, run_id))
 
     def prune(self, before: float | None, keep_last: int = 0, dry_run: bool = False,
-              beyond: int | None = None, runs: int | None = None, rows: int = 500,
-              pause: float = 0.01, budget: int | None = None) -> Pruned:
-        """Delete the runs that ended before `before`, and (`beyond`) those that are not
-        among the newest `beyond` runs, but never the newest `keep_last` runs: at most `runs`
-        of them, oldest first, with their partitions, attempts, counts and fires; then give
-        the space back to the file system. Runs not over are never pruned, nor the newest
-        fire of each pipeline (what its schedule already fired) or a fire still waiting.
-        `dry_run`: count only.
+              beyond_newest: int | None = None, max_runs: int | None = None,
+              max_partitions: int | None = None, slice_rows: int = 500,
+              pause: float = 0.01) -> Pruned:
+        """Delete the finished runs that ended before `before` and (`beyond_newest`) those
+        not among the newest `beyond_newest` runs, but never the newest `keep_last` runs: at
+        most `max_runs` of them, oldest first, with their partitions, attempts, counts and
+        fires; and the fires without a run from before the oldest run kept. Runs not over are
+        never pruned, nor the newest fire of each pipeline (what its schedule already fired)
+        or a fire still waiting. `dry_run`: count only. `reclaim` gives the space back.
 
-        Workers go on meanwhile: each transaction deletes about `rows` partitions (a large
-        run is deleted in slices of its partitions, its run row last), and the next waits
-        `pause` seconds, so that a worker waiting for the write lock gets it first. With a
-        `budget`, it stops after deleting about that many partitions: call it again."""
+        Workers go on meanwhile: a transaction deletes at most about `slice_rows` partitions,
+        and the next waits `pause` seconds, so that a worker waiting for the write lock gets it
+        first. A large run's row goes first (it is gone at once for everyone), then its
+        partitions and attempts in slices (`pruning` says how far). With `max_partitions`, it
+        stops after about that many partitions: the next call goes on."""
         done = Pruned()
+        if not dry_run:
+            self._prune_slices(done, max_partitions, slice_rows, pause)
         old = []
         if before is not None:
             old.append("COALESCE(finished_at, created_at) < ?")
-        if beyond is not None:
+        if beyond_newest is not None:
             old.append("id NOT IN (SELECT id FROM runs ORDER BY created_at DESC LIMIT ?)")
-        if not old:
-            return done
         keep = (" AND id NOT IN (SELECT id FROM runs ORDER BY created_at DESC LIMIT ?)"
                 if keep_last else "")
-        params = [p for p in (before, beyond, keep_last or None) if p is not None]
-        found = self.conn.execute(
-            "SELECT id, partition_count FROM runs WHERE status IN ('succeeded', 'failed', "
-            f"'cancelled') AND ({' OR '.join(old)}){keep} ORDER BY created_at LIMIT ?",
-            (*params, -1 if runs is None else runs)).fetchall()
+        found = [] if not old else self.conn.execute(
+            f"SELECT id, partition_count FROM runs WHERE {FINISHED} AND ({' OR '.join(old)})"
+            f"{keep} ORDER BY created_at LIMIT ?",
+            (*(p for p in (before, beyond_newest, keep_last or None) if p is not None),
+             -1 if max_runs is None else max_runs)).fetchall()
         group: list[str] = []
         size = 0
-        for run_id, count in [*found, (None, 0)]:  # a last, empty step prunes what is left
-            if group and (run_id is None or size + count > rows):
+        for run_id, count in found:
+            if max_partitions is not None and done.partitions >= max_partitions:
+                break
+            if count > slice_rows:  # a large run: its row now, its partitions in slices
+                self._prune_runs([run_id], done, dry_run, later=True)
+                if not dry_run:
+                    self._prune_slices(done, max_partitions, slice_rows, pause)
+                continue
+            if size + count > slice_rows:
                 self._prune_runs(group, done, dry_run)
                 group, size = [], 0
                 time.sleep(0 if dry_run else pause)
-            if run_id is None or (budget is not None and done.partitions >= budget):
-                break
-            if count > rows and not dry_run:  # a large run: its partitions in slices first
-                low = 0
-                while low < count and (budget is None or done.partitions < budget):
-                    with self.tx() as conn:
-                        for table in ("attempts", "partitions"):
-                            deleted = conn.execute(
-                                f"DELETE FROM {table} WHERE run_id = ? AND idx >= ? AND "
-                                "idx < ?", (run_id, low, low + rows)).rowcount
-                            setattr(done, table, getattr(done, table) + deleted)
-                    low += rows
-                    time.sleep(pause)
-                if low < count:
-                    break  # out of budget: the rest of this run next time
             group.append(run_id)
-            size += min(count, rows)
-        if before is not None:
-            orphan = (f"FROM fires WHERE run_id IS NULL AND created_at < ? AND "
-                      f"pipeline || ' ' || fire_time {KEEP_FIRES}")
-            done.fires += self.conn.execute(f"SELECT COUNT(*) {orphan}", (before,)
+            size += count
+        if group:
+            self._prune_runs(group, done, dry_run)
+        oldest = self.oldest_run_time()
+        cutoff = min((t for t in (before, oldest) if t is not None), default=None)
+        if cutoff is not None:
+            orphans = ("FROM fires WHERE run_id IS NULL AND created_at < ? AND "
+                       f"pipeline || ' ' || fire_time {KEEP_FIRES}")
+            done.fires += self.conn.execute(f"SELECT COUNT(*) {orphans}", (cutoff,)
                                             ).fetchone()[0]
             if not dry_run:
                 with self.tx() as conn:
-                    conn.execute(f"DELETE {orphan}", (before,))
-        if not dry_run and (done.runs or done.partitions):
-            self.reclaim(pause=pause)
+                    conn.execute(f"DELETE {orphans}", (cutoff,))
         return done
 
-    def _prune_runs(self, ids: list[str], done: Pruned, dry_run: bool) -> None:
+    def _prune_runs(self, ids: list[str], done: Pruned, dry_run: bool,
+                    later: bool = False) -> None:
+        """Delete finished runs `ids` (those still finished) in one transaction; `later`:
+        leave their partitions and attempts to `_prune_slices`."""
         marks = ", ".join("?" * len(ids))
         # A dry run only reads: no write lock for it.
         with contextlib.nullcontext(self.conn) if dry_run else self.tx() as conn:
-            counts = [conn.execute(f"SELECT COUNT(*) FROM {table} WHERE run_id IN ({marks})",
-                                   ids).fetchone()[0] for table in ("partitions", "attempts")]
+            ids = [r[0] for r in conn.execute(  # a run retried meanwhile is not over
+                f"SELECT id FROM runs WHERE id IN ({marks}) AND {FINISHED}", ids)]
+            if not ids:
+                return
+            marks = ", ".join("?" * len(ids))
             fires = conn.execute(f"SELECT COUNT(*) FROM fires WHERE run_id IN ({marks}) AND "
                                  f"pipeline || ' ' || fire_time {KEEP_FIRES}", ids).fetchone()[0]
+            if dry_run or not later:
+                partitions, attempts = (conn.execute(
+                    f"SELECT COUNT(*) FROM {table} WHERE run_id IN ({marks})", ids).fetchone()[0]
+                    for table in ("partitions", "attempts"))
+                done.partitions += partitions
+                done.attempts += attempts
             if not dry_run:
-                for table in ("attempts", "partitions", "run_counts"):
-                    conn.execute(f"DELETE FROM {table} WHERE run_id IN ({marks})", ids)
+                if later:
+                    conn.executemany("INSERT INTO pruning (run_id, partition_count) SELECT id, "
+                                     "partition_count FROM runs WHERE id = ?",
+                                     [(i,) for i in ids])
+                else:
+                    for table in ("attempts", "partitions"):
+                        conn.execute(f"DELETE FROM {table} WHERE run_id IN ({marks})", ids)
+                conn.execute(f"DELETE FROM run_counts WHERE run_id IN ({marks})", ids)
                 conn.execute(f"DELETE FROM fires WHERE run_id IN ({marks}) AND "
                              f"pipeline || ' ' || fire_time {KEEP_FIRES}", ids)
                 # A newest fire kept for its schedule no longer names a run.
                 conn.execute(f"UPDATE fires SET run_id = NULL WHERE run_id IN ({marks})", ids)
                 conn.execute(f"DELETE FROM runs WHERE id IN ({marks})", ids)
         done.runs += len(ids)
-        done.partitions += counts[0]
-        done.attempts += counts[1]
         done.fires += fires
 
-    def reclaim(self, pages: int = 256, pause: float = 0.01) -> int:
-        """Give the ledger's free pages back to the file system, `pages` per transaction,
-        then cut its write-ahead log back, if no reader is in the way. Returns the pages
-        freed."""
-        freed = 0
+    def _prune_slices(self, done: Pruned, max_partitions: int | None, slice_rows: int,
+                      pause: float) -> None:
+        """Delete the partitions and attempts of runs being pruned, a slice per
+        transaction."""
+        for run_id, count, low in self.conn.execute(
+                "SELECT run_id, partition_count, done FROM pruning").fetchall():
+            while low < count:
+                if max_partitions is not None and done.partitions >= max_partitions:
+                    return
+                with self.tx() as conn:
+                    for table in ("attempts", "partitions"):
+                        deleted = conn.execute(
+                            f"DELETE FROM {table} WHERE run_id = ? AND idx >= ? AND idx < ?",
+                            (run_id, low, low + slice_rows)).rowcount
+                        setattr(done, table, getattr(done, table) + deleted)
+                    low += slice_rows
+                    if low < count:
+                        conn.execute("UPDATE pruning SET done = ? WHERE run_id = ?",
+                                     (low, run_id))
+                    else:
+                        conn.execute("DELETE FROM pruning WHERE run_id = ?", (run_id,))
+                time.sleep(pause)
+
+    def oldest_run_time(self) -> float | None:
+        """When the oldest run the ledger keeps was created."""
+        return self.conn.execute("SELECT MIN(created_at) FROM runs").fetchone()[0]
+
+    def reclaim(self, most: int | None = None, pages: int = 256, pause: float = 0.01) -> int:
+        """Give the ledger's free pages back to the file system (at most `most` of them),
+        `pages` per transaction, the next `pause` seconds later. Returns how many it gave."""
+        given = 0
         with self._storage_errors():
             conn, engine = self.conn, self.engine
-            if engine.can_reclaim(conn):
-                while engine.free_pages(conn):
-                    with self.tx():
-                        freed += min(engine.reclaim(conn, pages), pages)
+            while engine.can_reclaim(conn) and engine.free_pages(conn) and (
+                    most is None or given < most):
+                if given:
                     time.sleep(pause)
+                with self.tx():
+                    given += engine.reclaim(conn, pages if most is None
+                                            else min(pages, most - given))
+        return given
+
+    def settle(self) -> None:
+        """When nothing is queued or running: make a ledger of an earlier runex able to give
+        space back (once: it is rewritten), and cut the write-ahead log back to nothing."""
+        with self._storage_errors():
+            conn, engine = self.conn, self.engine
+            if not engine.can_reclaim(conn) and engine.allow_reclaim(conn):
+                trace.logger().info("ledger.compacted", path=str(self.path))
             engine.truncate_log(conn)
-        return freed
 
     # -- reads -----------------------------------------------------------------------
 
@@ -947,6 +1027,21 @@ class Ledger:
         only = "" if indexes is None else f" AND idx IN ({', '.join('?' * len(indexes))})"
         return self._rows(f"SELECT * FROM attempts WHERE run_id = ?{only} ORDER BY idx, "
                           "attempt", (run_id, *(indexes or ())))
+
+    def attempts_in_order(self, run_id: str, by: str) -> Iterator[dict[str, Any]]:
+        """The run's attempts with their partition's key, ordered `by` "started_at" or
+        "finished_at" (those that ended), as they are read: the database sorts them."""
+        assert by in ("started_at", "finished_at")
+        cur = self.conn.execute(
+            "SELECT a.*, p.key FROM attempts a JOIN partitions p ON p.run_id = a.run_id AND "
+            f"p.idx = a.idx WHERE a.run_id = ? AND a.{by} IS NOT NULL ORDER BY a.{by}",
+            (run_id,))
+        names = [d[0] for d in cur.description]
+        for row in cur:
+            yield dict(zip(names, row, strict=True))
+
+    def fires_of_run(self, run_id: str) -> list[dict[str, Any]]:
+        return self._rows("SELECT * FROM fires WHERE run_id = ?", (run_id,))
 
     def progress(self, run_id: str) -> dict[str, int]:
         """Partition counts by status."""

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from runex.cron import Schedule, duration_seconds
+from runex.cron import Schedule
+from runex.durations import duration_seconds
 from runex.errors import PipelineError, RunexError, ScheduleError, suggest
 from runex.extensions import code_version
 from runex.registry import Kernel, Registry, display_path

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runex.cron import duration_seconds
+from runex.durations import duration_seconds
 from runex.errors import ConfigError
 from runex.reserve import Reserve
 
@@ -41,8 +41,8 @@ CONFIG_KEYS = {
     "extensions": ("a list of folder names", _folders),
     "pipelines": ("a glob of pipeline files, e.g. \"pipelines/*.toml\"",
                   lambda v: isinstance(v, str) and v != ""),
-    "retain": ('a duration such as "30d", "12h" or "90m", or "forever"',
-               lambda v: v == "forever" or (isinstance(v, str) and duration_seconds(v))),
+    "retain": ('a duration such as "30d", "12h" or "90m" (or seconds), or "forever"',
+               lambda v: v == "forever" or bool(duration_seconds(v))),
     "retain_runs": ("a whole number of at least 1",
                     lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
 }

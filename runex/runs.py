@@ -7,6 +7,7 @@ from the ledger as they are used, a page at a time.
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,15 @@ class Partition:
         return {"index": self.index, "key": self.key, "status": self.status,
                 "attempts": copy.deepcopy(self.attempts), "records_in": self.records_in,
                 "records_out": self.records_out, "error": self.error, "seconds": self.seconds}
+
+
+def steps_of(stored: str | None, spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """An attempt's steps as its row keeps them (records in, records out, seconds per step,
+    as JSON), with their kernels' names from the run's pipeline `spec`."""
+    kernels = [step.get("use") for step in spec.get("steps", [])]
+    return [{"kernel": kernels[i] if i < len(kernels) else None, "records_in": n_in,
+             "records_out": n_out, "seconds": seconds}
+            for i, (n_in, n_out, seconds) in enumerate(json.loads(stored) if stored else [])]
 
 
 # Reads partitions, in index order, from the first after index `after`: at most `limit`, of
@@ -125,3 +135,13 @@ class Run:
         """The run with every partition (for a run of a million, mind the memory:
         `summary()` and iterating `partitions` read a page at a time)."""
         return {**self.summary(), "partitions": [p.to_dict() for p in self.partitions]}
+
+    def json_text(self, status: str | None = None, after: int = -1, limit: int | None = None
+                  ) -> Iterator[str]:
+        """`to_dict()` as JSON text, in pieces, with the partitions (of `status` only, from
+        the first after index `after`, at most `limit`) read a page at a time."""
+        head = json.dumps(self.summary(), indent=2, default=str)  # ends with "\n}"
+        yield head[:-2] + ',\n  "partitions": ['
+        for i, p in enumerate(self.partitions.where(status, after=after, limit=limit)):
+            yield ("," if i else "") + "\n    " + json.dumps(p.to_dict(), default=str)
+        yield "\n  ]\n}\n"

@@ -51,8 +51,9 @@ def tune(conn: sqlite3.Connection, autocheckpoint: bool = True, ours: bool = Tru
     timeout, while another process holds it: retried.
 
     A file of runex's own (`ours`: the ledger, the queue; not a sink's) gives freed pages back
-    to the file system when asked, if it is new (`SqliteEngine.reclaim`), and its write-ahead
-    log is cut back to `WAL_KEEP_BYTES` after each checkpoint that empties it."""
+    to the file system when asked (`give_back`), if it is new (this must come before anything
+    else sets its journal mode), and its write-ahead log is cut back to `WAL_KEEP_BYTES` after
+    each checkpoint that empties it."""
     if ours and conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0:
         conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # before the first table only
     retry_locked(lambda: conn.execute("PRAGMA journal_mode=WAL"))
@@ -61,6 +62,17 @@ def tune(conn: sqlite3.Connection, autocheckpoint: bool = True, ours: bool = Tru
         conn.execute(f"PRAGMA journal_size_limit = {WAL_KEEP_BYTES}")
     if autocheckpoint:
         conn.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}")
+
+
+def give_back(conn: sqlite3.Connection, pages: int) -> int:
+    """Give up to `pages` free pages of a file that allows it (`tune`) back to the file
+    system; returns how many it gave."""
+    if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:  # not incremental
+        return 0
+    given = min(pages, conn.execute("PRAGMA freelist_count").fetchone()[0])
+    for _ in range(given):  # Python's sqlite3 runs one step of it: a page each time
+        conn.execute("PRAGMA incremental_vacuum(1)")
+    return given
 
 
 def truncate_log(conn: sqlite3.Connection, path: str | os.PathLike) -> bool:
@@ -245,22 +257,27 @@ class SqliteEngine:
 
     def reclaim(self, conn: sqlite3.Connection, pages: int) -> int:
         """In a write transaction: give up to `pages` free pages back to the file system
-        (the file shrinks); returns how many were free before."""
-        free = self.free_pages(conn)
-        if free:
-            conn.execute(f"PRAGMA incremental_vacuum({int(pages)})").fetchall()  # a page a step
-        return free
+        (the file shrinks); returns how many it gave."""
+        return give_back(conn, pages)
 
     @staticmethod
     def can_reclaim(conn: sqlite3.Connection) -> bool:
         return conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental
 
-    @staticmethod
-    def allow_reclaim(conn: sqlite3.Connection) -> None:
-        """Make a file written before runex gave space back able to (`reclaim`): rewrites it
-        whole, once, outside any transaction."""
-        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
-        conn.execute("VACUUM")
+    def allow_reclaim(self, conn: sqlite3.Connection) -> bool:
+        """Make a ledger written before runex gave space back able to (`reclaim`): it is
+        rewritten whole, once, outside any transaction, while every writer waits; so only
+        when idle, and when the disk has room for a copy. Returns whether it is done."""
+        size = sum(os.path.getsize(f) for f in (self.path, f"{self.path}-wal")
+                   if os.path.exists(f))
+        if free_bytes(self.home) < 2 * size + (8 << 20):
+            return False
+        try:
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            conn.execute("VACUUM")
+        except sqlite3.OperationalError:  # a full disk, or busy: another time
+            return False
+        return self.can_reclaim(conn)
 
     def sync(self) -> None:
         """Make every transaction committed so far survive a power cut (a connection of this

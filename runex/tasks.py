@@ -25,7 +25,7 @@ from runex import huey_private, trace
 from runex.errors import DiskFull
 from runex.project import cpu_count
 from runex.reserve import Reserve, is_disk_full
-from runex.storage import FileWatch, create_private, truncate_log, tune
+from runex.storage import FileWatch, create_private, give_back, truncate_log, tune
 
 QUEUE_NAME = "runex"
 TASK_NAME = "runex.tasks.partition"  # huey's identity for the task: module + name
@@ -81,6 +81,9 @@ class QueueStorage(huey_private.ConnectionHook):
 
     def __init__(self, name: str, filename: str, **options: Any):
         create_private(filename)
+        if os.path.getsize(filename) == 0:  # new: before huey sets its journal mode
+            with contextlib.closing(sqlite3.connect(filename, isolation_level=None)) as conn:
+                tune(conn)
         super().__init__(name, filename, **options)
 
     def connected(self, conn: Any) -> None:
@@ -101,10 +104,11 @@ class QueueStorage(huey_private.ConnectionHook):
         with self.writing():
             self.sql("pragma wal_checkpoint(PASSIVE)")
 
-    def truncate_log(self) -> None:
-        """Cut the write-ahead log back to nothing, if no reader is in the way (when the
-        queue is idle)."""
+    def settle(self) -> None:
+        """When the queue is idle: its free pages back to the file system, and its
+        write-ahead log cut back to nothing, if no reader is in the way."""
         with contextlib.suppress(DiskFull), self.writing():
+            give_back(self.conn, 1 << 30)
             truncate_log(self.conn, self.filename)
 
     @functools.cached_property

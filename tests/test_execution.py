@@ -136,7 +136,7 @@ def test_queue_messages_are_json_with_ids_only(rx, project):
 def test_each_fact_is_kept_once_and_the_trace_puts_them_together(rx, project):
     run_id = rx.submit(pipeline(project, '[[steps]]\nuse = "evens"', stop=20, size=10))
     drain(rx)
-    events = rx.trace(run_id)
+    events = list(rx.trace(run_id))
     names = [e["event"] for e in events]
     assert names[0] == "run.submitted" and names[-1] == "run.finished"
     assert names.count("partition.claimed") == 2 and names.count("partition.committed") == 2

@@ -99,7 +99,9 @@ def test_consumers_prune_what_retain_lets_go_and_give_the_space_back(project):
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
-        while {r["id"] for r in rx.runs()} != {going, *fresh[1:]} or on_disk(home) > before / 2:
+        while ({r["id"] for r in rx.runs()} != {going, *fresh[1:]} or on_disk(home) > before / 2
+               or count(home / "ledger.db", "SELECT COUNT(*) FROM pruning")
+               or count(home / "ledger.db", "PRAGMA freelist_count")):
             assert time.monotonic() < deadline, (rx.runs(), on_disk(home), before)
             time.sleep(0.1)
         assert not rx.show(going).over  # old, but not over: kept
@@ -112,7 +114,6 @@ def test_consumers_prune_what_retain_lets_go_and_give_the_space_back(project):
         assert count(ledger, f"SELECT COUNT(*) FROM {table} WHERE run_id IN (?, ?, ?, ?)",
                      *gone) == 0, table
     assert count(ledger, "SELECT COUNT(*) FROM partitions") == 3 * 1500 + 1
-    assert count(ledger, "PRAGMA freelist_count") == 0
 
 
 def test_a_bad_retain_names_the_file_and_key(project):
@@ -123,3 +124,53 @@ def test_a_bad_retain_names_the_file_and_key(project):
     write(project / "runex.toml", 'extensions = ["extensions"]\nretain = "forever"\n'
                                   "retain_runs = 5\n")
     assert Runex().project.retention == (None, 5)
+
+
+def test_a_run_retried_while_a_prune_goes_on_is_kept(project, monkeypatch):
+    """A prune reads which runs to delete first, then deletes them a slice at a time: a run
+    retried in between is not over any more, and stays whole; a large run's row goes first,
+    so that nothing can retry it once its partitions are going."""
+    work_pipeline(project, stop=30, size=10, options="retries = 0", fail_on=15)
+    rx = Runex()
+    first, second = (rx.run("pipelines/p.toml", workers=0).id for _ in range(2))
+    large = rx.run("pipelines/p.toml", ["source.size=1", "source.stop=12"], workers=0).id
+    ledger = rx.ledger
+    pauses = []
+
+    def pause(seconds):  # between the prune's transactions: someone retries the second run
+        pauses.append(seconds)
+        if len(pauses) == 1:
+            assert ledger.retry(second) == [1]
+
+    monkeypatch.setattr("runex.ledger.time.sleep", pause)
+    done = ledger.prune(time.time() + 1, slice_rows=5, pause=0.5)
+    assert done.runs == 2 and done.partitions == 3 + 12
+    assert {r["id"] for r in rx.runs()} == {second}
+    assert ledger.progress(second) == {"queued": 1, "succeeded": 2}
+    assert ledger.retry(large) == []  # gone, and not brought back
+    with sqlite3.connect(project / ".runex" / "ledger.db") as conn:
+        left = conn.execute("SELECT run_id, COUNT(*) FROM partitions GROUP BY 1").fetchall()
+        assert left == [(second, 3)] and conn.execute("SELECT * FROM pruning").fetchall() == []
+
+
+def test_a_prune_stopped_half_way_goes_on_next_time(project):
+    work_pipeline(project, stop=40, size=1)
+    rx = Runex()
+    run_id = rx.run("pipelines/p.toml", workers=0).id
+    done = rx.ledger.prune(time.time() + 1, slice_rows=10, pause=0, max_partitions=15)
+    assert (done.runs, done.partitions) == (1, 20)  # the row at once, two slices of ten
+    assert rx.runs() == [] and count(project / ".runex" / "ledger.db",
+                                      "SELECT done FROM pruning") == 20
+    done = rx.ledger.prune(time.time() + 1, slice_rows=10, pause=0)
+    assert (done.runs, done.partitions, done.attempts) == (0, 20, 20)
+    assert count(project / ".runex" / "ledger.db",
+                 "SELECT COUNT(*) FROM partitions WHERE run_id = ?", run_id) == 0
+
+
+@pytest.mark.slow
+def test_once_work_is_done_the_logs_are_cut_back(project):
+    work_pipeline(project, stop=2000, size=1)
+    runex_cli("run", "pipelines/p.toml", "-w", "2", cwd=project, check=True)
+    home = project / ".runex"
+    assert (home / "ledger.db-wal").stat().st_size == 0
+    assert (home / "queue.db-wal").stat().st_size == 0

@@ -178,7 +178,7 @@ def test_a_home_of_ledger_schema_3_opens_and_keeps_working(tmp_path, monkeypatch
         ("example", "succeeded", 43)]
     with sqlite3.connect(home / "ledger.db") as conn:
         assert conn.execute("PRAGMA user_version").fetchone() == (4,)
-        assert conn.execute("PRAGMA auto_vacuum").fetchone() == (2,)  # space can go back
+        assert conn.execute("PRAGMA auto_vacuum").fetchone() == (0,)  # rewritten when idle
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
         counts = conn.execute("SELECT status, SUM(n) FROM run_counts GROUP BY status "
                               "ORDER BY status").fetchall()
@@ -194,6 +194,9 @@ def test_a_home_of_ledger_schema_3_opens_and_keeps_working(tmp_path, monkeypatch
     names = [e["event"] for e in events]
     assert names[0] == "run.submitted" and names[-1] == "run.finished"
     assert names.count("partition.committed") == 2
+    # its steps were events; now they are its attempts' `steps`, told the same
+    steps = [(e["kernel"], e["partition_index"]) for e in events if e["event"] == "step.finished"]
+    assert sorted(steps) == [("lower", 0), ("lower", 1), ("words", 0), ("words", 1)]
     schedules = json.loads(runex_cli("schedules", "--json", cwd=project, check=True).stdout)
     assert schedules[0]["last"]["fire_time"] == "2026-11-26T06:00:00Z"
     runex_cli("worker", "--burst", "-w", "1", cwd=project, check=True)  # the queued run
@@ -201,3 +204,5 @@ def test_a_home_of_ledger_schema_3_opens_and_keeps_working(tmp_path, monkeypatch
                                 check=True).stdout)
     assert done["status"] == "succeeded" and done["records_out"] == 43
     assert done["counts"] == {"succeeded": 2}
+    with sqlite3.connect(home / "ledger.db") as conn:  # idle: rewritten, it can give space back
+        assert conn.execute("PRAGMA auto_vacuum").fetchone() == (2,)
