@@ -14,7 +14,7 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -303,6 +303,35 @@ class Cancelled:
     cancelled: int  # partitions cancelled before they started
     running: int  # partitions still running, which stop at their next batch
     complete: bool
+
+
+class Pace:
+    """How much a background transaction (a prune's, a reclaim's) does: as many rows as take
+    about `seconds` (learned as it goes; None: always `rows`), then it waits `rest` times as
+    long as it took, at least `least` seconds, so that workers waiting for the write lock
+    barely notice."""
+
+    def __init__(self, rows: int = 100, seconds: float | None = 0.001, rest: float = 4.0,
+                 least: float = 0.005):
+        self.rows, self.seconds, self.rest, self.least = rows, seconds, rest, least
+
+    @contextlib.contextmanager
+    def step(self, dry_run: bool, rows: int, after: Callable[[], None] | None = None
+             ) -> Iterator[None]:
+        """One transaction of `rows` rows (a dry run only reads: no pace for it); `after` it,
+        what the rest is for (a checkpoint)."""
+        if dry_run:
+            yield
+            return
+        began = time.perf_counter()
+        yield
+        took = time.perf_counter() - began
+        if self.seconds and rows and took > 0:  # halfway to the rows that take `seconds`
+            self.rows = max(10, min(10_000, (self.rows + int(rows * self.seconds / took)) // 2))
+        rest = time.perf_counter()
+        if after is not None:
+            after()
+        time.sleep(max(0.0, max(self.least, self.rest * took) - (time.perf_counter() - rest)))
 
 
 class Ledger:
@@ -817,8 +846,7 @@ class Ledger:
 
     def prune(self, before: float | None, keep_last: int = 0, dry_run: bool = False,
               beyond_newest: int | None = None, max_runs: int | None = None,
-              max_partitions: int | None = None, slice_rows: int = 500,
-              pause: float = 0.01) -> Pruned:
+              max_partitions: int | None = None, pace: Pace | None = None) -> Pruned:
         """Delete the finished runs that ended before `before` and (`beyond_newest`) those
         not among the newest `beyond_newest` runs, but never the newest `keep_last` runs: at
         most `max_runs` of them, oldest first, with their partitions, attempts, counts and
@@ -826,14 +854,15 @@ class Ledger:
         never pruned, nor the newest fire of each pipeline (what its schedule already fired)
         or a fire still waiting. `dry_run`: count only. `reclaim` gives the space back.
 
-        Workers go on meanwhile: a transaction deletes at most about `slice_rows` partitions,
-        and the next waits `pause` seconds, so that a worker waiting for the write lock gets it
-        first. A large run's row goes first (it is gone at once for everyone), then its
-        partitions and attempts in slices (`pruning` says how far). With `max_partitions`, it
-        stops after about that many partitions: the next call goes on."""
+        Workers go on meanwhile: each transaction deletes as many partitions as take about a
+        millisecond, and the next waits a while (`Pace`), so that a worker waiting for the
+        write lock gets it first. A large run's row goes first (it is gone at once for
+        everyone), then its partitions and attempts in slices (`pruning` says how far). With
+        `max_partitions`, it stops after about that many partitions: the next call goes on."""
         done = Pruned()
+        pace = pace or Pace()
         if not dry_run:
-            self._prune_slices(done, max_partitions, slice_rows, pause)
+            self._prune_slices(done, max_partitions, pace)
         old = []
         if before is not None:
             old.append("COALESCE(finished_at, created_at) < ?")
@@ -851,19 +880,21 @@ class Ledger:
         for run_id, count in found:
             if max_partitions is not None and done.partitions >= max_partitions:
                 break
-            if count > slice_rows:  # a large run: its row now, its partitions in slices
-                self._prune_runs([run_id], done, dry_run, later=True)
+            if count > pace.rows:  # a large run: its row now, its partitions in slices
+                with pace.step(dry_run, count if dry_run else 1, self._short_log):
+                    self._prune_runs([run_id], done, dry_run, later=True)
                 if not dry_run:
-                    self._prune_slices(done, max_partitions, slice_rows, pause)
+                    self._prune_slices(done, max_partitions, pace)
                 continue
-            if size + count > slice_rows:
-                self._prune_runs(group, done, dry_run)
+            if group and size + count > pace.rows:
+                with pace.step(dry_run, size, self._short_log):
+                    self._prune_runs(group, done, dry_run)
                 group, size = [], 0
-                time.sleep(0 if dry_run else pause)
             group.append(run_id)
             size += count
         if group:
-            self._prune_runs(group, done, dry_run)
+            with pace.step(dry_run, size, self._short_log):
+                self._prune_runs(group, done, dry_run)
         oldest = self.oldest_run_time()
         cutoff = min((t for t in (before, oldest) if t is not None), default=None)
         if cutoff is not None:
@@ -913,8 +944,7 @@ class Ledger:
         done.runs += len(ids)
         done.fires += fires
 
-    def _prune_slices(self, done: Pruned, max_partitions: int | None, slice_rows: int,
-                      pause: float) -> None:
+    def _prune_slices(self, done: Pruned, max_partitions: int | None, pace: Pace) -> None:
         """Delete the partitions and attempts of runs being pruned, a slice per
         transaction."""
         for run_id, count, low in self.conn.execute(
@@ -922,37 +952,40 @@ class Ledger:
             while low < count:
                 if max_partitions is not None and done.partitions >= max_partitions:
                     return
-                with self.tx() as conn:
+                rows = pace.rows
+                with pace.step(False, rows, self._short_log), self.tx() as conn:
                     for table in ("attempts", "partitions"):
                         deleted = conn.execute(
                             f"DELETE FROM {table} WHERE run_id = ? AND idx >= ? AND idx < ?",
-                            (run_id, low, low + slice_rows)).rowcount
+                            (run_id, low, low + rows)).rowcount
                         setattr(done, table, getattr(done, table) + deleted)
-                    low += slice_rows
+                    low += rows
                     if low < count:
                         conn.execute("UPDATE pruning SET done = ? WHERE run_id = ?",
                                      (low, run_id))
                     else:
                         conn.execute("DELETE FROM pruning WHERE run_id = ?", (run_id,))
-                time.sleep(pause)
+
+    def _short_log(self) -> None:
+        with self._storage_errors():
+            self.engine.keep_log_short(self.conn)
 
     def oldest_run_time(self) -> float | None:
         """When the oldest run the ledger keeps was created."""
         return self.conn.execute("SELECT MIN(created_at) FROM runs").fetchone()[0]
 
-    def reclaim(self, most: int | None = None, pages: int = 256, pause: float = 0.01) -> int:
-        """Give the ledger's free pages back to the file system (at most `most` of them),
-        `pages` per transaction, the next `pause` seconds later. Returns how many it gave."""
+    def reclaim(self, most: int | None = None, pace: Pace | None = None) -> int:
+        """Give the ledger's free pages back to the file system (at most `most` of them), as
+        many per transaction as take about a millisecond (`Pace`). Returns how many it gave."""
+        pace = pace or Pace()
         given = 0
         with self._storage_errors():
             conn, engine = self.conn, self.engine
             while engine.can_reclaim(conn) and engine.free_pages(conn) and (
                     most is None or given < most):
-                if given:
-                    time.sleep(pause)
-                with self.tx():
-                    given += engine.reclaim(conn, pages if most is None
-                                            else min(pages, most - given))
+                pages = pace.rows if most is None else min(pace.rows, most - given)
+                with pace.step(False, pages, self._short_log), self.tx():
+                    given += engine.reclaim(conn, pages)
         return given
 
     def settle(self) -> None:

@@ -246,6 +246,16 @@ class SqliteEngine:
         anyone."""
         conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
+    def keep_log_short(self, conn: sqlite3.Connection) -> None:
+        """For a process writing much in the background (a prune): checkpoint the write-ahead
+        log itself once it holds a few MiB, outside any transaction, so that the commit of a
+        submit or a claim never meets SQLite's own checkpoint (see AUTOCHECKPOINT_PAGES)."""
+        try:
+            if os.path.getsize(f"{self.path}-wal") > WAL_KEEP_BYTES * 4:
+                self.checkpoint(conn)
+        except FileNotFoundError:
+            pass
+
     def truncate_log(self, conn: sqlite3.Connection) -> bool:
         """See `truncate_log`."""
         return truncate_log(conn, self.path)
