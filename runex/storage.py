@@ -78,12 +78,13 @@ def give_back(conn: sqlite3.Connection, pages: int) -> int:
 def truncate_log(conn: sqlite3.Connection, path: str | os.PathLike) -> bool:
     """Checkpoint the whole write-ahead log of the database file `path` and cut it to nothing,
     if no reader is in the way; returns whether it was cut. It waits for nobody (for when work
-    is done), and touches nothing when the log is empty already."""
+    is done), and touches nothing when the log holds `WAL_KEEP_BYTES` or less: a log that
+    small is not worth a checkpoint and a sync (a `runex run` of a few partitions)."""
     try:
-        if os.path.getsize(f"{path}-wal") == 0:
-            return True
+        if os.path.getsize(f"{path}-wal") <= WAL_KEEP_BYTES:
+            return False
     except FileNotFoundError:
-        return True
+        return False
     busy = conn.execute("PRAGMA busy_timeout").fetchone()[0]
     conn.execute("PRAGMA busy_timeout = 0")
     try:

@@ -173,7 +173,7 @@ def test_a_prune_stopped_half_way_goes_on_next_time(project):
 
 @pytest.mark.slow
 def test_once_work_is_done_the_logs_are_cut_back(project):
-    work_pipeline(project, stop=2000, size=1)
+    work_pipeline(project, stop=20_000, size=1)  # logs of megabytes
     runex_cli("run", "pipelines/p.toml", "-w", "2", cwd=project, check=True)
     home = project / ".runex"
     assert (home / "ledger.db-wal").stat().st_size == 0
