@@ -974,13 +974,17 @@ class Ledger:
         """When the oldest run the ledger keeps was created."""
         return self.conn.execute("SELECT MIN(created_at) FROM runs").fetchone()[0]
 
-    def reclaim(self, most: int | None = None, pace: Pace | None = None) -> int:
-        """Give the ledger's free pages back to the file system (at most `most` of them), as
-        many per transaction as take about a millisecond (`Pace`). Returns how many it gave."""
+    def reclaim(self, most: int | None = None, least: int = 1, pace: Pace | None = None
+                ) -> int:
+        """Give the ledger's free pages back to the file system (at most `most` of them; none
+        if fewer than `least` are free), as many per transaction as take about a millisecond
+        (`Pace`). Returns how many it gave."""
         pace = pace or Pace()
         given = 0
         with self._storage_errors():
             conn, engine = self.conn, self.engine
+            if engine.free_pages(conn) < least:
+                return 0
             while engine.can_reclaim(conn) and engine.free_pages(conn) and (
                     most is None or given < most):
                 pages = pace.rows if most is None else min(pace.rows, most - given)

@@ -15,6 +15,7 @@ from typing import Any
 from runex import trace
 from runex.ledger import Ledger
 from runex.project import Project
+from runex.storage import FREE_KEEP_PAGES
 
 # A step prunes at most STEP_RUNS runs and about STEP_PARTITIONS partitions, and gives at
 # most STEP_PAGES pages back: a second or so, after which the consumer answers a signal.
@@ -32,7 +33,7 @@ def step(ledger: Ledger, huey: Any, project: Project) -> None:
     if done.runs or done.partitions:
         trace.logger().debug("ledger.pruned", **dataclasses.asdict(done))
         prune_trace_files(project.traces_dir, ledger, before)
-    ledger.reclaim(most=STEP_PAGES)
+    ledger.reclaim(most=STEP_PAGES, least=FREE_KEEP_PAGES)
     settle(ledger, huey)
 
 

@@ -33,6 +33,9 @@ BUSY_TIMEOUT = 60.0  # seconds a writer waits for the lock before SQLite gives u
 AUTOCHECKPOINT_PAGES = 10_000
 # A write-ahead log that grew in a burst of work is cut back to this size once checkpointed.
 WAL_KEEP_BYTES = 1024 * 1024
+# Free pages worth giving back to the file system in the background (fewer are reused soon,
+# and writing nothing while idle matters more).
+FREE_KEEP_PAGES = 256
 
 T = TypeVar("T")
 
@@ -64,12 +67,13 @@ def tune(conn: sqlite3.Connection, autocheckpoint: bool = True, ours: bool = Tru
         conn.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}")
 
 
-def give_back(conn: sqlite3.Connection, pages: int) -> int:
+def give_back(conn: sqlite3.Connection, pages: int, least: int = 1) -> int:
     """Give up to `pages` free pages of a file that allows it (`tune`) back to the file
-    system; returns how many it gave."""
+    system, if it has at least `least`; returns how many it gave."""
     if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:  # not incremental
         return 0
-    given = min(pages, conn.execute("PRAGMA freelist_count").fetchone()[0])
+    free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+    given = min(pages, free) if free >= least else 0
     for _ in range(given):  # Python's sqlite3 runs one step of it: a page each time
         conn.execute("PRAGMA incremental_vacuum(1)")
     return given

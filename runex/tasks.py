@@ -25,7 +25,14 @@ from runex import huey_private, trace
 from runex.errors import DiskFull
 from runex.project import cpu_count
 from runex.reserve import Reserve, is_disk_full
-from runex.storage import FileWatch, create_private, give_back, truncate_log, tune
+from runex.storage import (
+    FREE_KEEP_PAGES,
+    FileWatch,
+    create_private,
+    give_back,
+    truncate_log,
+    tune,
+)
 
 QUEUE_NAME = "runex"
 TASK_NAME = "runex.tasks.partition"  # huey's identity for the task: module + name
@@ -108,7 +115,7 @@ class QueueStorage(huey_private.ConnectionHook):
         """When the queue is idle: its free pages back to the file system, and its
         write-ahead log cut back to nothing, if no reader is in the way."""
         with contextlib.suppress(DiskFull), self.writing():
-            give_back(self.conn, 1 << 30)
+            give_back(self.conn, 1 << 30, least=FREE_KEEP_PAGES)
             truncate_log(self.conn, self.filename)
 
     @functools.cached_property

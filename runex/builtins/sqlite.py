@@ -176,15 +176,15 @@ def write_sqlite(ctx, records):
         for _ in records:  # committed by an earlier attempt: keep the counts, write nothing
             pass
         return
-    columns, rows, stage, keys = {}, [], None, None
+    columns, rows, stage, known = {}, [], None, set()
     batches = records.batches() if hasattr(records, "batches") else batched(records, 1000)
     try:
         for batch in batches:
-            for record in batch:
-                if record.keys() != keys:  # most records have the keys of the one before
-                    keys = record.keys()
-                    for name in keys:
+            if not set().union(*batch) <= known:  # a new field: columns in order of first use
+                for record in batch:
+                    for name in record:
                         columns.setdefault(name, len(columns))
+                known = set(columns)
             rows += batch
             if len(rows) >= spill_rows:
                 stage = stage or Stage(path)
