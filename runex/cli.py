@@ -436,25 +436,26 @@ def show(ctx: click.Context, run_ref: str, listed: bool, status: str | None, aft
 
 
 def show_partitions(ctx: click.Context, parts: Iterator[Any]) -> None:
-    """The partitions as a table, a page at a time, then the errors of their attempts."""
-    errors_seen = []
+    """The partitions as a table, then the errors of their attempts, a page at a time."""
     page: list[Any] = []
     for p in itertools.chain(parts, [None]):
         if p is not None:
             page.append(p)
-        if len(page) == 1000 or (p is None and page):
-            click.echo("")
-            table([[p.index, json.dumps(p.key), p.status, len(p.attempts), p.records_in,
-                    p.records_out, p.seconds,
-                    p.attempts[-1]["code_version"] if p.attempts else None] for p in page],
-                  ["#", "KEY", "STATUS", "ATTEMPTS", "IN", "OUT", "SECONDS", "CODE"])
-            errors_seen += [(p, a) for p in page for a in p.attempts if a["error"]]
-            page = []
-    for p, a in errors_seen:
-        click.echo(f"\npartition {p.index} attempt {a['attempt']} ({a['status']}, "
-                   f"pid {a['pid']} on {a['host']}): {a['error']}")
-        if a["traceback"] and (ctx.obj["verbose"] or a is p.attempts[-1]):
-            click.echo(a["traceback"].rstrip())
+        if len(page) < 1000 and (p is not None or not page):
+            continue
+        click.echo("")
+        table([[p.index, json.dumps(p.key), p.status, len(p.attempts), p.records_in,
+                p.records_out, p.seconds,
+                p.attempts[-1]["code_version"] if p.attempts else None] for p in page],
+              ["#", "KEY", "STATUS", "ATTEMPTS", "IN", "OUT", "SECONDS", "CODE"])
+        for p in page:
+            for a in p.attempts:
+                if a["error"]:
+                    click.echo(f"\npartition {p.index} attempt {a['attempt']} ({a['status']}, "
+                               f"pid {a['pid']} on {a['host']}): {a['error']}")
+                    if a["traceback"] and (ctx.obj["verbose"] or a is p.attempts[-1]):
+                        click.echo(a["traceback"].rstrip())
+        page = []
 
 
 @cli.command()

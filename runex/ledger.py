@@ -151,7 +151,8 @@ SCHEMA = [
     # primary key's order (no second copy of the key); their other indexes hold only what is
     # not settled yet, so they are empty once work is done; each run keeps its partitions'
     # counts by status and its records so far (progress, completion and a run's end read
-    # a few rows, not the run's partitions); trace events are kept in the trace files only.
+    # a few rows, not the run's partitions); the ledger keeps no trace events (those that
+    # restate no row are in the trace files).
     [
         """CREATE TABLE run_counts (
             run_id TEXT NOT NULL,
@@ -318,8 +319,8 @@ class Pace:
     @contextlib.contextmanager
     def step(self, dry_run: bool, rows: int, after: Callable[[], None] | None = None
              ) -> Iterator[None]:
-        """One transaction of `rows` rows (a dry run only reads: no pace for it); `after` it,
-        what the rest is for (a checkpoint)."""
+        """One transaction of `rows` rows (0: none to learn from; a dry run only reads: no
+        pace for it); `after` it, what the rest is for (a checkpoint)."""
         if dry_run:
             yield
             return
@@ -881,7 +882,7 @@ class Ledger:
             if max_partitions is not None and done.partitions >= max_partitions:
                 break
             if count > pace.rows:  # a large run: its row now, its partitions in slices
-                with pace.step(dry_run, count if dry_run else 1, self._short_log):
+                with pace.step(dry_run, 0, self._short_log):  # a row: nothing to learn
                     self._prune_runs([run_id], done, dry_run, later=True)
                 if not dry_run:
                     self._prune_slices(done, max_partitions, pace)

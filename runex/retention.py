@@ -2,7 +2,7 @@
 small step as often as it reaps (`step`): the finished runs that `retain` and `retain_runs`
 (runex.toml) let go leave the ledger (`Ledger.prune`), with the trace files of the days before
 the oldest run kept; and once nothing is queued or running (`settle`), the space goes back to
-the file system and the write-ahead logs are cut back to nothing."""
+the file system and the write-ahead logs are cut back (to nothing, those over a MiB)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def step(ledger: Ledger, huey: Any, project: Project) -> None:
 
 def settle(ledger: Ledger, huey: Any) -> None:
     """Once nothing is queued or running (else nothing): the ledger's and the queue's
-    write-ahead logs cut back to nothing, the queue's free pages given back (see
+    write-ahead logs cut back (to nothing, if over a MiB), the queue's free pages given back (see
     `Ledger.settle`, `QueueStorage.settle`)."""
     if ledger.unfinished_partitions() == 0:
         ledger.settle()

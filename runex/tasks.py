@@ -113,7 +113,7 @@ class QueueStorage(huey_private.ConnectionHook):
 
     def settle(self) -> None:
         """When the queue is idle: its free pages back to the file system, and its
-        write-ahead log cut back to nothing, if no reader is in the way."""
+        write-ahead log cut back to nothing (if over a MiB and no reader is in the way)."""
         with contextlib.suppress(DiskFull), self.writing():
             give_back(self.conn, 1 << 30, least=FREE_KEEP_PAGES)
             truncate_log(self.conn, self.filename)
