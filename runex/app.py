@@ -53,6 +53,7 @@ from runex.worker import WorkerState
 
 REAP_HERE = 2.0  # seconds idle before `work(workers=0)` looks for lost work
 LISTED_IN_MEMORY = 10_000  # partition keys a submit holds in memory; more go to a file
+PLANS_KEPT = 64  # checked pipeline files a Runex remembers (see `Runex.plan`)
 
 
 class Runex:
@@ -66,6 +67,7 @@ class Runex:
         self._ledger: Ledger | None = None
         self._huey: Any = None
         self._extra_extensions: list[Path] = []
+        self._plans: dict[tuple[Any, ...], tuple[Registry, Plan]] = {}  # see `plan`
 
     # -- parts, opened on first use ------------------------------------------------------
 
@@ -131,13 +133,27 @@ class Runex:
     def plan(self, pipeline: str | os.PathLike | Pipeline, params: Sequence[str] = (),
              fire_time: dt.datetime | None = None) -> Plan:
         """Load (when given a path) and check a pipeline against the loaded extensions, with
-        `{fire_time}` in its parameters filled in (by default: with the current time)."""
-        if not isinstance(pipeline, Pipeline):
-            pipeline = load(pipeline, params)
-        pipeline = pipeline.with_fire_time(fire_time or dt.datetime.now(dt.UTC))
+        `{fire_time}` in its parameters filled in (by default: with the current time). A file
+        loaded before, unchanged, without `{fire_time}`, with the same extensions, gives the
+        plan it gave then (a program submitting again and again pays for one check)."""
         # A long-lived caller (a consumer firing schedules) sees extension files as they are.
         self._registry = extensions.refresh(self.registry)
-        return check(pipeline, self.registry)
+        key = None
+        if not isinstance(pipeline, Pipeline):
+            with contextlib.suppress(OSError):
+                info = os.stat(pipeline)
+                key = (os.path.abspath(pipeline), info.st_ino, info.st_mtime_ns, info.st_size,
+                       tuple(params))
+            if key in self._plans and self._plans[key][0] is self._registry:
+                return self._plans[key][1]
+            pipeline = load(pipeline, params)
+        filled = pipeline.with_fire_time(fire_time or dt.datetime.now(dt.UTC))
+        plan = check(filled, self._registry)
+        if key is not None and filled == pipeline:  # no fire time in it: the same next time
+            if len(self._plans) >= PLANS_KEPT:
+                self._plans.clear()
+            self._plans[key] = (self._registry, plan)
+        return plan
 
     def submit(self, pipeline: str | os.PathLike | Pipeline, params: Sequence[str] = ()) -> str:
         """Check the pipeline, list its partitions, record the run and queue its partitions;

@@ -4,7 +4,9 @@ import re
 import subprocess
 import sys
 
-from .conftest import ROOT, write
+from runex import Runex
+
+from .conftest import ROOT, work_pipeline, write
 
 
 def readme_example() -> str:
@@ -47,3 +49,21 @@ def test_the_repository_keeps_the_built_in_worker_profiles_in_workers():
     shipped = {p.name: p.read_text() for p in (ROOT / "runex" / "profiles").glob("*.toml")}
     assert {p.name: p.read_text() for p in (ROOT / "workers").glob("*.toml")} == shipped
     assert set(shipped) == {"default.toml", "raspberry-pi.toml"}
+
+
+def test_a_pipeline_file_is_checked_again_only_when_it_or_the_extensions_change(project):
+    work_pipeline(project, stop=20)
+    rx = Runex()
+    first = rx.plan("pipelines/p.toml")
+    assert rx.plan("pipelines/p.toml") is first  # unchanged: the plan it gave
+    assert rx.plan("pipelines/p.toml", ["source.stop=10"]) is not first
+    work_pipeline(project, stop=30)  # edited
+    again = rx.plan("pipelines/p.toml")
+    assert again is not first and again.pipeline.source.params["stop"] == 30
+    write(project / "extensions" / "more.py", "X = 1\n")  # the extensions changed
+    assert rx.plan("pipelines/p.toml") is not again
+    write(project / "pipelines" / "p.toml",
+          (project / "pipelines" / "p.toml").read_text().replace(
+              'table = "sq"', 'table = "sq_{fire_time:%H%M%S%f}"'))
+    timed = rx.plan("pipelines/p.toml")
+    assert rx.plan("pipelines/p.toml") is not timed  # the fire time is in it: filled each time
