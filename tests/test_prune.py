@@ -13,6 +13,7 @@ import pytest
 
 from runex import Runex
 from runex.ledger import Pace
+from runex.storage import WAL_KEEP_BYTES
 
 from .conftest import runex_cli, work_pipeline, write
 
@@ -173,8 +174,8 @@ def test_a_prune_stopped_half_way_goes_on_next_time(project):
 
 @pytest.mark.slow
 def test_once_work_is_done_the_logs_are_cut_back(project):
-    work_pipeline(project, stop=20_000, size=1)  # logs of megabytes
+    work_pipeline(project, stop=20_000, size=1)  # logs of megabytes while it runs
     runex_cli("run", "pipelines/p.toml", "-w", "2", cwd=project, check=True)
     home = project / ".runex"
-    assert (home / "ledger.db-wal").stat().st_size == 0
-    assert (home / "queue.db-wal").stat().st_size == 0
+    for log in ("ledger.db-wal", "queue.db-wal"):  # nothing, or what a reset left (1 MiB)
+        assert (home / log).stat().st_size <= WAL_KEEP_BYTES, log
