@@ -303,7 +303,7 @@ class Recording:
 def _log_steps(log: Any, stats: Stats) -> None:
     for i, step in enumerate(stats.steps):
         log.debug("step.finished", step=i, kernel=step.name, records_in=step.records_in,
-                 records_out=step.records_out, seconds=round(step.seconds, 4))
+                  records_out=step.records_out, seconds=round(step.seconds, 4))
 
 
 class Cancellation:
