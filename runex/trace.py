@@ -32,7 +32,8 @@ import structlog
 
 from runex.reserve import Reserve, is_disk_full
 
-HOST = socket.gethostname()
+# This machine's name in the ledger (attempts, consumers); RUNEX_HOST names it otherwise.
+HOST = os.environ.get("RUNEX_HOST") or socket.gethostname()
 _state: dict[str, Any] = {"dir": None, "fd": None, "until": 0.0, "pid": None,
                          "configured": False, "console": False, "before_line": "",
                          "debug": False}

@@ -1,6 +1,7 @@
 """The real command line with real worker processes on a temporary home."""
 
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -243,3 +244,13 @@ def test_an_idle_consumer_writes_nothing_to_its_home(project):
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_runex_host_names_this_machine_in_the_ledger(project):
+    work_pipeline(project, stop=20)
+    env = {**os.environ, "RUNEX_HOST": "board-a"}
+    runex_cli("submit", "pipelines/p.toml", cwd=project, check=True)
+    runex_cli("worker", "--burst", "-w", "1", cwd=project, env=env, check=True)
+    data = json.loads(runex_cli("show", "last", "--json", cwd=project, check=True).stdout)
+    assert {a["host"] for p in data["partitions"] for a in p["attempts"]} == {"board-a"}
