@@ -130,9 +130,12 @@ def requeue_vanished(state: WorkerState, older_than: float = 30.0) -> int:
              and (older_than <= VANISHED_ALONE or seen.get(r) == (queued[r], carried[r]))]
     missing = 0
     cutoff = time.time() - older_than
+    carrying: dict[str, list[tuple[int, int]]] = {run_id: [] for run_id in short}
+    for run_id, indexes in _messages(state) if short else ():  # one more read of the queue
+        if run_id in carrying and indexes:
+            carrying[run_id] += _spans(indexes)
     for run_id in short:
-        spans = sorted(span for r, ix in _messages(state) if r == run_id and ix
-                       for span in _spans(ix))
+        spans = sorted(carrying[run_id])
         starts = [low for low, _ in spans]
         priority = state.ledger.run(run_id)["priority"]
         for idx in state.ledger.queued_before(run_id, cutoff):
