@@ -49,6 +49,7 @@ from runex.registry import Registry
 from runex.reserve import Reserve
 from runex.runs import Run, steps_of
 from runex.scheduler import DEFAULT_PIPELINES, Scheduler, fire_times
+from runex.storage import engine_for
 from runex.worker import WorkerState
 
 REAP_HERE = 2.0  # seconds idle before `work(workers=0)` looks for lost work
@@ -61,8 +62,8 @@ class Runex:
 
     def __init__(self, home: str | os.PathLike | None = None,
                  extensions: Sequence[str | os.PathLike] = (),
-                 root: str | os.PathLike | None = None):
-        self.project: Project = open_project(home, extensions, root)
+                 root: str | os.PathLike | None = None, database: str | None = None):
+        self.project: Project = open_project(home, extensions, root, database)
         self._registry: Registry | None = None
         self._ledger: Ledger | None = None
         self._huey: Any = None
@@ -81,14 +82,16 @@ class Runex:
     def ledger(self) -> Ledger:
         if self._ledger is None:
             self.project.ensure_home()
-            self._ledger = Ledger(self.project.ledger_path)
+            self._ledger = Ledger(engine_for(self.project.database or self.project.ledger_path,
+                                             self.project.home))
         return self._ledger
 
     @property
     def huey(self) -> tasks.Queue:
         if self._huey is None:
             self.project.ensure_home()
-            self._huey = tasks.make_huey(self.project.queue_path)
+            self._huey = tasks.make_huey(self.project.database or self.project.queue_path,
+                                         self.project.home)
         return self._huey
 
     @property

@@ -49,7 +49,15 @@ def project_options(fn: Callable) -> Callable:
                       type=click.Path(file_okay=False),
                       help="Another extension folder to load (repeatable). "
                            "Env: RUNEX_EXTENSIONS, separated by ':'.")(fn)
+    fn = click.option("--database", metavar="URL", expose_value=False, callback=_database,
+                      help="The queue and ledger in PostgreSQL (postgresql://user@host/db), "
+                           "for workers on several hosts. Env: RUNEX_DATABASE. Default: "
+                           "`database` in runex.toml, else SQLite in the home.")(fn)
     return fn
+
+
+def _database(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    ctx.meta["runex.database"] = value  # read by `open_runex` (RUNEX_DATABASE by open_project)
 
 
 def worker_options(fn: Callable) -> Callable:
@@ -78,7 +86,9 @@ def open_runex(home: str | None, extension_dirs: tuple[str, ...]) -> Runex:
     from runex.app import Runex  # here, so that `runex --help` does not load the runtime
 
     # RUNEX_HOME is read by click into `home`; RUNEX_EXTENSIONS by open_project.
-    return Runex(home=home, extensions=extension_dirs)
+    ctx = click.get_current_context(silent=True)
+    database = ctx.meta.get("runex.database") if ctx is not None else None
+    return Runex(home=home, extensions=extension_dirs, database=database)
 
 
 def plural(count: int, word: str) -> str:

@@ -57,10 +57,11 @@ class RunexWorker(Worker):
         super().initialize()
         self.watch = self.huey.storage.watch()
         self.stop_fd = huey_private.stop_fd(self.stop_flag)
-        self.reserve = Reserve(os.path.dirname(self.huey.storage.filename))
+        self.reserve = Reserve(self.huey.storage.home)
         if self.state is not None:
             self.state.stopping = self.stop_flag.is_set  # a pack is handed back when set
             self.state.running = Running(self.slots, self.slot)
+            self.state.holding.exit_on_lost_lease = True  # see `lease.Holding`
 
     def loop(self, now: Any = None) -> None:
         if not self.reserve.ok():  # the consumer makes it again once there is room
@@ -106,7 +107,7 @@ class RunexConsumer(huey_private.ProcessHook):
         self.slots = multiprocessing.RawArray("d", 3 * options.get("workers", 1))
         self.state = state
         super().__init__(huey, **options)
-        self.home = os.path.dirname(os.path.abspath(huey.storage.filename))
+        self.home = huey.storage.home
         self.reserve = Reserve(self.home)
         self.disk_full = False
         self.stop_on_full = stop_on_full

@@ -15,7 +15,7 @@ from typing import Any
 from huey import SqliteHuey
 from huey.consumer import Consumer, Worker
 from huey.serializer import Serializer
-from huey.storage import SqliteStorage
+from huey.storage import PostgresStorage, SqliteStorage
 
 
 def task_class(huey: Any, name: str) -> Any:
@@ -31,7 +31,17 @@ def insert_messages(storage: SqliteStorage, rows: Iterable[tuple[str, bytes, int
         cursor.executemany("insert into task (queue, data, priority) values (?, ?, ?)", rows)
 
 
-def forget_connection(storage: SqliteStorage) -> None:
+def insert_messages_postgres(storage: PostgresStorage,
+                             rows: Iterable[tuple[str, bytes, int]]) -> None:
+    """The same in huey's PostgreSQL `task` table, with the notification its own `enqueue`
+    sends (idle workers listen for it)."""
+    with storage.db(commit=True) as cursor:
+        cursor.executemany(f"insert into {storage.table_task} (queue, data, priority) "
+                           "values (%s, %s, %s)", rows)
+        cursor.execute("select pg_notify(%s, '')", (storage.channel,))
+
+
+def forget_connection(storage: SqliteStorage | PostgresStorage) -> None:
     """In a forked process: drop the SQLite connection inherited from the parent (never use
     it there), so that the storage opens its own."""
     storage._conn = None

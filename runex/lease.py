@@ -20,6 +20,11 @@ from runex.errors import DiskFull
 from runex.ledger import LEASE_SECONDS, Claim, Ledger
 
 PACK_SLICE = 0.2  # seconds a worker keeps a pack before handing back what it has not started
+RENEW_RETRY = 2.0  # seconds before a lease renewal that failed (the database away) is retried
+# A worker process whose claims' leases were not renewed for this part of LEASE_SECONDS (the
+# database unreachable) exits before another host may take its partitions: it must not
+# commit an attempt that is no longer its own.
+LEASE_MARGIN = 0.8
 
 
 class Holding:
@@ -40,7 +45,9 @@ class Holding:
         self._pending: list[int] = []
         self._due = 0.0  # when the pending partitions go back (time.monotonic)
         self._pid = 0
-        self._stores: tuple[Any, str] = (None, "")  # the ledger's engine, the queue's file
+        self._stores: tuple[Any, Any] = (None, None)  # the ledger's engine, the queue's storage
+        self._renewed = 0.0  # when the held leases were last taken or renewed (monotonic)
+        self.exit_on_lost_lease = False  # set in a consumer's worker process
 
     def _start(self) -> None:
         if self._pid != os.getpid():  # first use in this process: threads do not survive fork
@@ -51,7 +58,7 @@ class Holding:
         with self._lock:
             self._run_id, self._pending = run_id, list(indexes)
             self._due = time.monotonic() + PACK_SLICE
-            self._stores = (ledger.engine, huey.storage.filename)
+            self._stores = (ledger.engine, huey.storage)
         if len(indexes) > 1:
             self._start()
             self._wake.set()
@@ -103,6 +110,7 @@ class Holding:
         with self._lock:
             self._claims = claims
             self._stores = (ledger.engine, self._stores[1])
+            self._renewed = time.monotonic()
         self._start()
         try:
             yield
@@ -117,12 +125,18 @@ class Holding:
         while True:
             with self._lock:
                 wake_at = min(renew_at, self._due) if self._pending else renew_at
+                if self._claims and self.exit_on_lost_lease:
+                    wake_at = min(wake_at, self._renewed + LEASE_SECONDS * LEASE_MARGIN)
             self._wake.wait(max(0.0, wake_at - time.monotonic()))
             self._wake.clear()
             with self._lock:
-                claims, pending, (engine, queue_path) = (
+                claims, pending, (engine, queue) = (
                     self._claims + [c for _, held in self._deferred for c in held],
                     self._pending, self._stores)
+                renewed = self._renewed
+            if claims and self.exit_on_lost_lease and (
+                    time.monotonic() - renewed > LEASE_SECONDS * LEASE_MARGIN):
+                self._lost_lease(claims)
             if time.monotonic() < renew_at:
                 claims = []
             else:
@@ -136,11 +150,29 @@ class Holding:
                     ledger = Ledger(engine)
                 if claims:
                     ledger.renew_lease(claims)
+                    with self._lock:
+                        self._renewed = time.monotonic()
                 if pending:
-                    if huey is None or huey.storage.filename != queue_path:
-                        huey = tasks.make_huey(queue_path)
+                    if huey is None or huey.storage.location != queue.location:
+                        huey = tasks.make_huey(queue.location, queue.home)
                     self.give_back(huey, ledger)
             except DiskFull:  # the consumer says so; the next round tries again
                 pass
             except Exception:  # noqa: BLE001 - the next round tries again
                 trace.logger().exception("holding.failed")
+                if claims:  # soon: the lease runs out meanwhile
+                    renew_at = min(renew_at, time.monotonic() + RENEW_RETRY)
+
+    @staticmethod
+    def _lost_lease(claims: list[Claim]) -> None:
+        """The leases of `claims` could not be renewed for most of their time: another host
+        may soon take the partitions. Exit now, committing nothing; the consumer starts
+        another worker, which takes work once the ledger can be reached again."""
+        first = claims[0]
+        trace.logger().error(
+            "lease.lost", run_id=first.run_id, partitions=len(claims),
+            message=f"could not renew the lease of {len(claims)} partition(s) of run "
+                    f"{first.run_id} for {LEASE_SECONDS * LEASE_MARGIN:.0f}s (the ledger "
+                    "unreachable?): this worker stops without committing them; they go to "
+                    "another worker when the lease ends")
+        os._exit(75)

@@ -339,7 +339,7 @@ class Ledger:
     """The ledger in `target`: a `runex.storage` engine, or the path of a SQLite file."""
 
     def __init__(self, target: str | os.PathLike | SqliteEngine):
-        self.engine = engine_for(target)
+        self.engine: Any = engine_for(target)
         self.path = self.engine.path
         self._conn: Any = None
         self._pid = 0
@@ -349,12 +349,16 @@ class Ledger:
 
     @property
     def conn(self) -> Any:
+        again = False
+        if self._conn is not None and self._pid == os.getpid() and self.engine.broken(
+                self._conn):  # the server restarted, or the network dropped: connect again
+            self._conn, again = None, True
         if self._conn is None or self._pid != os.getpid():
             if self._conn is not None:
                 # Inherited through fork: never use or close it here; the parent owns it.
                 self._abandoned.append(self._conn)
                 self._conn = None
-            conn = self.engine.connect()
+            conn = self.engine.connect(again)
             with self._storage_errors():
                 self._migrate(conn)
             self._conn, self._pid = conn, os.getpid()
@@ -390,7 +394,7 @@ class Ledger:
                     if callable(sql):  # a step of Python
                         sql(conn)
                     else:
-                        conn.execute(sql.replace("{clustered}", engine.clustered))
+                        conn.execute(engine.ddl(sql))
             engine.set_schema_version(conn, len(SCHEMA))
             conn.execute("COMMIT")
         except BaseException:
@@ -873,9 +877,9 @@ class Ledger:
                 if keep_last else "")
         found = [] if not old else self.conn.execute(
             f"SELECT id, partition_count FROM runs WHERE {FINISHED} AND ({' OR '.join(old)})"
-            f"{keep} ORDER BY created_at LIMIT ?",
-            (*(p for p in (before, beyond_newest, keep_last or None) if p is not None),
-             -1 if max_runs is None else max_runs)).fetchall()
+            f"{keep} ORDER BY created_at{'' if max_runs is None else ' LIMIT ?'}",
+            tuple(p for p in (before, beyond_newest, keep_last or None, max_runs)
+                  if p is not None)).fetchall()
         group: list[str] = []
         size = 0
         for run_id, count in found:
@@ -1056,8 +1060,10 @@ class Ledger:
         if status is not None:
             where += " AND status = ?"
             params.append(status)
+        if limit is not None:
+            params.append(limit)
         return self._rows(f"SELECT * FROM partitions WHERE run_id = ? AND idx > ?{where} "
-                          "ORDER BY idx LIMIT ?", (*params, -1 if limit is None else limit))
+                          f"ORDER BY idx{'' if limit is None else ' LIMIT ?'}", tuple(params))
 
     def attempts(self, run_id: str, indexes: Sequence[int] | None = None
                  ) -> list[dict[str, Any]]:

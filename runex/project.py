@@ -38,6 +38,8 @@ def _number(low: float, above: bool) -> Any:
 # What each key of runex.toml and of a worker profile takes: (what to say, a check).
 CONFIG_KEYS = {
     "home": ("a folder name", lambda v: isinstance(v, str) and v != ""),
+    "database": ('a PostgreSQL URL, "postgresql://user@host:5432/dbname"',
+                 lambda v: isinstance(v, str) and v.startswith(("postgresql://", "postgres://"))),
     "extensions": ("a list of folder names", _folders),
     "pipelines": ("a glob of pipeline files, e.g. \"pipelines/*.toml\"",
                   lambda v: isinstance(v, str) and v != ""),
@@ -76,6 +78,7 @@ class Project:
     home: Path
     extension_dirs: list[Path]
     config: dict[str, Any] = field(default_factory=dict)
+    database: str | None = None  # a PostgreSQL URL for the queue and ledger; None: the home
 
     @property
     def ledger_path(self) -> Path:
@@ -128,6 +131,7 @@ def open_project(
     home: str | os.PathLike | None = None,
     extensions: Sequence[str | os.PathLike] = (),
     root: str | os.PathLike | None = None,
+    database: str | None = None,
 ) -> Project:
     """The project seen from the current folder, with flags over environment over config."""
     root_path = Path(root).resolve() if root else find_root()
@@ -138,7 +142,11 @@ def open_project(
     conf_ext = config.get("extensions", ["extensions"])
     env_ext = [e for e in os.environ.get("RUNEX_EXTENSIONS", "").split(os.pathsep) if e]
     dirs = [root_path / e for e in conf_ext] + [Path(e).resolve() for e in (*env_ext, *extensions)]
-    return Project(root_path, (root_path / home).resolve(), dirs, config)
+    database = database or os.environ.get("RUNEX_DATABASE") or config.get("database")
+    if database is not None and not CONFIG_KEYS["database"][1](database):
+        raise ConfigError(f"database {database!r} (from --database or RUNEX_DATABASE) must be "
+                          f"{CONFIG_KEYS['database'][0]}")
+    return Project(root_path, (root_path / home).resolve(), dirs, config, database)
 
 
 @contextlib.contextmanager

@@ -224,7 +224,7 @@ class SqliteEngine:
         """The folder whose disk the engine writes (for the reserve, see `runex.reserve`)."""
         return self.path.parent
 
-    def connect(self) -> sqlite3.Connection:
+    def connect(self, again: bool = False) -> sqlite3.Connection:
         try:
             create_private(self.path)
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None,
@@ -236,6 +236,14 @@ class SqliteEngine:
 
     def begin(self, conn: sqlite3.Connection) -> None:
         begin_immediate(conn)
+
+    @staticmethod
+    def broken(conn: sqlite3.Connection) -> bool:
+        return False  # a file does not go away
+
+    def ddl(self, sql: str) -> str:
+        """A statement of the ledger's schema as this engine takes it."""
+        return sql.replace("{clustered}", self.clustered)
 
     @staticmethod
     def schema_version(conn: sqlite3.Connection) -> int:
@@ -338,6 +346,13 @@ class SqliteEngine:
         return FileWatch(self.path)
 
 
-def engine_for(target: str | os.PathLike | Any) -> SqliteEngine:
-    """The engine of a ledger given as an engine or as the path of a SQLite file."""
-    return target if isinstance(target, SqliteEngine) else SqliteEngine(target)
+def engine_for(target: str | os.PathLike | Any, home: str | os.PathLike | None = None) -> Any:
+    """The engine of a ledger given as an engine, as a `postgresql://` URL (with `home`, this
+    host's folder for traces), or as the path of a SQLite file."""
+    from runex import postgres  # noqa: PLC0415 - psycopg is loaded only for a URL
+
+    if isinstance(target, SqliteEngine | postgres.PostgresEngine):
+        return target
+    if postgres.is_url(target):
+        return postgres.PostgresEngine(target, home)
+    return SqliteEngine(target)

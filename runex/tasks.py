@@ -20,8 +20,9 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from huey.registry import Message
+from huey.storage import PostgresStorage
 
-from runex import huey_private, trace
+from runex import huey_private, postgres, trace
 from runex.errors import DiskFull
 from runex.project import cpu_count
 from runex.reserve import Reserve, is_disk_full
@@ -84,7 +85,11 @@ def _decode(obj: dict[str, Any]) -> Any:
 
 class QueueStorage(huey_private.ConnectionHook):
     """huey's SQLite storage with `synchronous=NORMAL` (about 4x the throughput, still safe
-    in WAL mode against a process crash) and a data file only its owner can read."""
+    in WAL mode against a process crash) and a data file only its owner can read.
+
+    What runex asks of a queue's storage, beside huey's own: `location` and `home` (this
+    host's folder, whose disk its reserve watches), `insert_messages`, `notify` and `watch`,
+    `checkpoint` and `settle`, and `writing`."""
 
     def __init__(self, name: str, filename: str, **options: Any):
         create_private(filename)
@@ -92,6 +97,18 @@ class QueueStorage(huey_private.ConnectionHook):
             with contextlib.closing(sqlite3.connect(filename, isolation_level=None)) as conn:
                 tune(conn)
         super().__init__(name, filename, **options)
+
+    @property
+    def location(self) -> str:
+        return self.filename
+
+    @property
+    def home(self) -> str:
+        return os.path.dirname(os.path.abspath(self.filename))
+
+    def insert_messages(self, rows: Iterator[tuple[str, bytes, int]]) -> None:
+        """(queue, message, priority) rows, in one transaction."""
+        huey_private.insert_messages(self, rows)
 
     def connected(self, conn: Any) -> None:
         tune(conn)  # see runex.storage
@@ -120,7 +137,7 @@ class QueueStorage(huey_private.ConnectionHook):
 
     @functools.cached_property
     def reserve(self) -> Reserve:
-        return Reserve(os.path.dirname(self.filename))
+        return Reserve(self.home)
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:
@@ -178,10 +195,66 @@ class Queue(huey_private.WithoutRevocation):
         return result
 
 
-def make_huey(path: str | os.PathLike) -> Queue:
-    """The queue in `path`, with runex's task registered."""
-    huey = Queue(QUEUE_NAME, filename=str(path), results=False, utc=True,
-                 serializer=JSONSerializer(), storage_class=QueueStorage, timeout=LOCK_TIMEOUT)
+class PostgresQueueStorage(PostgresStorage):
+    """huey's PostgreSQL storage (`FOR UPDATE SKIP LOCKED`, LISTEN/NOTIFY) in runex's schema
+    (see `runex.postgres`), its tables made once, with what runex asks of a queue's storage
+    (see `QueueStorage`). A dequeue does not block: idle workers wait on `watch`, which also
+    wakes on their stop."""
+
+    def __init__(self, name: str, url: str, home: str, **options: Any):
+        self.database = postgres.Database(url)
+        self.home = home
+        with contextlib.closing(self.database.connect()) as conn:  # makes the schema
+            missing = conn.execute("SELECT to_regclass(%s)",
+                                   (f"{postgres.QUEUE_PREFIX}_task",)).fetchone()[0] is None
+        super().__init__(name, dsn=self.database.dsn, blocking=False,
+                         table_prefix=postgres.QUEUE_PREFIX, create_tables=missing,
+                         options=f"-c search_path={self.database.schema}",
+                         connect_timeout=postgres.CONNECT_TIMEOUT)
+
+    def initialize_schema(self) -> None:
+        with contextlib.suppress(postgres.psycopg().errors.UniqueViolation):  # made meanwhile
+            super().initialize_schema()
+
+    @property
+    def location(self) -> str:
+        return self.database.url
+
+    def insert_messages(self, rows: Iterator[tuple[str, bytes, int]]) -> None:
+        huey_private.insert_messages_postgres(self, rows)
+
+    def notify(self) -> None:
+        with contextlib.suppress(Exception):
+            self.sql("SELECT pg_notify(%s, '')", (self.channel,))
+
+    def watch(self) -> postgres.Watch:
+        return postgres.Watch(self.database, self.channel)
+
+    def checkpoint(self) -> None:
+        pass
+
+    def settle(self) -> None:
+        pass
+
+    @functools.cached_property
+    def reserve(self) -> Reserve:
+        return Reserve(self.home)
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        yield
+
+
+def make_huey(location: str | os.PathLike, home: str | os.PathLike | None = None) -> Queue:
+    """The queue in `location` (a SQLite file, or a `postgresql://` URL with `home`, this
+    host's folder), with runex's task registered."""
+    if postgres.is_url(location):
+        storage: dict[str, Any] = {"storage_class": PostgresQueueStorage, "url": location,
+                                   "home": str(home or os.getcwd())}
+    else:
+        storage = {"storage_class": QueueStorage, "filename": str(location),
+                   "timeout": LOCK_TIMEOUT}
+    huey = Queue(QUEUE_NAME, results=False, utc=True, serializer=JSONSerializer(), **storage)
     huey.task(name="partition")(huey.partition)  # huey's name for it: TASK_NAME
     return huey
 
@@ -213,7 +286,7 @@ def enqueue(huey: Queue, run_id: str, indexes: Sequence[int], priority: int = 0,
             for pack in messages:
                 huey.add_schedule(task((run_id, pack), {}, eta=eta, priority=priority))
             return
-        huey_private.insert_messages(huey.storage, (
+        huey.storage.insert_messages(
             (QUEUE_NAME, huey.serialize_task(task((run_id, pack), {}, priority=priority)),
-             priority) for pack in messages))
+             priority) for pack in messages)
     huey.storage.notify()

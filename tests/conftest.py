@@ -32,8 +32,74 @@ def require(ok: bool, reason: str) -> None:
 def clean_env(monkeypatch):
     monkeypatch.delenv("RUNEX_HOME", raising=False)
     monkeypatch.delenv("RUNEX_EXTENSIONS", raising=False)
+    monkeypatch.delenv("RUNEX_DATABASE", raising=False)
     yield
     trace.reset()
+
+
+ENGINES = ("sqlite", "postgresql")
+
+
+def pytest_generate_tests(metafunc):
+    """A test that uses `database` (a module's `pytestmark = pytest.mark.usefixtures(
+    "database")`) runs once per engine; one marked `sqlite_only(reason)` on SQLite only."""
+    if "database" in metafunc.fixturenames:
+        only = metafunc.definition.get_closest_marker("sqlite_only")
+        metafunc.parametrize("database", ENGINES[:1] if only else ENGINES, indirect=True)
+
+
+@pytest.fixture
+def database(request, monkeypatch):
+    """The engine of the queue and ledger: SQLite in the home (None), or a schema of its own
+    in a PostgreSQL server (its URL, also in RUNEX_DATABASE for every runex of the test)."""
+    if request.param == "sqlite":
+        yield None
+        return
+    url = postgres_server(request) + f"?schema=t_{os.urandom(6).hex()}"
+    monkeypatch.setenv("RUNEX_DATABASE", url)
+    yield url
+    from runex import postgres
+
+    postgres.drop_schema(url)
+
+
+@pytest.fixture
+def pg_target(request):
+    """A PostgreSQL database for a `postgres` source or sink: a URL whose tables are in a
+    schema of their own, dropped after the test."""
+    import psycopg
+
+    server = postgres_server(request)
+    schema = f"s_{os.urandom(6).hex()}"
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    yield f"{server}?options=-csearch_path%3D{schema}"
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def postgres_server(request) -> str:
+    """A PostgreSQL server's URL: RUNEX_TEST_DATABASE, else a throwaway cluster started once
+    for the session with the binaries on this machine (`tests/pg.py`)."""
+    url = os.environ.get("RUNEX_TEST_DATABASE")
+    if url:
+        return url
+    from tests import pg
+
+    cluster = request.getfixturevalue("throwaway_postgres")
+    require(cluster is not None, pg.MISSING)
+    return cluster
+
+
+@pytest.fixture(scope="session")
+def throwaway_postgres():
+    from tests import pg
+
+    if pg.binaries() is None:
+        yield None
+        return
+    with pg.cluster() as url:
+        yield url
 
 
 def children(parent: int | None = None) -> list[int]:
@@ -142,6 +208,15 @@ def drain(rx: Runex, timeout: float = 30) -> None:
         return False
 
     rx.work(workers=0, burst=True, until=too_long)
+
+
+def ledger_rows(project: Path, sql: str, args: tuple = ()) -> list[tuple]:
+    """Rows of a query of the project's ledger, on its engine (SQLite, or RUNEX_DATABASE)."""
+    ledger = Runex(root=project).ledger
+    try:
+        return [tuple(r) for r in ledger.conn.execute(sql, args).fetchall()]
+    finally:
+        ledger.close()
 
 
 def claim(ledger: Ledger, run_id: str, index: int, pid: int | None = None,

@@ -9,6 +9,8 @@ from runex import Runex, tasks, trace
 
 from .conftest import drain, show, traced, write
 
+pytestmark = pytest.mark.usefixtures("database")  # each test on SQLite and on PostgreSQL
+
 EXT = """
     import time
     from runex import register_kernel
@@ -124,8 +126,7 @@ def test_a_repeated_message_does_not_run_a_partition_twice(rx, project):
 
 def test_queue_messages_are_json_with_ids_only(rx, project):
     run_id = rx.submit(pipeline(project, stop=20, size=10))
-    with sqlite3.connect(project / ".runex" / "queue.db") as conn:
-        raw = [bytes(r[0]) for r in conn.execute("SELECT data FROM task ORDER BY id")]
+    raw = rx.huey.storage.enqueued_items()  # as stored, in the order they are taken
     messages = [json.loads(r)["message"] for r in raw]
     assert [(m["name"], m["args"]) for m in messages] == [
         ("runex.tasks.partition", [run_id, [0]]), ("runex.tasks.partition", [run_id, [1]])]

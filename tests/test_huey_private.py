@@ -5,6 +5,7 @@ import datetime
 import os
 import signal
 import sqlite3
+import time
 
 from huey.consumer import Consumer
 
@@ -27,6 +28,30 @@ def test_insert_messages_writes_huey_task_table_and_huey_reads_them(tmp_path):
         for i in (0, 5)])
     assert [huey.dequeue().args for _ in range(2)] == [("r1", [5]), ("r1", [0])]  # priority
     assert huey.dequeue() is None
+
+
+def test_insert_messages_postgres_writes_huey_table_and_wakes_listeners(tmp_path, request):
+    from .conftest import postgres_server
+
+    url = postgres_server(request) + f"?schema=t_{os.urandom(6).hex()}"
+    try:
+        huey = tasks.make_huey(url, tmp_path)
+        watch = huey.storage.watch()
+        watch.wait(0.01)  # listening from now on
+        task = huey_private.task_class(huey, tasks.TASK_NAME)
+        huey_private.insert_messages_postgres(huey.storage, [
+            (tasks.QUEUE_NAME, huey.serialize_task(task(("r1", [i]), {}, priority=i)), i)
+            for i in (0, 5)])
+        woke = time.monotonic()
+        watch.wait(5)
+        assert time.monotonic() - woke < 1  # notified, not timed out
+        assert [huey.dequeue().args for _ in range(2)] == [("r1", [5]), ("r1", [0])]
+        assert huey.dequeue() is None
+        watch.close()
+    finally:
+        from runex import postgres
+
+        postgres.drop_schema(url)
 
 
 def test_forget_connection_makes_the_storage_open_a_new_one(tmp_path):

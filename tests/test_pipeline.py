@@ -78,7 +78,7 @@ def test_unknown_names_list_close_matches(rx, project):
     with pytest.raises(PipelineError) as info:
         rx.plan(path)
     assert "source.use: unknown source 'rnage' (did you mean 'range'?); known sources: " \
-           "csv, jsonl, lines, range, sqlite" in str(info.value)
+           "csv, jsonl, lines, postgres, range, sqlite" in str(info.value)
     assert "sink.use: unknown sink 'nul' (did you mean 'null'?)" in str(info.value)
 
 

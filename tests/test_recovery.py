@@ -16,7 +16,19 @@ from runex.errors import NotFound
 from runex.identity import alive, my_start
 from runex.ledger import Lost, Recorded
 
-from .conftest import children, claim, drain, finish, runex_cli, show, work_pipeline, write
+from .conftest import (
+    children,
+    claim,
+    drain,
+    finish,
+    ledger_rows,
+    runex_cli,
+    show,
+    work_pipeline,
+    write,
+)
+
+pytestmark = pytest.mark.usefixtures("database")  # each test on SQLite and on PostgreSQL
 
 
 def make(project, stop=40, size=10, options="", **params):
@@ -39,9 +51,7 @@ def wait_for(predicate, timeout=60.0):
     raise AssertionError("timed out")
 
 
-def ledger(project, sql, args=()):
-    with sqlite3.connect(project / ".runex" / "ledger.db") as conn:
-        return conn.execute(sql, args).fetchall()
+ledger = ledger_rows
 
 
 def running_pid(project):
@@ -218,7 +228,7 @@ def test_lost_attempts_do_not_spend_the_retry_budget(project):
 DIE_AFTER_COMMIT = """
     import os, signal
     from runex import SinkSpec
-    from runex.builtins import files, sqlite
+    from runex.builtins import files, postgres, sqlite
 
     def then_die(write):
         def wrapped(ctx, records):
@@ -236,18 +246,24 @@ DIE_AFTER_COMMIT = """
     die_csv = SinkSpec("die_csv", then_die(files.write_csv),
                        finalize=lambda ctx: files.merge_parts(ctx, "csv", True),
                        configure=files.configure_files)
+    die_postgres = SinkSpec("die_postgres", then_die(postgres.write_postgres),
+                            configure=postgres.configure_postgres)
 """
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["sqlite", "jsonl", "csv"])
-def test_a_kill_between_sink_commit_and_ledger_update_doubles_nothing(project, kind):
+@pytest.mark.parametrize("kind", ["sqlite", "jsonl", "csv", "postgres"])
+def test_a_kill_between_sink_commit_and_ledger_update_doubles_nothing(project, kind, request):
     make(project, stop=30, size=10)
     write(project / "extensions" / "die.py", DIE_AFTER_COMMIT)
     pipeline = project / "pipelines" / "p.toml"
     sink = {"sqlite": 'path = "out/sq.db"\ntable = "sq"',
             "jsonl": 'path = "out/parts"\nmerge = "out/all.jsonl"',
-            "csv": 'path = "out/parts"\nmerge = "out/all.csv"'}[kind]
+            "csv": 'path = "out/parts"\nmerge = "out/all.csv"',
+            "postgres": "url = 'URL'\ntable = \"sq\""}[kind]
+    if kind == "postgres":
+        url = request.getfixturevalue("pg_target")
+        sink = sink.replace("URL", url)
     text = pipeline.read_text()
     text = text.replace('use = "sqlite"\npath = "out/sq.db"\ntable = "sq"',
                         f'use = "die_{kind}"\n{sink}')
@@ -267,9 +283,14 @@ def test_a_kill_between_sink_commit_and_ledger_update_doubles_nothing(project, k
     elif kind == "jsonl":
         lines = (project / "out" / "all.jsonl").read_text().splitlines()
         got = sorted(json.loads(line)["n"] for line in lines)
-    else:
+    elif kind == "csv":
         lines = (project / "out" / "all.csv").read_text().splitlines()
         got = sorted(int(line.split(",")[0]) for line in lines[1:])
+    else:
+        import psycopg
+
+        with psycopg.connect(url) as conn:
+            got = [n for (n,) in conn.execute("SELECT n FROM sq ORDER BY n")]
     assert got == list(range(30))
 
 
@@ -286,6 +307,7 @@ def test_a_paused_worker_that_stopped_renewing_its_lease_loses_the_partition(pro
 
 
 @pytest.mark.slow
+@pytest.mark.sqlite_only("writes the queue's SQLite file")
 def test_an_unreadable_queue_message_is_traced_and_its_partition_recovered(project):
     import pickle
 
@@ -309,6 +331,7 @@ def test_an_unreadable_queue_message_is_traced_and_its_partition_recovered(proje
 
 
 @pytest.mark.slow
+@pytest.mark.sqlite_only("a full disk under SQLite's files (a server's disk is its own)")
 @pytest.mark.parametrize("fault", ["full", "read-only"])
 def test_a_full_or_read_only_disk_is_a_clear_error_and_changes_nothing(project, fault):
     from runex.errors import StorageError
@@ -353,6 +376,7 @@ def test_a_second_signal_stops_at_once_and_gives_the_partition_back(project):
 
 
 @pytest.mark.slow
+@pytest.mark.sqlite_only("SQLite's write lock")
 def test_a_writer_waits_for_the_lock_then_gets_it_and_the_busy_timeout_is_kept(tmp_path):
     from runex.ledger import Ledger
     from runex.storage import begin_immediate

@@ -19,6 +19,8 @@ from runex.scheduler import fire_times
 
 from .conftest import drain, runex_cli, traced, write
 
+pytestmark = pytest.mark.usefixtures("database")  # each test on SQLite and on PostgreSQL
+
 T0 = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC)
 
 
