@@ -21,6 +21,7 @@ from runex import (
     consumer,
     extensions,
     huey_private,
+    postgres,
     reaper,
     retention,
     tasks,
@@ -42,6 +43,7 @@ from runex.errors import (
 )
 from runex.executor import execute
 from runex.finalizer import finalize_run
+from runex.identity import alive
 from runex.ledger import TERMINAL_RUN, Ledger, NewRun, new_run_id
 from runex.pipeline import Pipeline, Plan, check, load, parse_duration
 from runex.project import Project, chdir, cpu_count, load_profile, open_project
@@ -83,7 +85,7 @@ class Runex:
         if self._ledger is None:
             self.project.ensure_home()
             self._ledger = Ledger(engine_for(self.project.database or self.project.ledger_path,
-                                             self.project.home))
+                                             self.project.home), self.project.lease)
         return self._ledger
 
     @property
@@ -103,7 +105,8 @@ class Runex:
         """Make what worker processes work with, and set the queue to run partitions with it:
         before a consumer forks them, or to run partitions (or finalize a run) in this
         process."""
-        state = WorkerState(self.registry, self.ledger, self.huey, self.project.home)
+        state = WorkerState(self.registry, self.ledger, self.huey, self.project.home,
+                            code_drift=self.project.config.get("code_drift", "refuse"))
         self.huey.serve(functools.partial(execute, state))
         return state
 
@@ -178,7 +181,9 @@ class Runex:
         # The source's code runs now, not while the ledger's write lock is held.
         with _listed(self._partition_keys(plan), self.project.home) as keys:
             new = NewRun(new_run_id(), pipe.name, pipe.to_dict(), str(self.project.root),
-                         pipe.options.priority, keys, iso(fire_time) if fire_time else None)
+                         pipe.options.priority, keys, iso(fire_time) if fire_time else None,
+                         {"version": plan.code_version, "files": plan.code_files,
+                          "host": trace.HOST, "runex": __version__})
             count = self.ledger.create_run(new) if record is None else record(new)
         if count is None:
             return None
@@ -272,9 +277,11 @@ class Runex:
         """The operator's first lines: what this consumer is, and what failed to load."""
         reg = self.registry
         log = trace.logger()
+        where = {"database": str(self.ledger.engine)} if self.project.database else {}
         log.info("consumer.started", version=__version__, home=str(self.project.home),
-                 workers=workers, profile=profile or "default", kernels=len(reg.kernels),
-                 sources=len(reg.sources), sinks=len(reg.sinks), failed_files=len(reg.errors))
+                 **where, host=trace.HOST, workers=workers, profile=profile or "default",
+                 kernels=len(reg.kernels), sources=len(reg.sources), sinks=len(reg.sinks),
+                 failed_files=len(reg.errors))
         for error in reg.errors:
             log.warning("extension.failed", error=str(error))
 
@@ -531,6 +538,36 @@ class Runex:
         """Check a pipeline against the loaded extensions without running it: raises
         `PipelineError` (or `UnknownName`...) saying what is wrong; returns the checked plan."""
         return self.plan(pipeline, params)
+
+    def migrate(self, to: str) -> dict[str, Any]:
+        """Copy this home's SQLite ledger (runs, partitions, attempts, schedules, fires) into
+        the PostgreSQL database `to`, in one transaction, and queue there the partitions
+        queued here: to move from one machine to several. Refused while a consumer works on
+        the home, or if `to` holds runs already. The SQLite files are left as they were."""
+        if not postgres.is_url(to):
+            raise UsageError(f"--to {to!r}: give a postgresql://user@host:5432/db URL")
+        path = self.project.ledger_path
+        if not path.exists():
+            raise NotFound(f"no ledger in {self.project.home}: nothing to migrate")
+        source = Ledger(path)
+        working = [c for c in source.consumers() if c["host"] != trace.HOST
+                   or alive(c["pid"], c["pid_started"], c["boot_id"])]
+        if working:
+            shown = ", ".join(f"pid {c['pid']} on {c['host']}" for c in working)
+            raise RunexError(f"consumers are working on {self.project.home} ({shown}): stop "
+                             "them first (Ctrl-C, or `systemctl stop`), then migrate")
+        target = Ledger(engine_for(to, self.project.home), self.project.lease)
+        copied = source.copy_into(target)
+        huey = tasks.make_huey(to, self.project.home)
+        queued = 0
+        for run_id in target.queued_counts():
+            indexes = list(target.queued_before(run_id, time.time() + 1))
+            tasks.enqueue(huey, run_id, indexes, target.run(run_id)["priority"])
+            queued += len(indexes)
+        source.close()
+        target.close()
+        return {"from": str(path), "to": str(target.path), "copied": copied,
+                "queued_partitions": queued}
 
     def prune(self, older_than: str | float = "30d", keep_last: int = 0,
               dry_run: bool = False) -> dict[str, Any]:

@@ -622,6 +622,29 @@ def prune(older_than: str, keep_last: int, dry_run: bool, as_json: bool, home: s
 
 
 @cli.command()
+@click.option("--to", "to", required=True, metavar="URL",
+              help="The PostgreSQL database: postgresql://user@host:5432/db")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@project_options
+def migrate(to: str, as_json: bool, home: str | None, extension_dirs: tuple[str, ...]) -> None:
+    """Copy this home's ledger (every run, partition, attempt, schedule and fire) into a
+    PostgreSQL database, and queue there what is queued here: to move from one machine to
+    several. Stop the consumers first; then set `database` in runex.toml on every host."""
+    result = open_runex(home, extension_dirs).migrate(to)
+    if as_json:
+        dump(result)
+        return
+    copied = result["copied"]
+    click.echo(f"copied {plural(copied['runs'], 'run')} "
+               f"({plural(copied['partitions'], 'partition')}, "
+               f"{plural(copied['attempts'], 'attempt')}, {plural(copied['fires'], 'fire')}) "
+               f"from {result['from']} to {result['to']}; "
+               f"{plural(result['queued_partitions'], 'partition')} queued there")
+    click.echo(f'next: database = "{to}" in runex.toml (or RUNEX_DATABASE) on every host; '
+               f"{result['from']} is left as it was")
+
+
+@cli.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 @project_options
 def backup(file: str, home: str | None, extension_dirs: tuple[str, ...]) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 from huey.consumer import ConsumerStopped, Scheduler, Worker
 
 from runex import huey_private, reaper, trace
-from runex.errors import DiskFull
+from runex.errors import DiskFull, Unreachable
 from runex.reserve import Reserve, free_bytes
 from runex.worker import Running, WorkerState
 
@@ -68,9 +68,12 @@ class RunexWorker(Worker):
             self.stop_flag.wait(DISK_CHECK)
             return
         try:
-            if self.state is not None:  # what the full disk kept from the ledger, first
+            if self.state is not None:  # what a full disk or a database away kept, first
                 self.state.holding.redo()
         except DiskFull:
+            return
+        except Unreachable:
+            self.stop_flag.wait(DISK_CHECK)  # it was tried for a while: again in a moment
             return
         super().loop(now)
 

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from runex import __version__, trace
+from runex.errors import RunexError
 from runex.identity import alive, rebooted
 from runex.reserve import Reserve, free_bytes
 from runex.scheduler import scan
@@ -25,6 +26,7 @@ if TYPE_CHECKING:  # for type checkers only: `runex.app` imports this module
 LOW_SPACE = 100 << 20  # bytes free under the home below which a warning is given
 BIG_LOG = 64 << 20  # a write-ahead log larger than this has not been checkpointed for long
 SKEW = 60.0  # seconds: a ledger time further ahead than this means the clock went back
+HOST_SKEW = 5.0  # seconds between this host's clock and the database server's worth a word
 
 
 @dataclass(frozen=True)
@@ -45,12 +47,35 @@ def examine(rx: Runex) -> list[Finding]:
         return found  # the rest reads the home
     found += _extensions(rx)
     found += _pipelines(rx)
-    if not rx.project.ledger_path.exists():  # nothing has run: nothing more to read
+    if rx.project.database:
+        found += _database(rx)
+        if found[-1].status == "fail":
+            return found
+    elif not rx.project.ledger_path.exists():  # nothing has run: nothing more to read
         return found
     found += _consumers(rx)
     found += _attempts(rx)
-    found += _logs(rx)
+    if not rx.project.database:
+        found += _logs(rx)
     found += _clock(rx)
+    return found
+
+
+def _database(rx: Runex) -> list[Finding]:
+    """The PostgreSQL server of the queue and ledger: reachable, and its clock close to this
+    host's (leases are judged by the clocks of every host)."""
+    try:
+        version, server_now = rx.ledger.conn.execute(
+            "SELECT current_setting('server_version'), EXTRACT(EPOCH FROM now())").fetchone()
+    except RunexError as exc:
+        return [Finding("database", "fail", str(exc))]
+    found = [Finding("database", "ok", f"PostgreSQL {version}: {rx.ledger.engine}")]
+    skew = float(server_now) - time.time()
+    if abs(skew) > HOST_SKEW:
+        found.append(Finding("clock", "warn", f"this host's clock is {abs(skew):,.0f} s "
+                             f"{'behind' if skew > 0 else 'ahead of'} the database server's: "
+                             "leases and schedules need the hosts' clocks set alike (NTP: "
+                             "`timedatectl`)"))
     return found
 
 

@@ -64,6 +64,15 @@ class DiskFull(StorageError):
     """The disk under runex's home is full: nothing more is taken until there is room."""
 
 
+class Unreachable(StorageError):
+    """The database server of the queue and ledger cannot be reached (restarting, or the
+    network down): nothing more is taken until it can be."""
+
+
+# What a worker keeps, to write once it can, rather than losing it: see `lease.Holding`.
+DEFERRED = (DiskFull, Unreachable)
+
+
 class PartitionTimeout(Exception):
     """Raised inside a worker when an attempt runs past the pipeline's `timeout`."""
 

@@ -21,8 +21,8 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from runex import tasks, trace
-from runex.errors import DiskFull, PartitionTimeout, RunCancelled
+from runex import __version__, tasks, trace
+from runex.errors import DEFERRED, PartitionTimeout, RunCancelled, Unreachable
 from runex.finalizer import finalize_run
 from runex.identity import BOOT_ID, my_start
 from runex.ledger import Claim, Ledger, Outcome
@@ -33,6 +33,7 @@ from runex.reserve import describe_full, is_disk_full
 from runex.worker import WorkerState
 
 CHUNK_SECONDS = 0.05  # about this much work (as measured so far) is claimed at once
+UNREACHABLE_RETRY = 2.0  # seconds before a partition whose database was away is tried again
 MAX_CHUNK = 256
 
 
@@ -75,8 +76,8 @@ def execute(state: WorkerState, run_id: str, indexes: list[int]) -> None:
             try:
                 claims = state.ledger.claim_many(run_id, chunk, trace.HOST, os.getpid(),
                                                  my_start(), boot_id=BOOT_ID)
-            except DiskFull:
-                holding.untake(chunk)  # nothing was claimed: they go back to the queue
+            except DEFERRED:  # a full disk, the database away: nothing was claimed
+                holding.untake(chunk)  # they go back to the queue
                 break
             if claims:
                 started = time.perf_counter()
@@ -85,14 +86,14 @@ def execute(state: WorkerState, run_id: str, indexes: list[int]) -> None:
                 size = min(MAX_CHUNK, max(1, int(CHUNK_SECONDS / each) if each else MAX_CHUNK))
                 state.chunk = (run_id, size)
             holding.give_back(state.huey, state.ledger)
-    except DiskFull:
-        # The disk under the home is full: take nothing more. What could not be written is
-        # kept (see `Holding.defer`) and written once there is room.
+    except DEFERRED:
+        # The disk under the home is full, or the database away: take nothing more. What
+        # could not be written is kept (see `Holding.defer`) and written once it can be.
         pass
     finally:
         try:
             holding.give_back(state.huey, state.ledger, now=True)
-        except DiskFull:  # kept: the holding thread gives them back once there is room
+        except DEFERRED:  # kept: the holding thread gives them back once it can
             pass
 
 
@@ -194,6 +195,37 @@ def failed(claim: Claim, exc: BaseException, done: Stats | Outcome, log: Any
                    earlier and earlier.steps), delay
 
 
+class CodeDrift(RuntimeError):
+    """This host's code for a run is not the code the run was submitted with."""
+
+
+def check_code(state: WorkerState, claim: Claim, plan: Plan, log: Any) -> None:
+    """Refuse to run a partition with code other than the run's (`code_drift = "refuse"`,
+    the default: `CodeDrift`), or say so once per run and go on (`"warn"`). Runs submitted
+    before runex recorded their code are not checked."""
+    code = claim.code
+    if not code or code.get("version") == plan.code_version:
+        return
+    theirs, ours = code.get("files", {}), plan.code_files
+    differ = sorted(f for f in theirs.keys() | ours.keys() if theirs.get(f) != ours.get(f))
+    message = (f"code drift: run {claim.run_id} was submitted on {code.get('host')} with code "
+               f"version {code.get('version')}, this host ({trace.HOST}) has "
+               f"{plan.code_version}"
+               + (f"; files that differ: {', '.join(differ)}" if differ else "")
+               + (f"; runex {code.get('runex')} there, {__version__} here"
+                  if code.get("runex") != __version__ else "")
+               + (" (the pipeline file is the same run's: only the code differs)"
+                  if not differ and code.get("runex") == __version__ else ""))
+    if state.code_drift == "warn":
+        if claim.run_id not in state.drift_told:
+            state.drift_told.add(claim.run_id)
+            log().warning("code.drift", message=message + "; running it anyway "
+                          '(code_drift = "warn")')
+        return
+    raise CodeDrift(message + "; give every host the same extension files and runex version "
+                    '(or set code_drift = "warn" in runex.toml to run it anyway)')
+
+
 def run_one(state: WorkerState, claim: Claim, cancel: Cancellation, timeout: float | None
             ) -> tuple[Outcome, float]:
     """Run one claimed partition (within `timeout` seconds); returns how it ended, and in
@@ -217,6 +249,7 @@ def run_one(state: WorkerState, claim: Claim, cancel: Cancellation, timeout: flo
         with deadline(timeout):
             try:
                 plan = state.plan(claim.run_id, claim.spec)
+                check_code(state, claim, plan, log)
                 process(plan, claim, stats, cancel)
             finally:
                 state.running.end()
@@ -226,6 +259,11 @@ def run_one(state: WorkerState, claim: Claim, cancel: Cancellation, timeout: flo
         return Outcome(claim, "interrupted", stats.records_in, stats.records_out,
                        error="the worker was stopped", requeue=True, started=began,
                        code_version=plan and plan.code_version), 0.0
+    except Unreachable as exc:  # its database away (a restart): not the partition's fault
+        log().warning("partition.interrupted", records_in=stats.records_in, error=str(exc))
+        return Outcome(claim, "interrupted", stats.records_in, stats.records_out,
+                       error=f"Unreachable: {exc}", requeue=True, started=began,
+                       code_version=plan and plan.code_version), UNREACHABLE_RETRY
     except Exception as exc:  # noqa: BLE001 - a partition's failure must not stop the worker
         if chatty:
             _log_steps(log(), stats)
@@ -247,11 +285,12 @@ def run_one(state: WorkerState, claim: Claim, cancel: Cancellation, timeout: flo
 def _record(state: WorkerState, run_id: str, outcomes: list[Outcome],
             delays: dict[int, float]) -> None:
     """Write how a chunk ended (see `Recording`); what a full disk refuses is kept and
-    written once there is room (`Holding.defer`), and `DiskFull` raised."""
+    written once there is room (`Holding.defer`), and `DiskFull` raised; the same when the
+    database cannot be reached (`Unreachable`)."""
     recording = Recording(state, run_id, outcomes, delays)
     try:
         recording()
-    except DiskFull:
+    except DEFERRED:
         state.holding.defer(recording, [o.claim for o in outcomes])
         raise
 
@@ -317,7 +356,11 @@ class Cancellation:
         now = time.monotonic()
         if now >= self.next_check:
             self.next_check = now + self.every
-            if self.ledger.cancel_requested(self.run_id):
+            try:
+                cancelled = self.ledger.cancel_requested(self.run_id)
+            except Unreachable:  # the database away for a moment: the next look tells
+                return
+            if cancelled:
                 raise RunCancelled("the run was cancelled")
 
 

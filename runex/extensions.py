@@ -11,6 +11,7 @@ import contextlib
 import grp
 import hashlib
 import importlib.util
+import json
 import os
 import pwd
 import stat
@@ -102,15 +103,32 @@ def refresh(registry: Registry) -> Registry:
     return fresh
 
 
-def code_version(*fns: Any) -> str:
-    """A short hash of runex's version and the files that define `fns` (the callables of a
-    run's kernels, source and sink): what ran, recorded with each attempt."""
+def code_files(*fns: Any) -> dict[str, str]:
+    """The files that define `fns` (the callables of a run's kernels, source and sink), as
+    shown (relative to the current folder when under it), with a short hash of each."""
+    return {_code_name(path): _file_digest(path).hex()[:12]
+            for path in sorted({_file_of(fn) for fn in fns} - {None})}
+
+
+def _code_name(path: str) -> str:
+    """A file of runex's own as `runex/...` (installed elsewhere on each host), another as
+    shown from the project folder."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    if os.path.abspath(path).startswith(package + os.sep):
+        return "runex/" + os.path.relpath(path, package)
+    return display_path(path)
+
+
+def code_version(files: dict[str, str], spec: Any = None) -> str:
+    """A short hash of runex's version, the files that define a run's code (`code_files`)
+    and its resolved pipeline (`spec`): what ran, recorded with each attempt."""
     from runex import __version__
 
     digest = hashlib.sha256(__version__.encode())
-    for path in sorted({_file_of(fn) for fn in fns} - {None}):
-        digest.update(os.path.basename(path).encode())
-        digest.update(_file_digest(path))
+    for path, content in sorted(files.items()):
+        digest.update(f"{os.path.basename(path)} {content}".encode())
+    if spec is not None:
+        digest.update(json.dumps(spec, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:12]
 
 

@@ -10,6 +10,7 @@ import traceback
 from pathlib import Path
 
 from runex import trace
+from runex.errors import Unreachable
 from runex.identity import holder
 from runex.project import chdir
 from runex.registry import SinkContext
@@ -45,6 +46,8 @@ def finalize_run(state: WorkerState, run_id: str) -> None:
                     plan.sink_finalize(ctx)
                     if plan.sink_sync is not None:  # durable before the run is recorded
                         plan.sink_sync(ctx)
+        except Unreachable:  # a database away: finalized again once it is back
+            raise
         except Exception as exc:  # noqa: BLE001 - reported as the run's error
             error = f"the sink's finalize step failed: {type(exc).__name__}: {exc}"
             log.error("run.finalize_failed", error=error,

@@ -9,6 +9,7 @@ queue after PACK_SLICE, so that a long partition does not keep it from idle work
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 import time
@@ -17,11 +18,11 @@ from typing import Any
 
 from runex import tasks, trace
 from runex.errors import DiskFull
-from runex.ledger import LEASE_SECONDS, Claim, Ledger
+from runex.ledger import Claim, Ledger
 
 PACK_SLICE = 0.2  # seconds a worker keeps a pack before handing back what it has not started
 RENEW_RETRY = 2.0  # seconds before a lease renewal that failed (the database away) is retried
-# A worker process whose claims' leases were not renewed for this part of LEASE_SECONDS (the
+# A worker process whose claims' leases were not renewed for this part of their lease (the
 # database unreachable) exits before another host may take its partitions: it must not
 # commit an attempt that is no longer its own.
 LEASE_MARGIN = 0.8
@@ -47,6 +48,7 @@ class Holding:
         self._pid = 0
         self._stores: tuple[Any, Any] = (None, None)  # the ledger's engine, the queue's storage
         self._renewed = 0.0  # when the held leases were last taken or renewed (monotonic)
+        self._lease = 60.0  # seconds a claim is held unless renewed (the ledger's `lease`)
         self.exit_on_lost_lease = False  # set in a consumer's worker process
 
     def _start(self) -> None:
@@ -80,8 +82,8 @@ class Holding:
         self._start()
 
     def redo(self) -> None:
-        """Redo the deferred writes in order; one that fails again (`DiskFull`) stays, with
-        those after it."""
+        """Redo the deferred writes in order; one that fails again (`DiskFull`,
+        `Unreachable`) stays, with those after it."""
         while self._deferred:
             write, _ = self._deferred[0]
             write()
@@ -110,8 +112,9 @@ class Holding:
         with self._lock:
             self._claims = claims
             self._stores = (ledger.engine, self._stores[1])
-            self._renewed = time.monotonic()
+            self._renewed, self._lease = time.monotonic(), ledger.lease
         self._start()
+        self._wake.set()  # its renewals are due from now
         try:
             yield
         finally:
@@ -121,33 +124,32 @@ class Holding:
     def _run(self) -> None:
         ledger: Ledger | None = None
         huey: Any = None
-        renew_at = time.monotonic() + LEASE_SECONDS / 3
+        retry_after = 0.0  # a renewal failed: not again before then
         while True:
+            self._wake.clear()  # before looking: a wake from now on ends the wait below
             with self._lock:
-                wake_at = min(renew_at, self._due) if self._pending else renew_at
-                if self._claims and self.exit_on_lost_lease:
-                    wake_at = min(wake_at, self._renewed + LEASE_SECONDS * LEASE_MARGIN)
-            self._wake.wait(max(0.0, wake_at - time.monotonic()))
-            self._wake.clear()
-            with self._lock:
-                claims, pending, (engine, queue) = (
+                claims, pending, due, (engine, queue) = (
                     self._claims + [c for _, held in self._deferred for c in held],
-                    self._pending, self._stores)
-                renewed = self._renewed
-            if claims and self.exit_on_lost_lease and (
-                    time.monotonic() - renewed > LEASE_SECONDS * LEASE_MARGIN):
+                    self._pending, self._due, self._stores)
+                renew_at = (max(self._renewed + self._lease / 3, retry_after) if claims
+                            else math.inf)
+                give_up_at = (self._renewed + self._lease * LEASE_MARGIN
+                              if self._claims and self.exit_on_lost_lease else math.inf)
+            now = time.monotonic()
+            if now >= give_up_at:
                 self._lost_lease(claims)
-            if time.monotonic() < renew_at:
+            if now < renew_at:
                 claims = []
-            else:
-                renew_at = time.monotonic() + LEASE_SECONDS / 3
-            if not (claims or pending):
+            if not (claims or (pending and now >= due)):
+                wake_at = min(renew_at, give_up_at, due if pending else math.inf)
+                self._wake.wait(None if wake_at == math.inf else max(0.0, wake_at - now))
                 continue
             try:
                 if ledger is None or ledger.engine is not engine:
                     if ledger is not None:
                         ledger.close()
-                    ledger = Ledger(engine)
+                    # Not patient: a lease it cannot renew must not keep it from giving up.
+                    ledger = Ledger(engine, self._lease, patient=False)
                 if claims:
                     ledger.renew_lease(claims)
                     with self._lock:
@@ -157,14 +159,12 @@ class Holding:
                         huey = tasks.make_huey(queue.location, queue.home)
                     self.give_back(huey, ledger)
             except DiskFull:  # the consumer says so; the next round tries again
-                pass
+                retry_after = time.monotonic() + RENEW_RETRY
             except Exception:  # noqa: BLE001 - the next round tries again
                 trace.logger().exception("holding.failed")
-                if claims:  # soon: the lease runs out meanwhile
-                    renew_at = min(renew_at, time.monotonic() + RENEW_RETRY)
+                retry_after = time.monotonic() + RENEW_RETRY
 
-    @staticmethod
-    def _lost_lease(claims: list[Claim]) -> None:
+    def _lost_lease(self, claims: list[Claim]) -> None:
         """The leases of `claims` could not be renewed for most of their time: another host
         may soon take the partitions. Exit now, committing nothing; the consumer starts
         another worker, which takes work once the ledger can be reached again."""
@@ -172,7 +172,7 @@ class Holding:
         trace.logger().error(
             "lease.lost", run_id=first.run_id, partitions=len(claims),
             message=f"could not renew the lease of {len(claims)} partition(s) of run "
-                    f"{first.run_id} for {LEASE_SECONDS * LEASE_MARGIN:.0f}s (the ledger "
+                    f"{first.run_id} for {self._lease * LEASE_MARGIN:.0f}s (the ledger "
                     "unreachable?): this worker stops without committing them; they go to "
                     "another worker when the lease ends")
         os._exit(75)

@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from runex import trace
-from runex.errors import NotFound
+from runex.errors import NotFound, RunexError
 from runex.storage import SqliteEngine, engine_for
 
 TERMINAL_RUN = ("succeeded", "failed", "cancelled")  # a run in one of these is over
 # A partition is over unless it is `queued` or `running`: succeeded, failed, cancelled or
 # quarantined.
-LEASE_SECONDS = 60.0  # a claim not renewed for this long is lost (workers on other hosts)
+LEASE_SECONDS = 60.0  # a claim not renewed for this long is lost (`lease` in runex.toml)
 # The conditions of the partial indexes, written the same in every query that uses them (an
 # engine uses such an index only for a query whose WHERE has the index's condition).
 UNSETTLED = "status != 'succeeded'"  # partitions: not done, or not done well
@@ -220,6 +220,11 @@ SCHEMA = [
         _steps_from_events,
         "DROP TABLE events",
     ],
+    # version 5: the code a run was submitted with (JSON: its version, files, host), which
+    # workers on other hosts compare with theirs
+    [
+        "ALTER TABLE runs ADD COLUMN code TEXT",
+    ],
 ]
 
 
@@ -240,6 +245,7 @@ class Claim:
     project_dir: str
     partition_count: int
     run_started: bool = False  # this claim started the run (its first)
+    code: dict[str, Any] | None = None  # what the run was submitted with (`NewRun.code`)
 
 
 @dataclass
@@ -269,6 +275,8 @@ class NewRun:
     priority: int
     keys: Iterable[str]  # each partition's key as JSON text, in order, read once
     scheduled_for: str | None = None  # the fire time of a scheduled run
+    # The code it was submitted with: {"version", "files": {path: hash}, "host", "runex"}
+    code: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -336,10 +344,14 @@ class Pace:
 
 
 class Ledger:
-    """The ledger in `target`: a `runex.storage` engine, or the path of a SQLite file."""
+    """The ledger in `target`: a `runex.storage` engine, or the path of a SQLite file. Claims
+    taken through it hold their partition for `lease` seconds unless renewed."""
 
-    def __init__(self, target: str | os.PathLike | SqliteEngine):
+    def __init__(self, target: str | os.PathLike | SqliteEngine, lease: float = LEASE_SECONDS,
+                 patient: bool = True):
         self.engine: Any = engine_for(target)
+        self.lease = lease
+        self.patient = patient  # a broken connection is made again with a while's retries
         self.path = self.engine.path
         self._conn: Any = None
         self._pid = 0
@@ -358,7 +370,7 @@ class Ledger:
                 # Inherited through fork: never use or close it here; the parent owns it.
                 self._abandoned.append(self._conn)
                 self._conn = None
-            conn = self.engine.connect(again)
+            conn = self.engine.connect(again and self.patient)
             with self._storage_errors():
                 self._migrate(conn)
             self._conn, self._pid = conn, os.getpid()
@@ -484,10 +496,10 @@ class Ledger:
         now = time.time()
         conn.execute(
             "INSERT INTO runs (id, pipeline, spec, project_dir, status, priority, "
-            "scheduled_for, partition_count, records_in, records_out, created_at) "
-            "VALUES (?, ?, ?, ?, 'queued', ?, ?, 0, 0, 0, ?)",
+            "scheduled_for, partition_count, records_in, records_out, created_at, code) "
+            "VALUES (?, ?, ?, ?, 'queued', ?, ?, 0, 0, 0, ?, ?)",
             (run.id, run.pipeline, json.dumps(run.spec), run.project_dir, run.priority,
-             run.scheduled_for, now))
+             run.scheduled_for, now, run.code and json.dumps(run.code, separators=(",", ":"))))
         count = 0
 
         def rows() -> Iterator[tuple[Any, ...]]:
@@ -589,16 +601,16 @@ class Ledger:
             conn.executemany(
                 "INSERT INTO attempts (run_id, idx, attempt, status, host, pid, pid_started, "
                 "boot_id, lease_until, started_at) VALUES (?, ?, ?, 'running', ?, ?, ?, ?, ?, ?)",
-                [(run_id, idx, attempt, host, pid, pid_started, boot_id, now + LEASE_SECONDS,
+                [(run_id, idx, attempt, host, pid, pid_started, boot_id, now + self.lease,
                   now) for idx, attempt, _, _ in rows])
             run = conn.execute(
                 "UPDATE runs SET status = 'running', started_at = COALESCE(started_at, ?) "
                 "WHERE id = ? RETURNING pipeline, spec, project_dir, partition_count, "
-                "started_at", (now, run_id)).fetchone()
+                "started_at, code", (now, run_id)).fetchone()
             self._count(conn, run_id, {"queued": -len(rows), "running": len(rows)})
-        spec = json.loads(run[1])
+        spec, code = json.loads(run[1]), run[5] and json.loads(run[5])
         claims = [Claim(run_id, idx, json.loads(key), attempt, failures.get(idx, 0), run[0],
-                        spec, run[2], run[3]) for idx, attempt, _, key in rows]
+                        spec, run[2], run[3], code=code) for idx, attempt, _, key in rows]
         claims[0].run_started = run[4] == now
         return claims
 
@@ -618,7 +630,7 @@ class Ledger:
     def running_claim(self, host: str, pid: int, index: int, attempt: int) -> Claim | None:
         """The claim of a running attempt of process `pid` on `host`, or None."""
         row = self.conn.execute(
-            "SELECT r.id, p.key, r.pipeline, r.spec, r.project_dir, r.partition_count FROM "
+            "SELECT r.id, p.key, r.pipeline, r.spec, r.project_dir, r.partition_count, r.code FROM "
             "attempts a JOIN partitions p ON p.run_id = a.run_id AND p.idx = a.idx JOIN runs r "
             "ON r.id = a.run_id WHERE a.host = ? AND a.pid = ? AND a.idx = ? AND a.attempt = ? "
             "AND a.status = 'running'", (host, pid, index, attempt)).fetchone()
@@ -626,7 +638,7 @@ class Ledger:
             return None
         failures = self._failures(self.conn, row[0], [index]).get(index, 0)
         return Claim(row[0], index, json.loads(row[1]), attempt, failures, row[2],
-                     json.loads(row[3]), row[4], row[5])
+                     json.loads(row[3]), row[4], row[5], code=row[6] and json.loads(row[6]))
 
     def finish_many(self, outcomes: Sequence[Outcome]) -> Recorded:
         """Record how attempts of one run ended, in one transaction. A partition moves only
@@ -694,7 +706,7 @@ class Ledger:
 
     def renew_lease(self, claims: Sequence[Claim]) -> int:
         """Extend the lease of running attempts; returns how many are still running."""
-        until = time.time() + LEASE_SECONDS
+        until = time.time() + self.lease
         with self.tx() as conn:
             return sum(conn.execute(
                 "UPDATE attempts SET lease_until = ? WHERE run_id = ? AND idx = ? "
@@ -1097,6 +1109,31 @@ class Ledger:
         """The latest time the ledger holds (a run created or finished)."""
         return self.conn.execute("SELECT MAX(COALESCE(finished_at, created_at)) FROM runs"
                                  ).fetchone()[0]
+
+    # What `copy_into` copies, in this order (a run before its partitions); consumers are
+    # not history: those of the new ledger register as they start.
+    HISTORY = ("runs", "partitions", "attempts", "run_counts", "schedules", "fires", "pruning")
+
+    def copy_into(self, target: Ledger, batch: int = 5000) -> dict[str, int]:
+        """Copy this ledger's history (runs with their partitions, attempts and counts;
+        schedules and fires) into `target`, an empty ledger of another engine, in one
+        transaction there: all of it or nothing. Returns the rows copied per table."""
+        copied = {}
+        with target.tx() as conn:
+            held = conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+            if held:
+                raise RunexError(f"{target.path} holds {held} runs already: copy into an "
+                                 "empty ledger (another database, or another ?schema=)")
+            for table in self.HISTORY:
+                cur = self.conn.execute(f"SELECT * FROM {table}")
+                names = [d[0] for d in cur.description]
+                sql = (f"INSERT INTO {table} ({', '.join(names)}) "
+                       f"VALUES ({', '.join('?' * len(names))})")
+                copied[table] = 0
+                while rows := cur.fetchmany(batch):
+                    conn.executemany(sql, rows)
+                    copied[table] += len(rows)
+        return copied
 
     def backup(self, path: str | os.PathLike) -> None:
         """A consistent copy of the ledger in `path`, made while others write it, synced."""

@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 from runex.cron import Schedule
 from runex.durations import duration_seconds
 from runex.errors import PipelineError, RunexError, ScheduleError, suggest
-from runex.extensions import code_version
+from runex.extensions import code_files, code_version
 from runex.registry import Kernel, Registry, display_path
 
 SECTIONS = ("source", "steps", "sink", "options")
@@ -344,6 +344,7 @@ class Plan:
     sink_sync: Callable | None
     sink_params: dict[str, Any]
     code_version: str = ""  # see `extensions.code_version`
+    code_files: dict[str, str] = field(default_factory=dict)  # see `extensions.code_files`
 
 
 def check(pipeline: Pipeline, registry: Registry) -> Plan:
@@ -413,5 +414,7 @@ def check(pipeline: Pipeline, registry: Registry) -> Plan:
         sink_finalize=sink.finalize,
         sink_sync=sink.sync,
         sink_params=sink_params,
-        code_version=code_version(source.read, *(k.fn for k, _ in kernels), sink.write),
+        code_version=code_version(files := code_files(
+            source.read, *(k.fn for k, _ in kernels), sink.write), pipeline.to_dict()),
+        code_files=files,
     )

@@ -24,12 +24,12 @@ import hashlib
 import os
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from runex.errors import ConfigError, StorageError
+from runex.errors import ConfigError, StorageError, Unreachable
 
 SCHEMA = "runex"  # where runex's tables go, unless the URL says `?schema=NAME`
 LEDGER_CHANNEL = "runex_ledger"  # notified by every ledger write transaction
@@ -40,6 +40,8 @@ CONNECT_TIMEOUT = 10  # seconds to reach the server before a try counts as faile
 RECONNECT_FOR = 10.0
 # The key of the advisory lock that serializes the ledger's writers (any number: runex's).
 WRITE_LOCK = int.from_bytes(hashlib.sha256(b"runex ledger").digest()[:8], "big") >> 1
+# A ledger write transaction's start: the lock, and the notification its commit sends.
+BEGIN = f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK}), pg_notify('{LEDGER_CHANNEL}', '')"
 
 
 def is_url(target: Any) -> bool:
@@ -84,20 +86,21 @@ class Database:
         host = parts.netloc.rsplit("@", 1)[1]
         return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
-    def connect(self, autocommit: bool = True) -> Any:
-        """A connection whose tables are this database's schema's (created if missing). A
-        server that cannot be reached is a `StorageError` saying which and why."""
+    def connect(self) -> Any:
+        """A connection (autocommit: transactions are begun by the caller) whose tables are
+        this database's schema's, made if missing. A server that cannot be reached (or that
+        refuses the user) is `Unreachable`, saying which and why."""
         pg = psycopg()
         try:
-            conn = pg.connect(self.dsn, autocommit=autocommit, connect_timeout=CONNECT_TIMEOUT,
+            conn = pg.connect(self.dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT,
                               options=f"-c search_path={self.schema}")
             conn.adapters.register_loader("numeric", numeric_loader())  # SUM(bigint)
             if conn.execute("SELECT to_regnamespace(%s)", (self.schema,)).fetchone()[0] is None:
                 with contextlib.suppress(pg.errors.UniqueViolation):  # made meanwhile
                     conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")
         except pg.OperationalError as exc:
-            raise StorageError(f"cannot reach the database {self} ({first_line(exc)}); check "
-                               "that the server runs and the URL is right") from exc
+            raise Unreachable(f"cannot reach the database {self} ({first_line(exc)}); check "
+                              "that the server runs and the URL is right") from exc
         return conn
 
 
@@ -134,12 +137,28 @@ class Connection:
         self.raw = conn
 
     def execute(self, sql: str, params: Iterable[Any] = ()) -> Any:
-        return self.raw.execute(translate(sql), tuple(params) or None)
+        params = tuple(params)
+        with self.reaching():
+            return (self.raw.execute(translate(sql), params) if params
+                    else self.raw.execute(sql))
 
     def executemany(self, sql: str, rows: Iterable[Iterable[Any]]) -> Any:
-        cur = self.raw.cursor()
-        cur.executemany(translate(sql), rows)
+        with self.reaching():
+            cur = self.raw.cursor()
+            cur.executemany(translate(sql), rows)
         return cur
+
+    @contextlib.contextmanager
+    def reaching(self) -> Iterator[None]:
+        """A connection that broke (the server restarted, the network dropped) as
+        `Unreachable`, whatever the statement: the ledger connects again on next use."""
+        try:
+            yield
+        except psycopg().OperationalError as exc:
+            if not (self.raw.closed or self.raw.broken):
+                raise  # a statement's own error (a query canceled, say)
+            raise Unreachable(f"lost the database ({first_line(exc)}); what this statement "
+                              "was part of was rolled back whole") from exc
 
     @property
     def in_transaction(self) -> bool:
@@ -190,9 +209,7 @@ class PostgresEngine:
         return ddl(sql)
 
     def begin(self, conn: Connection) -> None:
-        conn.execute("BEGIN")
-        conn.execute("SELECT pg_advisory_xact_lock(?), pg_notify(?, '')",
-                     (WRITE_LOCK, LEDGER_CHANNEL))
+        conn.execute(BEGIN)  # one round trip
 
     @staticmethod
     def schema_version(conn: Connection) -> int:
@@ -241,8 +258,8 @@ class PostgresEngine:
     def error(self, exc: Exception) -> Exception:
         pg = psycopg()
         if isinstance(exc, pg.OperationalError):
-            return StorageError(f"lost the database {self} ({first_line(exc)}); the change "
-                                "was rolled back whole")
+            return Unreachable(f"lost the database {self} ({first_line(exc)}); the change "
+                               "was rolled back whole")
         return exc
 
     def watch(self) -> Watch:
@@ -256,7 +273,7 @@ def reconnecting(connect: Callable[[], Any], patience: float) -> Any:
     while True:
         try:
             return connect()
-        except StorageError:
+        except Unreachable:
             if time.monotonic() + pause > deadline:
                 raise
             from runex import trace  # noqa: PLC0415 - trace imports nothing of this
@@ -291,7 +308,7 @@ class Watch:
                                                                  stop_after=1)):
                     self._drain()
                     return
-            except (StorageError, psycopg().OperationalError):
+            except (Unreachable, psycopg().OperationalError):
                 self.close()  # the server went away: wait, then listen again
                 time.sleep(min(left, 0.5))
 

@@ -45,10 +45,16 @@ CONFIG_KEYS = {
                   lambda v: isinstance(v, str) and v != ""),
     "retain": ('a duration such as "30d", "12h" or "90m" (or seconds), or "forever"',
                lambda v: v == "forever" or bool(duration_seconds(v))),
+    "code_drift": ('"refuse" (a worker with other code than a run\'s does not run it) or '
+                   '"warn" (it runs it, and says so)', lambda v: v in ("refuse", "warn")),
+    "lease": ('a duration such as "60s" or "2m": how long a host that stopped answering '
+              "holds its partitions before other hosts take them (default 60s)",
+              lambda v: bool(duration_seconds(v))),
     "retain_runs": ("a whole number of at least 1",
                     lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
 }
 RETAIN = "30d"  # how long finished runs are kept by default
+LEASE = 60  # seconds a claim holds its partition unless renewed, by default
 PROFILE_KEYS = {
     "workers": ("a whole number of at least 1",
                 lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
@@ -99,6 +105,11 @@ class Project:
         retain = self.config.get("retain", RETAIN)
         return (None if retain == "forever" else duration_seconds(retain),
                 self.config.get("retain_runs"))
+
+    @property
+    def lease(self) -> float:
+        """Seconds a claim holds its partition unless its worker renews it: `lease`."""
+        return duration_seconds(self.config.get("lease", LEASE)) or float(LEASE)
 
     def ensure_home(self) -> None:
         """Create the data folder (0700), its traces folder, and its reserve (see

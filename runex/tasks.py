@@ -23,7 +23,7 @@ from huey.registry import Message
 from huey.storage import PostgresStorage
 
 from runex import huey_private, postgres, trace
-from runex.errors import DiskFull
+from runex.errors import DiskFull, Unreachable
 from runex.project import cpu_count
 from runex.reserve import Reserve, is_disk_full
 from runex.storage import (
@@ -242,7 +242,13 @@ class PostgresQueueStorage(PostgresStorage):
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:
-        yield
+        """A server that cannot be reached becomes `Unreachable` (what a worker keeps to
+        write again later, see `lease.Holding`)."""
+        try:
+            yield
+        except postgres.psycopg().OperationalError as exc:
+            raise Unreachable(f"cannot write the queue in {self.database} "
+                              f"({postgres.first_line(exc)})") from exc
 
 
 def make_huey(location: str | os.PathLike, home: str | os.PathLike | None = None) -> Queue:

@@ -42,10 +42,13 @@ ENGINES = ("sqlite", "postgresql")
 
 def pytest_generate_tests(metafunc):
     """A test that uses `database` (a module's `pytestmark = pytest.mark.usefixtures(
-    "database")`) runs once per engine; one marked `sqlite_only(reason)` on SQLite only."""
+    "database")`) runs once per engine; one marked `sqlite_only(reason)` or
+    `postgres_only(reason)` on that engine only."""
     if "database" in metafunc.fixturenames:
-        only = metafunc.definition.get_closest_marker("sqlite_only")
-        metafunc.parametrize("database", ENGINES[:1] if only else ENGINES, indirect=True)
+        marked = metafunc.definition.get_closest_marker
+        engines = (ENGINES[:1] if marked("sqlite_only") else ENGINES[1:]
+                   if marked("postgres_only") else ENGINES)
+        metafunc.parametrize("database", engines, indirect=True)
 
 
 @pytest.fixture
@@ -98,8 +101,8 @@ def throwaway_postgres():
     if pg.binaries() is None:
         yield None
         return
-    with pg.cluster() as url:
-        yield url
+    with pg.cluster() as cluster:
+        yield cluster.url
 
 
 def children(parent: int | None = None) -> list[int]:

@@ -11,7 +11,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 MISSING = ("no PostgreSQL for these tests: set RUNEX_TEST_DATABASE=postgresql://... or "
@@ -35,11 +35,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class Cluster:
+    """A running throwaway cluster: its `url` (database `postgres`); `restart()`, `stop()`
+    and `start()` it."""
+
+    def __init__(self, url: str, pg_ctl: Callable[[str], None]):
+        self.url = url
+        self.restart = lambda: pg_ctl("restart")
+        self.stop = lambda: pg_ctl("stop")
+        self.start = lambda: pg_ctl("start")
+
+
 @contextlib.contextmanager
-def cluster() -> Iterator[str]:
+def cluster() -> Iterator[Cluster]:
     """Start a cluster in a new temporary folder on a free loopback port, trusting local
-    connections; yields its URL (database `postgres`); stops it and deletes the folder
-    after."""
+    connections; stops it and deletes the folder after."""
     bin_dir = binaries()
     assert bin_dir is not None, MISSING
     folder = Path(tempfile.mkdtemp(prefix="runex-postgres-"))
@@ -53,10 +63,11 @@ def cluster() -> Iterator[str]:
     subprocess.run([bin_dir / "initdb", "-D", data, "-U", "postgres", "-A", "trust",
                     "--no-sync"], **run)
     options = f"-c listen_addresses=127.0.0.1 -p {port} -k {folder} -c fsync=on"
-    subprocess.run([bin_dir / "pg_ctl", "-D", data, "-o", options, "-l", folder / "log",
-                    "-w", "start"], **run)
+    pg_ctl = [bin_dir / "pg_ctl", "-D", data, "-o", options, "-l", folder / "log", "-w"]
+    subprocess.run([*pg_ctl, "start"], **run)
     try:
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        yield Cluster(f"postgresql://postgres@127.0.0.1:{port}/postgres",
+                      lambda what: subprocess.run([*pg_ctl, "-m", "fast", what], **run))
     finally:
         subprocess.run([bin_dir / "pg_ctl", "-D", data, "-m", "immediate", "stop"],
                        capture_output=True, **as_user)

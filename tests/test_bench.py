@@ -42,3 +42,18 @@ def test_bench_compare_smoke_run(tmp_path):
         for side in ("before", "after"):
             assert len(figure["every_run"][side]) == 1
             assert figure["per_s"][side] > 0
+
+
+@pytest.mark.slow
+def test_bench_postgres_smoke_run(tmp_path, request):
+    from .conftest import postgres_server
+
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench"), "--quick",
+                             "--reps", "1", "--database", postgres_server(request),
+                             "--json", str(out)],
+                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "queue and ledger in" in result.stdout and "3 consumers (hosts)" in result.stdout
+    data = json.loads(out.read_text())["postgres"]
+    assert data["per_s"]["3"] > 0 and data["latency"]["postgresql"]["p99"] > 0

@@ -159,8 +159,8 @@ def test_config_and_profiles_are_checked_key_by_key(project):
     for text, message in (('home = 5\nextensions = ["extensions"]\n',
                            "key 'home' must be a folder name, not 5"),
                           ('extension = ["extensions"]\n',
-                           "unknown key(s) extension; runex.toml accepts: database, extensions, "
-                           "home, pipelines")):
+                           "unknown key(s) extension; runex.toml accepts: code_drift, database, "
+                           "extensions, home, lease, pipelines")):
         write(project / "runex.toml", text)
         result = runex_cli("runs", cwd=project)
         assert result.returncode == EXIT_INVALID, result.stderr

@@ -1,6 +1,7 @@
 """PostgreSQL: the built-in `postgres` source and sink, and the commands on both engines."""
 
 import json
+import os
 
 import psycopg
 import pytest
@@ -149,3 +150,66 @@ def test_an_unreachable_server_is_a_clear_error(project, monkeypatch):
     result = runex_cli("runs", "--database", "postgresql://nobody@127.0.0.1:1/x", cwd=project)
     assert result.returncode != 0
     assert "cannot reach the database postgresql://nobody@127.0.0.1:1/x" in result.stderr
+
+
+@pytest.mark.slow
+def test_migrate_copies_a_sqlite_home_into_postgresql_and_work_goes_on_there(
+        tmp_path, request, monkeypatch):
+    import shutil
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+
+    from runex import postgres
+
+    from .conftest import TESTS, postgres_server
+
+    fixture = TESTS / "fixtures" / "home-schema-4"  # 4 runs, one queued, a schedule's fire
+    project = tmp_path / "fx"
+    shutil.copytree(fixture / "project", project)
+    home = project / ".runex"
+    home.mkdir()
+    for name in ("ledger.db", "queue.db", "traces"):
+        (shutil.copytree if name == "traces" else shutil.copy)(fixture / name, home / name)
+    with sqlite3.connect(home / "ledger.db") as conn:
+        conn.execute("UPDATE runs SET project_dir = ?", (str(project),))
+    monkeypatch.chdir(project)
+    url = postgres_server(request) + f"?schema=t_{os.urandom(6).hex()}"
+    before = json.loads(runex_cli("runs", "--json", cwd=project, check=True).stdout)
+    try:
+        consumer = subprocess.Popen([sys.executable, "-m", "runex", "worker", "-w", "1"],
+                                    cwd=project, stderr=subprocess.PIPE, text=True)
+        try:
+            for _ in range(100):  # registered in the ledger
+                if "consumer.started" in (consumer.stderr.readline() or ""):
+                    break
+            refused = runex_cli("migrate", "--to", url, cwd=project)
+        finally:
+            consumer.terminate()
+            consumer.wait(30)
+        assert refused.returncode != 0
+        assert f"consumers are working on {home} (pid {consumer.pid} on " in refused.stderr
+        # Meanwhile that consumer ran the queued run: queue another to be migrated.
+        queued = runex_cli("submit", "pipelines/example.toml", cwd=project,
+                           check=True).stdout.strip()
+        time.sleep(0.01)
+        result = runex_cli("migrate", "--to", url, cwd=project, check=True)
+        assert "copied 5 runs (10 partitions, 8 attempts, 1 fire)" in result.stdout
+        assert "2 partitions queued there" in result.stdout
+        again = runex_cli("migrate", "--to", url, cwd=project)
+        assert again.returncode != 0 and "holds 5 runs already" in again.stderr
+
+        monkeypatch.setenv("RUNEX_DATABASE", url)
+        after = json.loads(runex_cli("runs", "--json", cwd=project, check=True).stdout)
+        assert [r["id"] for r in after] == [queued] + [r["id"] for r in before]
+        assert [r["status"] for r in after[1:]] == ["succeeded", "succeeded", "failed",
+                                                    "succeeded"]
+        schedules = json.loads(runex_cli("schedules", "--json", cwd=project,
+                                         check=True).stdout)
+        assert schedules[0]["last"]["fire_time"] == "2026-11-26T06:00:00Z"
+        runex_cli("worker", "--burst", "-w", "1", cwd=project, check=True)
+        done = json.loads(runex_cli("show", queued, "--json", cwd=project, check=True).stdout)
+        assert done["status"] == "succeeded" and done["records_out"] == 43
+    finally:
+        postgres.drop_schema(url)

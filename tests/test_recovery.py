@@ -199,8 +199,8 @@ def test_the_lease_is_renewed_only_while_the_partition_is_held(project, monkeypa
     make(project, stop=10, size=10)
     rx = Runex()
     run_id = rx.submit("pipelines/p.toml")
+    rx.ledger.lease = 0.3  # renewed every 0.1 s
     held = claim(rx.ledger, run_id, 0)
-    monkeypatch.setattr(lease, "LEASE_SECONDS", 0.3)  # renew every 0.1 s
     lease_until = lambda: ledger(project, "SELECT lease_until FROM attempts")[0][0]  # noqa: E731
     first = lease_until()
     holding = lease.Holding()

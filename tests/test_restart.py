@@ -110,7 +110,7 @@ def test_a_home_written_by_runex_0_1_opens_and_keeps_working(project):
     assert old["records_out"] == 43 and [p["status"] for p in old["partitions"]] == [
         "succeeded", "succeeded"]
     with sqlite3.connect(project / ".runex" / "ledger.db") as conn:
-        assert conn.execute("PRAGMA user_version").fetchone() == (4,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (5,)
         assert conn.execute("SELECT boot_id FROM attempts").fetchall() == [(None,)] * 4
     work_pipeline(project, stop=20)
     run_id = runex_cli("submit", "pipelines/p.toml", cwd=project, check=True).stdout.strip()
@@ -177,7 +177,7 @@ def test_a_home_of_ledger_schema_3_opens_and_keeps_working(tmp_path, monkeypatch
         ("example", "queued", 0), ("daily", "succeeded", 43), ("broken", "failed", 0),
         ("example", "succeeded", 43)]
     with sqlite3.connect(home / "ledger.db") as conn:
-        assert conn.execute("PRAGMA user_version").fetchone() == (4,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (5,)
         assert conn.execute("PRAGMA auto_vacuum").fetchone() == (0,)  # rewritten when idle
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
         counts = conn.execute("SELECT status, SUM(n) FROM run_counts GROUP BY status "
@@ -206,3 +206,41 @@ def test_a_home_of_ledger_schema_3_opens_and_keeps_working(tmp_path, monkeypatch
     assert done["counts"] == {"succeeded": 2}
     with sqlite3.connect(home / "ledger.db") as conn:  # idle: rewritten, it can give space back
         assert conn.execute("PRAGMA auto_vacuum").fetchone() == (2,)
+
+
+@pytest.mark.slow
+def test_a_home_of_ledger_schema_4_opens_and_keeps_working(tmp_path, monkeypatch):
+    """tests/fixtures/home-schema-4: written before runs recorded the code they were
+    submitted with. Its history is all there after the upgrade; its queued run goes on (its
+    code unknown: not checked); a new run records its code, and its attempts ran that code."""
+    fixture = TESTS / "fixtures" / "home-schema-4"
+    project = tmp_path / "fx"  # where the project was: its runs recorded /tmp/fx
+    shutil.copytree(fixture / "project", project)
+    home = project / ".runex"
+    home.mkdir()
+    for name in ("ledger.db", "queue.db", "traces"):
+        (shutil.copytree if name == "traces" else shutil.copy)(fixture / name, home / name)
+    with sqlite3.connect(home / "ledger.db") as conn:
+        conn.execute("UPDATE runs SET project_dir = ?", (str(project),))
+    monkeypatch.chdir(project)
+    runs = json.loads(runex_cli("runs", "--json", cwd=project, check=True).stdout)
+    assert [(r["pipeline"], r["status"], r["records_out"]) for r in runs] == [
+        ("example", "queued", 0), ("daily", "succeeded", 43), ("broken", "failed", 0),
+        ("example", "succeeded", 43)]
+    with sqlite3.connect(home / "ledger.db") as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (5,)
+        assert conn.execute("SELECT COUNT(*) FROM runs WHERE code IS NULL").fetchone() == (4,)
+    runex_cli("worker", "--burst", "-w", "1", cwd=project, check=True)  # the queued run
+    done = json.loads(runex_cli("show", runs[0]["id"], "--json", cwd=project,
+                                check=True).stdout)
+    assert done["status"] == "succeeded" and done["records_out"] == 43
+    runex_cli("run", "pipelines/example.toml", "-w", "1", cwd=project, check=True)
+    run = json.loads(runex_cli("show", "last", "--json", cwd=project, check=True).stdout)
+    with sqlite3.connect(home / "ledger.db") as conn:
+        code = json.loads(conn.execute("SELECT code FROM runs WHERE id = ?",
+                                       (run["id"],)).fetchone()[0])
+        ran = {r[0] for r in conn.execute("SELECT code_version FROM attempts WHERE run_id = ?",
+                                          (run["id"],))}
+    assert run["status"] == "succeeded" and ran == {code["version"]}
+    assert set(code["files"]) == {"extensions/example.py", "runex/builtins/files.py",
+                                  "runex/builtins/sqlite.py"}

@@ -12,6 +12,9 @@ BOOLEAN, lists and mappings JSONB), and widened as new keys appear. `mode` is th
 sink's: `append`, `replace` (a stage table that becomes `table` in one transaction when the
 run succeeds) or `upsert` with `key = ["column", ...]`.
 
+A server that cannot be reached (restarting, say) interrupts the partition rather than failing
+it (`runex.errors.Unreachable`): it is tried again shortly, without spending its retries.
+
 Exactly once under any kill: each partition writes a marker row `(run_id, partition_index)`
 in `_runex_commits`, first, then its rows, in one transaction. An attempt whose marker is there
 already (an earlier attempt committed, or a concurrent one did meanwhile: the server makes the
@@ -19,11 +22,24 @@ second insert wait for the first transaction) writes nothing. A commit is durabl
 returns (the server syncs it), so the sink needs no `sync`.
 """
 
+import contextlib
 import os
 import time
 
 from runex import DataSourceSpec, SinkSpec
-from runex.postgres import psycopg
+from runex.errors import Unreachable
+from runex.postgres import first_line, psycopg
+
+
+@contextlib.contextmanager
+def reaching(url):
+    """psycopg's errors of a server that cannot be reached, as `Unreachable`."""
+    try:
+        yield
+    except psycopg().OperationalError as exc:
+        _connections.pop((os.getpid(), url), None)
+        raise Unreachable(f"the database of the postgres source or sink ({first_line(exc)})"
+                          ) from exc
 
 # -- source --------------------------------------------------------------------------------
 
@@ -40,6 +56,11 @@ def connect_readonly(url):
 
 
 def postgres_partitions(url, table=None, query=None, key="id", rows=10_000):
+    with reaching(url):
+        return _partitions(url, table, query, key, rows)
+
+
+def _partitions(url, table, query, key, rows):
     if (table is None) == (query is None):
         raise ValueError("give either table (partitioned by ranges of key) or query (one "
                          "partition)")
@@ -59,6 +80,11 @@ def postgres_partitions(url, table=None, query=None, key="id", rows=10_000):
 
 
 def read_postgres(partition, url, table=None, query=None, key="id", columns="*", where=None):
+    with reaching(url):
+        yield from _read(partition, url, table, query, key, columns, where)
+
+
+def _read(partition, url, table, query, key, columns, where):
     with connect_readonly(url) as conn, conn.cursor(name=f"runex_{os.getpid()}") as cursor:
         if partition is None:
             cursor.execute(query)
@@ -156,6 +182,11 @@ def value(v):
 
 
 def write_postgres(ctx, records):
+    with reaching(ctx.params["url"]):
+        _write(ctx, records)
+
+
+def _write(ctx, records):
     conn = connect(ctx.params["url"])
     if committed(conn, ctx):
         for _ in records:  # committed by an earlier attempt: keep the counts, write nothing
@@ -244,8 +275,12 @@ def ensure_columns(conn, table, sample, key):
 def finalize_postgres(ctx):
     """`mode = "replace"`: the run's stage table becomes the table, in one transaction, if
     it holds every row the run committed."""
-    if ctx.params["mode"] != "replace":
-        return
+    if ctx.params["mode"] == "replace":
+        with reaching(ctx.params["url"]):
+            _replace(ctx)
+
+
+def _replace(ctx):
     table = ctx.params["table"]
     stage = stage_name(table, ctx.run_id)
     conn = connect(ctx.params["url"])
