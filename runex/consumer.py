@@ -236,6 +236,9 @@ class RunexConsumer(huey_private.ProcessHook):
                     raise
                 except DiskFull:  # `_watch_disk` says so, once
                     pass
+                except Unreachable as exc:  # no traceback: what, and that it goes on
+                    trace.logger().warning("consumer.job_failed", job=job[1].__qualname__,
+                                           error=str(exc), message="tried again next round")
                 except Exception:  # noqa: BLE001 - the next round tries again
                     trace.logger().exception("consumer.job_failed", job=job[1].__qualname__)
         return super().loop(health_check_ts)
