@@ -543,7 +543,8 @@ class Runex:
         """Copy this home's SQLite ledger (runs, partitions, attempts, schedules, fires) into
         the PostgreSQL database `to`, in one transaction, and queue there the partitions
         queued here: to move from one machine to several. Refused while a consumer works on
-        the home, or if `to` holds runs already. The SQLite files are left as they were."""
+        the home, or if `to` holds a ledger's rows already. The SQLite files stay where they
+        are (their schema brought up to date first, as any command does)."""
         if not postgres.is_url(to):
             raise UsageError(f"--to {to!r}: give a postgresql://user@host:5432/db URL")
         path = self.project.ledger_path

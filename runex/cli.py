@@ -641,7 +641,7 @@ def migrate(to: str, as_json: bool, home: str | None, extension_dirs: tuple[str,
                f"from {result['from']} to {result['to']}; "
                f"{plural(result['queued_partitions'], 'partition')} queued there")
     click.echo(f'next: database = "{to}" in runex.toml (or RUNEX_DATABASE) on every host; '
-               f"{result['from']} is left as it was")
+               f"{result['from']} stays, unused from then on")
 
 
 @cli.command()

@@ -65,12 +65,11 @@ def _database(rx: Runex) -> list[Finding]:
     """The PostgreSQL server of the queue and ledger: reachable, and its clock close to this
     host's (leases are judged by the clocks of every host)."""
     try:
-        version, server_now = rx.ledger.conn.execute(
-            "SELECT current_setting('server_version'), EXTRACT(EPOCH FROM now())").fetchone()
+        what, server_now = rx.ledger.server()
     except RunexError as exc:
         return [Finding("database", "fail", str(exc))]
-    found = [Finding("database", "ok", f"PostgreSQL {version}: {rx.ledger.engine}")]
-    skew = float(server_now) - time.time()
+    found = [Finding("database", "ok", f"{what}: {rx.ledger.engine}")]
+    skew = server_now - time.time()
     if abs(skew) > HOST_SKEW:
         found.append(Finding("clock", "warn", f"this host's clock is {abs(skew):,.0f} s "
                              f"{'behind' if skew > 0 else 'ahead of'} the database server's: "

@@ -73,6 +73,11 @@ class Unreachable(StorageError):
 DEFERRED = (DiskFull, Unreachable)
 
 
+class CodeDrift(RuntimeError):
+    """This host's code for a run is not the code the run was submitted with (a partition's
+    attempt fails with it, see `executor.check_code`)."""
+
+
 class PartitionTimeout(Exception):
     """Raised inside a worker when an attempt runs past the pipeline's `timeout`."""
 

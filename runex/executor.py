@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from runex import __version__, tasks, trace
-from runex.errors import DEFERRED, PartitionTimeout, RunCancelled, Unreachable
+from runex.errors import DEFERRED, CodeDrift, PartitionTimeout, RunCancelled, Unreachable
 from runex.finalizer import finalize_run
 from runex.identity import BOOT_ID, my_start
 from runex.ledger import Claim, Ledger, Outcome
@@ -195,10 +195,6 @@ def failed(claim: Claim, exc: BaseException, done: Stats | Outcome, log: Any
                    earlier and earlier.steps), delay
 
 
-class CodeDrift(RuntimeError):
-    """This host's code for a run is not the code the run was submitted with."""
-
-
 def check_code(state: WorkerState, claim: Claim, plan: Plan, log: Any) -> None:
     """Refuse to run a partition with code other than the run's (`code_drift = "refuse"`,
     the default: `CodeDrift`), or say so once per run and go on (`"warn"`). Runs submitted
@@ -219,7 +215,7 @@ def check_code(state: WorkerState, claim: Claim, plan: Plan, log: Any) -> None:
     if state.code_drift == "warn":
         if claim.run_id not in state.drift_told:
             state.drift_told.add(claim.run_id)
-            log().warning("code.drift", message=message + "; running it anyway "
+            log().warning("code.drifted", message=message + "; running it anyway "
                           '(code_drift = "warn")')
         return
     raise CodeDrift(message + "; give every host the same extension files and runex version "

@@ -42,7 +42,8 @@ def finalize_run(state: WorkerState, run_id: str) -> None:
             if plan.sink_finalize is not None:
                 ctx = SinkContext(run_id=run_id, pipeline=run["pipeline"],
                                   params=plan.sink_params, partition_count=total)
-                with chdir(Path(run["project_dir"])):
+                with chdir(Path(run["project_dir"])), state.holding.finalizing(
+                        state.ledger, run_id, holder()):
                     plan.sink_finalize(ctx)
                     if plan.sink_sync is not None:  # durable before the run is recorded
                         plan.sink_sync(ctx)

@@ -42,8 +42,8 @@ def insert_messages_postgres(storage: PostgresStorage,
 
 
 def forget_connection(storage: SqliteStorage | PostgresStorage) -> None:
-    """In a forked process: drop the SQLite connection inherited from the parent (never use
-    it there), so that the storage opens its own."""
+    """In a forked process: drop the database connection inherited from the parent (never
+    use it there), so that the storage opens its own."""
     storage._conn = None
 
 

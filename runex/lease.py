@@ -21,19 +21,23 @@ from runex.errors import DiskFull
 from runex.ledger import Claim, Ledger
 
 PACK_SLICE = 0.2  # seconds a worker keeps a pack before handing back what it has not started
-RENEW_RETRY = 2.0  # seconds before a lease renewal that failed (the database away) is retried
-# A worker process whose claims' leases were not renewed for this part of their lease (the
-# database unreachable) exits before another host may take its partitions: it must not
-# commit an attempt that is no longer its own.
+RENEW_RETRY = 2.0  # seconds (at most a tenth of the lease) before a failed renewal is retried
+# A worker process whose leases were not renewed for this part of their time (the database
+# unreachable, or a renewal hanging on a dead network) exits before another host may take
+# its partitions or its run's end: it must not commit what is no longer its own.
 LEASE_MARGIN = 0.8
+EXIT_LEASE_LOST = 75  # the exit status of such a worker (EX_TEMPFAIL); its consumer starts
+# another in its place
 
 
 class Holding:
-    """What this worker process holds: the claims of the chunk it runs, whose lease a thread
-    renews, and the rest of its pack, which that thread hands back to the queue once the
-    pack has been held PACK_SLICE seconds (a long partition must not keep the rest of its
-    pack from idle workers). The thread starts on first use, has its own connections, and
-    writes nothing while nothing is held."""
+    """What this worker process holds: the claims of the chunk it runs and the run it
+    finalizes, whose leases a thread renews, and the rest of its pack, which that thread hands
+    back to the queue once the pack has been held PACK_SLICE seconds (a long partition must
+    not keep the rest of its pack from idle workers). The thread starts on first use, has its
+    own connections, and writes nothing while nothing is held. In a consumer's worker
+    (`exit_on_lost_lease`), a second thread ends the process if the leases go unrenewed for
+    most of their time, whatever the first is stuck in."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -47,6 +51,7 @@ class Holding:
         self._due = 0.0  # when the pending partitions go back (time.monotonic)
         self._pid = 0
         self._stores: tuple[Any, Any] = (None, None)  # the ledger's engine, the queue's storage
+        self._finalizing: tuple[str, str] | None = None  # (run id, finalizer name)
         self._renewed = 0.0  # when the held leases were last taken or renewed (monotonic)
         self._lease = 60.0  # seconds a claim is held unless renewed (the ledger's `lease`)
         self.exit_on_lost_lease = False  # set in a consumer's worker process
@@ -55,6 +60,9 @@ class Holding:
         if self._pid != os.getpid():  # first use in this process: threads do not survive fork
             self._pid = os.getpid()
             threading.Thread(target=self._run, daemon=True, name="runex-holding").start()
+            if self.exit_on_lost_lease:
+                threading.Thread(target=self._watch_leases, daemon=True,
+                                 name="runex-lease-watch").start()
 
     def pack(self, run_id: str, indexes: list[int], ledger: Ledger, huey: Any) -> None:
         with self._lock:
@@ -121,6 +129,37 @@ class Holding:
             with self._lock:
                 self._claims = []
 
+    @contextlib.contextmanager
+    def finalizing(self, ledger: Ledger, run_id: str, name: str) -> Iterator[None]:
+        """Renew the finalizer's hold on run `run_id` (`Ledger.claim_finalize`) while the
+        sink's `finalize` runs, which may take a while (a merge of part files)."""
+        with self._lock:
+            self._finalizing = (run_id, name)
+            self._stores = (ledger.engine, self._stores[1])
+            self._renewed, self._lease = time.monotonic(), ledger.lease
+        self._start()
+        self._wake.set()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._finalizing = None
+
+    def _watch_leases(self) -> None:
+        """End the process once what it holds went unrenewed for LEASE_MARGIN of its lease
+        (see `exit_on_lost_lease`)."""
+        while True:
+            with self._lock:
+                held = [*self._claims]
+                finalizing = self._finalizing
+                give_up_at = self._renewed + self._lease * LEASE_MARGIN
+            if not (held or finalizing):
+                time.sleep(min(1.0, self._lease / 10))
+            elif time.monotonic() >= give_up_at:
+                self._lost_lease(held, finalizing)
+            else:
+                time.sleep(min(give_up_at - time.monotonic(), 1.0))
+
     def _run(self) -> None:
         ledger: Ledger | None = None
         huey: Any = None
@@ -128,20 +167,16 @@ class Holding:
         while True:
             self._wake.clear()  # before looking: a wake from now on ends the wait below
             with self._lock:
-                claims, pending, due, (engine, queue) = (
+                claims, finalizing, pending, due, (engine, queue) = (
                     self._claims + [c for _, held in self._deferred for c in held],
-                    self._pending, self._due, self._stores)
-                renew_at = (max(self._renewed + self._lease / 3, retry_after) if claims
-                            else math.inf)
-                give_up_at = (self._renewed + self._lease * LEASE_MARGIN
-                              if self._claims and self.exit_on_lost_lease else math.inf)
+                    self._finalizing, self._pending, self._due, self._stores)
+                renew_at = (max(self._renewed + self._lease / 3, retry_after)
+                            if claims or finalizing else math.inf)
             now = time.monotonic()
-            if now >= give_up_at:
-                self._lost_lease(claims)
             if now < renew_at:
-                claims = []
-            if not (claims or (pending and now >= due)):
-                wake_at = min(renew_at, give_up_at, due if pending else math.inf)
+                claims, finalizing = [], None
+            if not (claims or finalizing or (pending and now >= due)):
+                wake_at = min(renew_at, due if pending else math.inf)
                 self._wake.wait(None if wake_at == math.inf else max(0.0, wake_at - now))
                 continue
             try:
@@ -150,29 +185,33 @@ class Holding:
                         ledger.close()
                     # Not patient: a lease it cannot renew must not keep it from giving up.
                     ledger = Ledger(engine, self._lease, patient=False)
-                if claims:
-                    ledger.renew_lease(claims)
+                if claims or finalizing:
+                    began = time.monotonic()  # the leases run from before the call
+                    if claims:
+                        ledger.renew_lease(claims)
+                    if finalizing:
+                        ledger.renew_finalizer(*finalizing)
                     with self._lock:
-                        self._renewed = time.monotonic()
+                        self._renewed = began
                 if pending:
                     if huey is None or huey.storage.location != queue.location:
                         huey = tasks.make_huey(queue.location, queue.home)
                     self.give_back(huey, ledger)
             except DiskFull:  # the consumer says so; the next round tries again
-                retry_after = time.monotonic() + RENEW_RETRY
+                retry_after = time.monotonic() + min(RENEW_RETRY, self._lease / 10)
             except Exception:  # noqa: BLE001 - the next round tries again
                 trace.logger().exception("holding.failed")
-                retry_after = time.monotonic() + RENEW_RETRY
+                retry_after = time.monotonic() + min(RENEW_RETRY, self._lease / 10)
 
-    def _lost_lease(self, claims: list[Claim]) -> None:
-        """The leases of `claims` could not be renewed for most of their time: another host
-        may soon take the partitions. Exit now, committing nothing; the consumer starts
+    def _lost_lease(self, claims: list[Claim], finalizing: tuple[str, str] | None) -> None:
+        """The leases of what this process holds could not be renewed for most of their
+        time: another host may soon take it. Exit now, committing nothing; the consumer starts
         another worker, which takes work once the ledger can be reached again."""
-        first = claims[0]
+        run_id = claims[0].run_id if claims else finalizing[0] if finalizing else ""
+        what = (f"{len(claims)} partition(s)" if claims else "the end") + f" of run {run_id}"
         trace.logger().error(
-            "lease.lost", run_id=first.run_id, partitions=len(claims),
-            message=f"could not renew the lease of {len(claims)} partition(s) of run "
-                    f"{first.run_id} for {self._lease * LEASE_MARGIN:.0f}s (the ledger "
-                    "unreachable?): this worker stops without committing them; they go to "
-                    "another worker when the lease ends")
-        os._exit(75)
+            "lease.lost", run_id=run_id, partitions=len(claims),
+            message=f"could not renew the lease of {what} for "
+                    f"{self._lease * LEASE_MARGIN:.0f}s (the ledger unreachable?): this "
+                    "worker stops without committing; another takes over when the lease ends")
+        os._exit(EXIT_LEASE_LOST)

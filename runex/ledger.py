@@ -20,7 +20,7 @@ from typing import Any
 
 from runex import trace
 from runex.errors import NotFound, RunexError
-from runex.storage import SqliteEngine, engine_for
+from runex.storage import engine_for
 
 TERMINAL_RUN = ("succeeded", "failed", "cancelled")  # a run in one of these is over
 # A partition is over unless it is `queued` or `running`: succeeded, failed, cancelled or
@@ -221,9 +221,11 @@ SCHEMA = [
         "DROP TABLE events",
     ],
     # version 5: the code a run was submitted with (JSON: its version, files, host), which
-    # workers on other hosts compare with theirs
+    # workers on other hosts compare with theirs; until when its finalizer holds it (a host
+    # that died while finalizing lets go when that time passes)
     [
         "ALTER TABLE runs ADD COLUMN code TEXT",
+        "ALTER TABLE runs ADD COLUMN finalizer_until REAL",
     ],
 ]
 
@@ -344,10 +346,11 @@ class Pace:
 
 
 class Ledger:
-    """The ledger in `target`: a `runex.storage` engine, or the path of a SQLite file. Claims
+    """The ledger in `target`: an engine (`runex.storage`, `runex.postgres`), a
+    `postgresql://` URL, or the path of a SQLite file. Claims
     taken through it hold their partition for `lease` seconds unless renewed."""
 
-    def __init__(self, target: str | os.PathLike | SqliteEngine, lease: float = LEASE_SECONDS,
+    def __init__(self, target: str | os.PathLike | Any, lease: float = LEASE_SECONDS,
                  patient: bool = True):
         self.engine: Any = engine_for(target)
         self.lease = lease
@@ -706,8 +709,8 @@ class Ledger:
 
     def renew_lease(self, claims: Sequence[Claim]) -> int:
         """Extend the lease of running attempts; returns how many are still running."""
-        until = time.time() + self.lease
         with self.tx() as conn:
+            until = time.time() + self.lease  # from when the write lock is held
             return sum(conn.execute(
                 "UPDATE attempts SET lease_until = ? WHERE run_id = ? AND idx = ? "
                 f"AND attempt = ? AND {RUNNING}",
@@ -782,11 +785,12 @@ class Ledger:
                 "status = 'queued' AND queued_at < ?", (run_id, cutoff)):
             yield row[0]
 
-    def unfinalized_runs(self) -> list[tuple[str, str | None]]:
-        """(id, finalizer) of runs whose partitions are all over but that are not finished:
-        nobody finalized them, or their finalizer died."""
+    def unfinalized_runs(self) -> list[tuple[str, str | None, float | None]]:
+        """(id, finalizer, until when it holds the run) of runs whose partitions are all over
+        but that are not finished: nobody finalized them, or their finalizer died."""
         return self.conn.execute(
-            f"SELECT id, finalizer FROM runs r WHERE {OPEN_RUN} AND NOT EXISTS (SELECT 1 "
+            f"SELECT id, finalizer, finalizer_until FROM runs r WHERE {OPEN_RUN} AND NOT "
+            "EXISTS (SELECT 1 "
             "FROM run_counts c WHERE c.run_id = r.id AND c.status IN ('queued', 'running') "
             "AND c.n > 0)").fetchall()
 
@@ -845,12 +849,18 @@ class Ledger:
 
     def claim_finalize(self, run_id: str, worker: str) -> bool:
         """Exactly one caller wins the right to finalize a run whose partitions are all done
-        (the winner may claim it again)."""
+        (the winner may claim it again), for `lease` seconds unless renewed."""
         with self.tx() as conn:
             cur = conn.execute(
-                "UPDATE runs SET finalizer = ? WHERE id = ? AND (finalizer IS NULL OR "
-                f"finalizer = ?) AND {OPEN_RUN}", (worker, run_id, worker))
+                "UPDATE runs SET finalizer = ?, finalizer_until = ? WHERE id = ? AND "
+                f"(finalizer IS NULL OR finalizer = ?) AND {OPEN_RUN}",
+                (worker, time.time() + self.lease, run_id, worker))
             return cur.rowcount == 1
+
+    def renew_finalizer(self, run_id: str, worker: str) -> None:
+        with self.tx() as conn:
+            conn.execute(f"UPDATE runs SET finalizer_until = ? WHERE id = ? AND finalizer = ? "
+                         f"AND {OPEN_RUN}", (time.time() + self.lease, run_id, worker))
 
     def finish_run(self, run_id: str, status: str, error: str | None = None) -> None:
         """Set the run's final status."""
@@ -1105,6 +1115,11 @@ class Ledger:
             "SELECT status, n FROM run_counts WHERE run_id = ? AND n > 0 ORDER BY status",
             (run_id,)).fetchall())
 
+    def server(self) -> tuple[str, float]:
+        """What keeps the ledger (`PostgreSQL 15.2`, `SQLite 3.40.1`) and its clock."""
+        with self._storage_errors():
+            return self.engine.server(self.conn)
+
     def newest_time(self) -> float | None:
         """The latest time the ledger holds (a run created or finished)."""
         return self.conn.execute("SELECT MAX(COALESCE(finished_at, created_at)) FROM runs"
@@ -1120,10 +1135,12 @@ class Ledger:
         transaction there: all of it or nothing. Returns the rows copied per table."""
         copied = {}
         with target.tx() as conn:
-            held = conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+            held = {table: n for table in self.HISTORY
+                    if (n := conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])}
             if held:
-                raise RunexError(f"{target.path} holds {held} runs already: copy into an "
-                                 "empty ledger (another database, or another ?schema=)")
+                shown = ", ".join(f"{n} {table}" for table, n in held.items())
+                raise RunexError(f"{target.path} holds {shown} already: copy into an empty "
+                                 "ledger (another database, or another ?schema=)")
             for table in self.HISTORY:
                 cur = self.conn.execute(f"SELECT * FROM {table}")
                 names = [d[0] for d in cur.description]

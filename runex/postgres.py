@@ -29,19 +29,19 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from runex import trace
 from runex.errors import ConfigError, StorageError, Unreachable
 
 SCHEMA = "runex"  # where runex's tables go, unless the URL says `?schema=NAME`
-LEDGER_CHANNEL = "runex_ledger"  # notified by every ledger write transaction
 QUEUE_PREFIX = "queue"  # huey's tables: queue_task, queue_schedule, queue_kv, queue_counter
 CONNECT_TIMEOUT = 10  # seconds to reach the server before a try counts as failed
+# libpq's settings that tell a dead network from a slow one within about half a minute (its
+# default is the kernel's: minutes to hours), for every connection runex makes.
+ALIVE = {"connect_timeout": CONNECT_TIMEOUT, "keepalives": 1, "keepalives_idle": 10,
+         "keepalives_interval": 5, "keepalives_count": 3, "tcp_user_timeout": 30_000}
 # Seconds a statement waits for a server that went away to come back (a restart takes a few);
 # beyond, it fails, and the loop around it tries again later (a worker's, a consumer's job).
 RECONNECT_FOR = 10.0
-# The key of the advisory lock that serializes the ledger's writers (any number: runex's).
-WRITE_LOCK = int.from_bytes(hashlib.sha256(b"runex ledger").digest()[:8], "big") >> 1
-# A ledger write transaction's start: the lock, and the notification its commit sends.
-BEGIN = f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK}), pg_notify('{LEDGER_CHANNEL}', '')"
 
 
 def is_url(target: Any) -> bool:
@@ -66,13 +66,18 @@ class Database:
         parts = urlsplit(url)
         query = parse_qsl(parts.query, keep_blank_values=True)
         schema = next((v for k, v in query if k == "schema"), SCHEMA)
-        if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", schema):
+        if not re.fullmatch(r"[a-z_][a-z0-9_]{0,49}", schema):
             raise ConfigError(f"database {self.shown(url)!r}: schema {schema!r} must be a "
-                              "lower-case name (letters, digits, _)")
+                              "lower-case name (letters, digits, _) of at most 50")
         self.url = url
         self.schema = schema
         self.dsn = urlunsplit(parts._replace(
             query=urlencode([(k, v) for k, v in query if k != "schema"])))
+        # Each schema's own: the advisory lock that serializes its ledger's writers, and the
+        # channels its ledger's and its queue's writes notify.
+        self.write_lock = int.from_bytes(hashlib.sha256(f"runex {schema}".encode()).digest()[:8],
+                                         "big") >> 1
+        self.ledger_channel, self.queue_channel = f"{schema}_ledger", f"{schema}_queue"
 
     def __str__(self) -> str:
         return self.shown(self.url)
@@ -92,16 +97,26 @@ class Database:
         refuses the user) is `Unreachable`, saying which and why."""
         pg = psycopg()
         try:
-            conn = pg.connect(self.dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT,
-                              options=f"-c search_path={self.schema}")
+            conn = pg.connect(self.dsn, autocommit=True, options=f"-c search_path={self.schema}",
+                              **ALIVE)
             conn.adapters.register_loader("numeric", numeric_loader())  # SUM(bigint)
             if conn.execute("SELECT to_regnamespace(%s)", (self.schema,)).fetchone()[0] is None:
                 with contextlib.suppress(pg.errors.UniqueViolation):  # made meanwhile
                     conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")
-        except pg.OperationalError as exc:
+        except pg.OperationalError as exc:  # no connection: whatever it says, unreached
             raise Unreachable(f"cannot reach the database {self} ({first_line(exc)}); check "
                               "that the server runs and the URL is right") from exc
         return conn
+
+
+def lost(exc: BaseException) -> bool:
+    """Whether a psycopg error says the server cannot be reached: no connection made, or the
+    one there was broke (SQLSTATE class 08, or the server shutting down). A statement's own
+    errors (a deadlock, a timeout, a full disk on the server) are not."""
+    if not isinstance(exc, psycopg().OperationalError):
+        return False
+    state = exc.sqlstate
+    return state is None or state.startswith("08") or state in ("57P01", "57P02", "57P03")
 
 
 def first_line(exc: BaseException) -> str:
@@ -155,14 +170,16 @@ class Connection:
         try:
             yield
         except psycopg().OperationalError as exc:
-            if not (self.raw.closed or self.raw.broken):
-                raise  # a statement's own error (a query canceled, say)
+            if not (lost(exc) or self.raw.broken):
+                raise  # a statement's own error (a deadlock, say)
             raise Unreachable(f"lost the database ({first_line(exc)}); what this statement "
                               "was part of was rolled back whole") from exc
 
     @property
     def in_transaction(self) -> bool:
-        return self.raw.info.transaction_status in (1, 2, 3)  # active, in one, in error
+        status = psycopg().pq.TransactionStatus
+        return self.raw.info.transaction_status in (status.ACTIVE, status.INTRANS,
+                                                    status.INERROR)
 
     def close(self) -> None:
         self.raw.close()
@@ -181,7 +198,6 @@ class PostgresEngine:
     table, commits durable when they return, waiters woken by LISTEN/NOTIFY."""
 
     name = "postgresql"
-    clustered = ""
 
     def __init__(self, url: str, home: str | os.PathLike | None = None):
         self.database = Database(url)
@@ -209,7 +225,10 @@ class PostgresEngine:
         return ddl(sql)
 
     def begin(self, conn: Connection) -> None:
-        conn.execute(BEGIN)  # one round trip
+        """The transaction, its lock, and the notification its commit sends: one round
+        trip."""
+        conn.execute(f"BEGIN; SELECT pg_advisory_xact_lock({self.database.write_lock}), "
+                     f"pg_notify('{self.database.ledger_channel}', '')")
 
     @staticmethod
     def schema_version(conn: Connection) -> int:
@@ -256,14 +275,20 @@ class PostgresEngine:
                            f"--schema={self.database.schema}")
 
     def error(self, exc: Exception) -> Exception:
-        pg = psycopg()
-        if isinstance(exc, pg.OperationalError):
+        if lost(exc):
             return Unreachable(f"lost the database {self} ({first_line(exc)}); the change "
                                "was rolled back whole")
         return exc
 
     def watch(self) -> Watch:
-        return Watch(self.database, LEDGER_CHANNEL)
+        return Watch(self.database, self.database.ledger_channel)
+
+    @staticmethod
+    def server(conn: Connection) -> tuple[str, float]:
+        """The server's version and clock (Unix seconds)."""
+        version, now = conn.execute("SELECT current_setting('server_version'), "
+                                    "EXTRACT(EPOCH FROM clock_timestamp())").fetchone()
+        return f"PostgreSQL {version}", float(now)
 
 
 def reconnecting(connect: Callable[[], Any], patience: float) -> Any:
@@ -276,8 +301,6 @@ def reconnecting(connect: Callable[[], Any], patience: float) -> Any:
         except Unreachable:
             if time.monotonic() + pause > deadline:
                 raise
-            from runex import trace  # noqa: PLC0415 - trace imports nothing of this
-
             trace.logger().warning("database.unreachable", retry_in=round(pause, 1))
             time.sleep(pause)
             pause = min(5.0, pause * 2)
@@ -300,7 +323,7 @@ class Watch:
     def wait(self, seconds: float, stop: Callable[[], bool] = lambda: False,
              stop_fd: int | None = None) -> None:
         """Return when the channel was notified, `stop()` is true, or after `seconds` (a
-        stop is seen within 0.1 s)."""
+        stop is seen within 0.1 s; `stop_fd`, which `FileWatch` waits on, is not needed)."""
         deadline = time.monotonic() + seconds
         while not stop() and (left := deadline - time.monotonic()) > 0:
             try:

@@ -18,6 +18,7 @@ from typing import Any
 
 from runex.durations import duration_seconds
 from runex.errors import ConfigError
+from runex.postgres import is_url
 from runex.reserve import Reserve
 
 CONFIG_FILE = "runex.toml"
@@ -39,7 +40,7 @@ def _number(low: float, above: bool) -> Any:
 CONFIG_KEYS = {
     "home": ("a folder name", lambda v: isinstance(v, str) and v != ""),
     "database": ('a PostgreSQL URL, "postgresql://user@host:5432/dbname"',
-                 lambda v: isinstance(v, str) and v.startswith(("postgresql://", "postgres://"))),
+                 is_url),
     "extensions": ("a list of folder names", _folders),
     "pipelines": ("a glob of pipeline files, e.g. \"pipelines/*.toml\"",
                   lambda v: isinstance(v, str) and v != ""),

@@ -172,10 +172,11 @@ def reap_unfinalized(state: WorkerState) -> int:
     """Finalize the runs whose partitions are all over and that nobody finalizes: nobody
     began, their finalizer died, or this process began and a full disk stopped it."""
     runs = state.ledger.unfinalized_runs()
-    for run_id, finalizer in runs:
+    for run_id, finalizer, until in runs:
         if finalizer and finalizer != holder():
-            if holder_alive(finalizer) is not False:
-                continue  # being finalized right now, or by another host
+            alive = holder_alive(finalizer)
+            if alive or (alive is None and (until is None or until > time.time())):
+                continue  # being finalized right now, here or by another host
             state.ledger.release_finalizer(run_id, finalizer)
         finalize_run(state, run_id)
     return len(runs)

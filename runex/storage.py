@@ -345,11 +345,16 @@ class SqliteEngine:
         """Something to wait on until the ledger is written."""
         return FileWatch(self.path)
 
+    @staticmethod
+    def server(conn: sqlite3.Connection) -> tuple[str, float]:
+        """What keeps the ledger, and its clock: this machine's."""
+        return f"SQLite {sqlite3.sqlite_version}", time.time()
+
 
 def engine_for(target: str | os.PathLike | Any, home: str | os.PathLike | None = None) -> Any:
     """The engine of a ledger given as an engine, as a `postgresql://` URL (with `home`, this
     host's folder for traces), or as the path of a SQLite file."""
-    from runex import postgres  # noqa: PLC0415 - psycopg is loaded only for a URL
+    from runex import postgres  # noqa: PLC0415 - a module most homes never use
 
     if isinstance(target, SqliteEngine | postgres.PostgresEngine):
         return target

@@ -209,8 +209,8 @@ class PostgresQueueStorage(PostgresStorage):
                                    (f"{postgres.QUEUE_PREFIX}_task",)).fetchone()[0] is None
         super().__init__(name, dsn=self.database.dsn, blocking=False,
                          table_prefix=postgres.QUEUE_PREFIX, create_tables=missing,
-                         options=f"-c search_path={self.database.schema}",
-                         connect_timeout=postgres.CONNECT_TIMEOUT)
+                         options=f"-c search_path={self.database.schema}", **postgres.ALIVE)
+        self.channel = self.database.queue_channel  # huey's is the same in every schema
 
     def initialize_schema(self) -> None:
         with contextlib.suppress(postgres.psycopg().errors.UniqueViolation):  # made meanwhile

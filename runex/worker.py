@@ -65,6 +65,7 @@ class WorkerState:
     queued_seen: dict[str, tuple[int, int]] = field(default_factory=dict)
     code_drift: str = "refuse"  # what a worker does with a run of other code (`executor`)
     drift_told: set[str] = field(default_factory=set)  # runs whose drift was logged here
+
     def __post_init__(self) -> None:
         self.reserve = Reserve(self.home)
 

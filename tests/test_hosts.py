@@ -66,7 +66,7 @@ def test_a_host_with_other_code_refuses_the_run_or_warns(project):
     runex_cli("worker", "--burst", "-w", "1", cwd=project, env={"RUNEX_HOST": "board-b"},
               check=True)
     assert show(project, run_id)["status"] == "succeeded"
-    warned = traced(project, "code.drift")
+    warned = traced(project, "code.drifted")
     assert len(warned) == 1 and "files that differ: extensions/k.py" in warned[0]["message"]
 
 
@@ -169,3 +169,24 @@ def test_a_worker_cut_off_from_the_database_past_its_lease_commits_nothing(
             assert conn.execute("SELECT COUNT(*), COUNT(DISTINCT n) FROM sq").fetchone() == (
                 2, 2)
         assert show(project, run_id)["status"] == "succeeded"
+
+
+def test_a_run_whose_finalizing_host_died_is_finalized_once_that_lease_ends(project):
+    from runex import Runex, reaper
+
+    from .conftest import claim, finish
+
+    work_pipeline(project, stop=10, size=10)
+    rx = Runex()
+    run_id = rx.submit("pipelines/p.toml")
+    assert finish(rx.ledger, claim(rx.ledger, run_id, 0), "succeeded", records_in=10,
+                  records_out=10).complete
+    assert rx.ledger.claim_finalize(run_id, "board-b:4242::")  # then board-b lost its power
+    state = rx.prepare_workers()
+    reaper.reap_unfinalized(state)
+    assert rx.ledger.run(run_id)["status"] == "running"  # its lease is not over: still its
+    with rx.ledger.tx() as conn:  # the lease ran out
+        conn.execute("UPDATE runs SET finalizer_until = ? WHERE id = ?", (time.time() - 1,
+                                                                         run_id))
+    reaper.reap_unfinalized(state)
+    assert rx.ledger.run(run_id)["status"] == "succeeded"

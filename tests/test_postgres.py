@@ -198,7 +198,7 @@ def test_migrate_copies_a_sqlite_home_into_postgresql_and_work_goes_on_there(
         assert "copied 5 runs (10 partitions, 8 attempts, 1 fire)" in result.stdout
         assert "2 partitions queued there" in result.stdout
         again = runex_cli("migrate", "--to", url, cwd=project)
-        assert again.returncode != 0 and "holds 5 runs already" in again.stderr
+        assert again.returncode != 0 and "holds 5 runs, 10 partitions" in again.stderr
 
         monkeypatch.setenv("RUNEX_DATABASE", url)
         after = json.loads(runex_cli("runs", "--json", cwd=project, check=True).stdout)
@@ -213,3 +213,24 @@ def test_migrate_copies_a_sqlite_home_into_postgresql_and_work_goes_on_there(
         assert done["status"] == "succeeded" and done["records_out"] == 43
     finally:
         postgres.drop_schema(url)
+
+
+def test_doctor_checks_the_database_server(project, request):
+    from runex import postgres
+
+    from .conftest import postgres_server
+
+    url = postgres_server(request) + f"?schema=t_{os.urandom(6).hex()}"
+    try:
+        found = json.loads(runex_cli("doctor", "--json", "--database", url, cwd=project,
+                                     check=True).stdout)
+        [database] = [f for f in found if f["check"] == "database"]
+        assert database["status"] == "ok" and database["detail"].startswith("PostgreSQL ")
+        assert url.split("?")[0] in database["detail"]
+    finally:
+        postgres.drop_schema(url)
+    gone = runex_cli("doctor", "--json", "--database", "postgresql://nobody@127.0.0.1:1/x",
+                     cwd=project)
+    assert gone.returncode == 1
+    [database] = [f for f in json.loads(gone.stdout) if f["check"] == "database"]
+    assert database["status"] == "fail" and "cannot reach the database" in database["detail"]

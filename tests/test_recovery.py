@@ -212,6 +212,19 @@ def test_the_lease_is_renewed_only_while_the_partition_is_held(project, monkeypa
     assert lease_until() == renewed  # no longer held: no more writes
 
 
+def test_a_finalizers_hold_on_its_run_is_renewed_while_it_finalizes(project):
+    make(project, stop=10, size=10)
+    rx = Runex()
+    rx.ledger.lease = 0.3  # renewed every 0.1 s
+    run_id = rx.submit("pipelines/p.toml")
+    assert rx.ledger.claim_finalize(run_id, "me")
+    until = lambda: ledger(project, "SELECT finalizer_until FROM runs")[0][0]  # noqa: E731
+    first = until()
+    with lease.Holding().finalizing(rx.ledger, run_id, "me"):
+        time.sleep(0.5)
+    assert until() > first + 0.2
+
+
 @pytest.mark.slow
 def test_lost_attempts_do_not_spend_the_retry_budget(project):
     make(project, stop=10, size=10, fail_unless="never", options="retries = 1")

@@ -23,12 +23,13 @@ returns (the server syncs it), so the sink needs no `sync`.
 """
 
 import contextlib
+import hashlib
 import os
 import time
 
 from runex import DataSourceSpec, SinkSpec
 from runex.errors import Unreachable
-from runex.postgres import first_line, psycopg
+from runex.postgres import first_line, is_url, lost, psycopg
 
 
 @contextlib.contextmanager
@@ -37,7 +38,10 @@ def reaching(url):
     try:
         yield
     except psycopg().OperationalError as exc:
-        _connections.pop((os.getpid(), url), None)
+        if not lost(exc):
+            raise  # the statement's own error (a deadlock, say): the partition fails
+        for ddl in (False, True):
+            _connections.pop((os.getpid(), url, ddl), None)
         raise Unreachable(f"the database of the postgres source or sink ({first_line(exc)})"
                           ) from exc
 
@@ -118,11 +122,12 @@ OUTPUTS = """CREATE TABLE IF NOT EXISTS _runex_outputs (
     replaced_at DOUBLE PRECISION NOT NULL)"""
 MODES = ("append", "replace", "upsert")
 
-_connections = {}  # (pid, url) -> connection, one per worker process and database
+_connections = {}  # (pid, url, ddl) -> connection, two per worker process and database
 
 
-def connect(url):
-    key = (os.getpid(), url)
+def connect(url, ddl=False):
+    """This process's connection to `url` (`ddl`: its second one, for making tables)."""
+    key = (os.getpid(), url, ddl)
     conn = _connections.get(key)
     if conn is None or conn.closed or conn.broken:
         conn = psycopg().connect(url, autocommit=True)
@@ -135,7 +140,7 @@ def connect(url):
 
 
 def configure_postgres(url, table, mode="append", key=None):
-    if not isinstance(url, str) or not url.startswith(("postgresql://", "postgres://")):
+    if not is_url(url):
         raise ValueError(f"url must be a postgresql:// URL, not {url!r}")
     name = table.rsplit(".", 1)[-1] if isinstance(table, str) else ""
     if not name or name.startswith("_runex"):
@@ -159,7 +164,11 @@ def target(ctx):
 
 
 def stage_name(table, run_id):
+    """`_runex_stage_<table>_<run id>`, with a hash of the table's name where the whole would
+    pass PostgreSQL's 63 bytes (which would cut the run id off)."""
     schema, _, name = table.rpartition(".")
+    if len(f"_runex_stage_{name}_20261128-000000-00000000".encode()) > 63:
+        name = hashlib.sha256(name.encode()).hexdigest()[:16]
     return f"{schema + '.' if schema else ''}_runex_stage_{name}_{run_id}"
 
 
@@ -210,9 +219,12 @@ def _write(ctx, records):
                 for name, v in record.items():
                     if name not in columns and (name not in fresh or fresh[name] is None):
                         fresh[name] = v
-            if fresh:
-                ensure_columns(conn, table, fresh, key)
-                columns.update((name, None) for name in fresh)
+            if fresh and count == 0:  # before any row: the table made apart (see ensure_columns)
+                with connect(ctx.params["url"], ddl=True).transaction() as apart:
+                    ensure_columns(apart.connection, table, fresh, key)
+            elif fresh:  # a field first seen in a later batch: in this transaction
+                widen(conn, table, fresh)
+            columns.update((name, None) for name in fresh)
             names = list(columns)
             with conn.cursor() as cur:
                 cur.executemany(insert_sql(table, names, key),
@@ -247,7 +259,9 @@ def existing_columns(conn, table):
 
 def ensure_columns(conn, table, sample, key):
     """The table, with a column for each key of `sample` (name: a first value), made or
-    widened under a lock of its name, so that workers starting together do not race."""
+    widened under a lock of its name, so that workers starting together do not race; in a
+    transaction of its own, on a connection of its own, before the partition's transaction
+    writes a row into the table (which would keep the table from being altered)."""
     have = existing_columns(conn, table)
     if set(sample) <= have:
         return
@@ -266,6 +280,12 @@ def ensure_columns(conn, table, sample, key):
                          f"{quote('_runex_key_' + table.rsplit('.', 1)[-1])} ON "
                          f"{quote(table)} ({', '.join(quote(k) for k in key)})")
         return
+    widen(conn, table, sample, have)
+
+
+def widen(conn, table, sample, have=None):
+    """A column for each key of `sample` that the table lacks."""
+    have = existing_columns(conn, table) if have is None else have
     for name, v in sample.items():
         if name not in have:
             conn.execute(f"ALTER TABLE {quote(table)} ADD COLUMN IF NOT EXISTS {quote(name)} "
