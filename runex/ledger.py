@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from runex import trace
-from runex.errors import NotFound, RunexError
+from runex.errors import NotFound, RunexError, Unreachable
 from runex.storage import engine_for
 
 TERMINAL_RUN = ("succeeded", "failed", "cancelled")  # a run in one of these is over
@@ -430,7 +430,12 @@ class Ledger:
             self.engine.begin(conn)
             try:
                 yield conn
-                conn.execute("COMMIT")
+                try:
+                    conn.execute("COMMIT")
+                except Unreachable as exc:  # the answer was lost, not the question
+                    raise Unreachable(f"{exc}; the connection broke during the commit, "
+                                      "which may have been recorded or not: look before "
+                                      "doing it again (`runex runs`)") from exc
             except BaseException:
                 # A failed COMMIT (a full disk) may leave the transaction open, or SQLite may
                 # have rolled it back by itself.

@@ -172,8 +172,7 @@ class Connection:
         except psycopg().OperationalError as exc:
             if not (lost(exc) or self.raw.broken):
                 raise  # a statement's own error (a deadlock, say)
-            raise Unreachable(f"lost the database ({first_line(exc)}); what this statement "
-                              "was part of was rolled back whole") from exc
+            raise Unreachable(f"lost the database ({first_line(exc)})") from exc
 
     @property
     def in_transaction(self) -> bool:
