@@ -42,6 +42,7 @@ class Holding:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        self._held = threading.Event()  # set when something is held: wakes `_watch_leases`
         self._claims: list[Claim] = []
         # Ledger and queue writes that a full disk refused, to redo in order once there is
         # room, with the claims whose lease is renewed meanwhile.
@@ -123,6 +124,7 @@ class Holding:
             self._renewed, self._lease = time.monotonic(), ledger.lease
         self._start()
         self._wake.set()  # its renewals are due from now
+        self._held.set()
         try:
             yield
         finally:
@@ -139,6 +141,7 @@ class Holding:
             self._renewed, self._lease = time.monotonic(), ledger.lease
         self._start()
         self._wake.set()
+        self._held.set()
         try:
             yield
         finally:
@@ -149,12 +152,13 @@ class Holding:
         """End the process once what it holds went unrenewed for LEASE_MARGIN of its lease
         (see `exit_on_lost_lease`)."""
         while True:
+            self._held.clear()  # before looking: a hold from now on ends the wait below
             with self._lock:
                 held = [*self._claims]
                 finalizing = self._finalizing
                 give_up_at = self._renewed + self._lease * LEASE_MARGIN
             if not (held or finalizing):
-                time.sleep(min(1.0, self._lease / 10))
+                self._held.wait()  # idle: no wake-ups
             elif time.monotonic() >= give_up_at:
                 self._lost_lease(held, finalizing)
             else:
