@@ -29,7 +29,7 @@ import time
 
 from runex import DataSourceSpec, SinkSpec
 from runex.errors import Unreachable
-from runex.postgres import first_line, is_url, lost, psycopg
+from runex.postgres import ALIVE, first_line, is_url, lost, psycopg
 
 
 @contextlib.contextmanager
@@ -130,7 +130,7 @@ def connect(url, ddl=False):
     key = (os.getpid(), url, ddl)
     conn = _connections.get(key)
     if conn is None or conn.closed or conn.broken:
-        conn = psycopg().connect(url, autocommit=True)
+        conn = psycopg().connect(url, autocommit=True, **ALIVE)
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(hashtext('_runex_commits'))")
             conn.execute(MARKERS)
