@@ -503,7 +503,8 @@ class Runex:
             since = since_time(since)
         rows = self.ledger.runs(limit, status, pipeline, since and since.timestamp())
         for row in rows:
-            del row["spec"], row["finalizer"]
+            del row["spec"]
+            _public(row)
             _with_seconds(row)
         return rows
 
@@ -626,7 +627,7 @@ class Runex:
         run = self.ledger.run(self.ledger.resolve_run_id(ref))
         run_id = run["id"]
         spec = json.loads(run.pop("spec"))
-        run.pop("finalizer")
+        _public(run)
         run["counts"] = self.ledger.progress(run_id)
 
         def fetch(after: int = -1, limit: int | None = None, status: str | None = None,
@@ -679,6 +680,14 @@ def since_time(text: str) -> dt.datetime:
         raise UsageError(f"--since {text!r} is neither a time (2026-11-01, 2026-11-01T06:00) "
                          "nor a duration back from now (30m, 2h, 7d)") from None
     return dt.datetime.now(dt.UTC) - dt.timedelta(seconds=back)
+
+
+def _public(row: dict[str, Any]) -> dict[str, Any]:
+    """A run's row as commands show it: without who finalizes it and until when (the
+    workers' business), its `code` as an object."""
+    del row["finalizer"], row["finalizer_until"]
+    row["code"] = row["code"] and json.loads(row["code"])
+    return row
 
 
 def _with_seconds(row: dict[str, Any]) -> dict[str, Any]:
