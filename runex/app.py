@@ -540,6 +540,14 @@ class Runex:
         `PipelineError` (or `UnknownName`...) saying what is wrong; returns the checked plan."""
         return self.plan(pipeline, params)
 
+    def web(self, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
+            read_only: bool = False) -> Any:
+        """What `runex web` serves (a `runex.web.Dashboard`): its `server()` is bound, and
+        answers until stopped (`serve_forever()`)."""
+        from runex.web import Dashboard  # noqa: PLC0415 - the dashboard's own module
+
+        return Dashboard(self, host, port, token, read_only)
+
     def migrate(self, to: str) -> dict[str, Any]:
         """Copy this home's SQLite ledger (runs, partitions, attempts, schedules, fires) into
         the PostgreSQL database `to`, in one transaction, and queue there the partitions

@@ -645,6 +645,38 @@ def migrate(to: str, as_json: bool, home: str | None, extension_dirs: tuple[str,
 
 
 @cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="The address to listen on; other than loopback, it needs --token-file.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True,
+              help="The port (0: any free one, printed).")
+@click.option("--token-file", type=click.Path(dir_okay=False, exists=True),
+              help="A file holding a secret that requests must carry (Authorization: Bearer "
+                   "TOKEN, or ?token=TOKEN once).")
+@click.option("--read-only", is_flag=True, help="Show, never act: no cancel or retry buttons.")
+@project_options
+def web(host: str, port: int, token_file: str | None, read_only: bool, home: str | None,
+        extension_dirs: tuple[str, ...]) -> None:
+    """Serve the ledger's runs, schedules and Prometheus metrics over HTTP until Ctrl-C:
+    pages (with cancel and retry buttons), /api/... (JSON, as the commands' --json) and
+    /metrics."""
+    token = None
+    if token_file:
+        token = Path(token_file).read_text().strip()
+        if not token:
+            raise errors.UsageError(f"--token-file {token_file}: the file is empty")
+    server = open_runex(home, extension_dirs).web(host, port, token, read_only).server()
+    shown = f"[{host}]" if ":" in host else host
+    click.echo(f"runex web on http://{shown}:{server.server_port}/ (Ctrl-C stops it)",
+               err=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:  # how it is stopped
+        pass
+    finally:
+        server.server_close()
+
+
+@cli.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 @project_options
 def backup(file: str, home: str | None, extension_dirs: tuple[str, ...]) -> None:

@@ -1125,6 +1125,41 @@ class Ledger:
         with self._storage_errors():
             return self.engine.server(self.conn)
 
+    # -- what the dashboard and the metrics read ----------------------------------------
+
+    def runs_by_status(self) -> list[tuple[str, str, int]]:
+        """(pipeline, status, runs) for every pipeline and status the ledger holds."""
+        return self.conn.execute("SELECT pipeline, status, COUNT(*) FROM runs GROUP BY "
+                                 "pipeline, status ORDER BY pipeline, status").fetchall()
+
+    def partitions_by_status(self) -> dict[str, int]:
+        """Partitions of every run the ledger holds, by status (from the runs' counts)."""
+        return dict(self.conn.execute(
+            "SELECT status, SUM(n) FROM run_counts GROUP BY status HAVING SUM(n) > 0 "
+            "ORDER BY status").fetchall())
+
+    def attempts_by_outcome(self) -> list[tuple[str, str, int]]:
+        """(pipeline, attempt status, attempts) over the attempts the ledger keeps."""
+        return self.conn.execute(
+            "SELECT r.pipeline, a.status, COUNT(*) FROM attempts a JOIN runs r ON r.id = "
+            "a.run_id GROUP BY r.pipeline, a.status ORDER BY r.pipeline, a.status").fetchall()
+
+    def attempt_seconds(self, bounds: Sequence[float]) -> tuple[list[int], int, float]:
+        """How long the attempts that ended took: how many took at most each of `bounds`
+        seconds (cumulative), how many there are, and their seconds in all."""
+        buckets = ", ".join(f"SUM(CASE WHEN finished_at - started_at <= {float(b)!r} THEN 1 "
+                            "ELSE 0 END)" for b in bounds)
+        row = self.conn.execute(
+            f"SELECT {buckets}, COUNT(*), COALESCE(SUM(finished_at - started_at), 0) FROM "
+            "attempts WHERE finished_at IS NOT NULL").fetchone()
+        return [int(n or 0) for n in row[:-2]], int(row[-2]), float(row[-1])
+
+    def oldest_queued(self) -> float | None:
+        """When the partition queued longest ago (of a run not over) was queued."""
+        return self.conn.execute(
+            f"SELECT MIN(queued_at) FROM partitions WHERE {UNSETTLED} AND status = 'queued' "
+            f"AND run_id IN (SELECT id FROM runs WHERE {OPEN_RUN})").fetchone()[0]
+
     def newest_time(self) -> float | None:
         """The latest time the ledger holds (a run created or finished)."""
         return self.conn.execute("SELECT MAX(COALESCE(finished_at, created_at)) FROM runs"
