@@ -39,8 +39,7 @@ def _number(low: float, above: bool) -> Any:
 # What each key of runex.toml and of a worker profile takes: (what to say, a check).
 CONFIG_KEYS = {
     "home": ("a folder name", lambda v: isinstance(v, str) and v != ""),
-    "database": ('a PostgreSQL URL, "postgresql://user@host:5432/dbname"',
-                 is_url),
+    "database": ('a PostgreSQL URL, "postgresql://user@host:5432/dbname"', is_url),
     "extensions": ("a list of folder names", _folders),
     "pipelines": ("a glob of pipeline files, e.g. \"pipelines/*.toml\"",
                   lambda v: isinstance(v, str) and v != ""),
