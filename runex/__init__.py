@@ -5,6 +5,10 @@ and sources and sinks as module-level `DataSourceSpec` and `SinkSpec` instances.
 the whole runtime over one project: submit pipelines, work the queue, read the ledger.
 """
 
+import importlib
+import importlib.util
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 from runex.durable import atomic_write
@@ -16,6 +20,28 @@ if TYPE_CHECKING:  # for type checkers; at run time `__getattr__` imports them o
     from runex.extensions import load as load_extensions
     from runex.pipeline import Pipeline
     from runex.pipeline import load as load_pipeline
+
+
+class _OnFirstUse(types.ModuleType):
+    """A module that stands in for an installed one until one of its names is used, then
+    imports it and hands each name on (see `_psycopg_on_first_use`)."""
+
+    def __getattr__(self, name: str) -> Any:
+        if sys.modules.get(self.__name__) is self:
+            del sys.modules[self.__name__]
+        return getattr(importlib.import_module(self.__name__), name)
+
+
+def _psycopg_on_first_use() -> None:
+    """huey's storage module imports psycopg whenever it is installed (`runex[postgres]`),
+    whether the queue is PostgreSQL's or not: some 60 ms and 20 MiB more for every runex
+    process of a SQLite home. Until something uses it, a stand-in takes its place (before
+    anything imports huey); code that uses psycopg sees no difference."""
+    if "psycopg" not in sys.modules and importlib.util.find_spec("psycopg") is not None:
+        sys.modules["psycopg"] = _OnFirstUse("psycopg")
+
+
+_psycopg_on_first_use()
 
 __version__ = "0.1.0"
 __all__ = [

@@ -145,3 +145,17 @@ def test_revocation_is_never_looked_up(tmp_path):
     huey.storage.conn.set_trace_callback(statements.append)
     huey.execute(task)
     assert not any(" kv " in s for s in statements)
+
+
+def test_psycopg_is_loaded_only_when_used_though_huey_imports_it():
+    """huey's storage imports psycopg when it is installed; runex puts a stand-in in its
+    place (`runex._psycopg_on_first_use`), so that a SQLite home does not load it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, runex.app, huey.storage\n"
+            "print('psycopg.pq' in sys.modules)\n"
+            "print(huey.storage.psycopg.Connection.__name__, 'psycopg.pq' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split("\n")
+    assert out[:2] == ["False", "Connection True"]
