@@ -3,6 +3,7 @@
 import json
 import os
 import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -237,6 +238,7 @@ HANGING = """
     @register_kernel("hang")
     def hang(record, flag=""):
         if not os.path.exists(flag):
+            open(flag + ".started", "w").close()  # in the kernel: its time limit is armed
             time.sleep(2)
         return record
 """
@@ -282,8 +284,11 @@ def test_a_stopped_worker_loses_its_partition_at_its_timeout_not_its_lease(proje
     try:
         ledger = project / ".runex" / "ledger.db"
         deadline = time.monotonic() + 30
-        while not (ledger.exists() and (pid := sqlite3.connect(ledger).execute(
-                "SELECT pid FROM attempts WHERE status = 'running'").fetchone())):
+        # In its kernel (not between its claim and the arming of its time limit, a moment
+        # that a stop would otherwise leave to the 60 s lease)
+        while not (Path(f"{flag}.started").exists() and (pid := sqlite3.connect(
+                ledger).execute("SELECT pid FROM attempts WHERE status = 'running'"
+                                ).fetchone())):
             assert time.monotonic() < deadline
             time.sleep(0.05)
         os.kill(pid[0], signal.SIGSTOP)  # no SIGALRM reaches it, and its lease runs 60 s
