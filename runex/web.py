@@ -384,7 +384,6 @@ class Request(BaseHTTPRequestHandler):
                 rest = parts.path[len(prefix):].strip("/")
                 try:
                     kind, body = handler(rest, query)
-                    chunks = [c.encode() for c in body]
                 except NotFound as exc:
                     self._plain(HTTPStatus.NOT_FOUND, str(exc))
                     return
@@ -393,7 +392,11 @@ class Request(BaseHTTPRequestHandler):
                     return
                 self.send_response(HTTPStatus.OK)
                 self.send_header("Content-Type", kind)
-                self.send_header("Content-Length", str(sum(len(c) for c in chunks)))
+                if isinstance(body, list):
+                    chunks = [c.encode() for c in body]
+                    self.send_header("Content-Length", str(sum(len(c) for c in chunks)))
+                else:  # streamed as it is read (a run's partitions): the end closes it
+                    chunks = (c.encode() for c in body)
                 self._end()
                 for chunk in chunks:
                     self.wfile.write(chunk)

@@ -86,9 +86,10 @@ def test_the_api_answers_as_the_commands_json(served, project):
     cli = json.loads(runex_cli("runs", "--json", cwd=project, check=True).stdout)
     assert [r["id"] for r in json.loads(runs)] == [r["id"] for r in cli] == [run_id]
     assert set(json.loads(runs)[0]) == set(cli[0])
-    _, run = get(port, f"/api/runs/{run_id}")
+    response, run = get(port, f"/api/runs/{run_id}")
     shown = json.loads(runex_cli("show", run_id, "--json", cwd=project, check=True).stdout)
     assert json.loads(run) == shown
+    assert response.getheader("Content-Length") is None  # streamed, a page at a time
     _, overview = get(port, "/api/overview")
     assert json.loads(overview)["runs"] == {"p": {"failed": 1}}
 
