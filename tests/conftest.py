@@ -1,7 +1,9 @@
 import contextlib
 import json
 import os
+import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -211,6 +213,22 @@ def drain(rx: Runex, timeout: float = 30) -> None:
         return False
 
     rx.work(workers=0, burst=True, until=too_long)
+
+
+def home_of_fixture(name: str, tmp_path: Path) -> Path:
+    """A copy of tests/fixtures/NAME (a home written by an earlier runex, with the project
+    that wrote it) at `tmp_path/fx`, its runs pointed at it; returns the project folder."""
+    fixture = TESTS / "fixtures" / name
+    project = tmp_path / "fx"  # where the project was: its runs recorded /tmp/fx
+    shutil.copytree(fixture / "project", project)
+    home = project / ".runex"
+    home.mkdir()
+    for part in ("ledger.db", "queue.db"):
+        shutil.copy(fixture / part, home / part)
+    shutil.copytree(fixture / "traces", home / "traces")
+    with contextlib.closing(sqlite3.connect(home / "ledger.db")) as conn, conn:
+        conn.execute("UPDATE runs SET project_dir = ?", (str(project),))
+    return project
 
 
 def ledger_rows(project: Path, sql: str, args: tuple = ()) -> list[tuple]:

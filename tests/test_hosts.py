@@ -12,6 +12,7 @@ import time
 import pytest
 
 from .conftest import ledger_rows, runex_cli, traced, work_pipeline, write
+from .test_recovery import wait_for
 
 pytestmark = pytest.mark.usefixtures("database")  # each test on SQLite and on PostgreSQL
 
@@ -22,15 +23,6 @@ def host(project, name, workers=1, *args):
                              "--profile", "fast", *args], cwd=project,
                             env={**os.environ, "RUNEX_HOST": name}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, start_new_session=True)
-
-
-def wait_for(predicate, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.05)
-    raise AssertionError("timed out")
 
 
 def kill_host(proc):

@@ -116,8 +116,7 @@ def test_json_output_has_the_same_shape_on_both_engines(tmp_path, request, monke
             out[args[0]] = shape(json.loads(got))
         return out
 
-    url = request.getfixturevalue("pg_target").split("?")[0] + f"?schema=t_{tmp_path.name[-8:]}"
-    url = url.replace("-", "_")
+    url = request.getfixturevalue("pg_target").split("?")[0] + f"?schema=t_{os.urandom(6).hex()}"
     try:
         assert shapes(tmp_path / "a", None) == shapes(tmp_path / "b", url)
     finally:
@@ -155,25 +154,16 @@ def test_an_unreachable_server_is_a_clear_error(project, monkeypatch):
 @pytest.mark.slow
 def test_migrate_copies_a_sqlite_home_into_postgresql_and_work_goes_on_there(
         tmp_path, request, monkeypatch):
-    import shutil
-    import sqlite3
     import subprocess
     import sys
     import time
 
     from runex import postgres
 
-    from .conftest import TESTS, postgres_server
+    from .conftest import home_of_fixture, postgres_server
 
-    fixture = TESTS / "fixtures" / "home-schema-4"  # 4 runs, one queued, a schedule's fire
-    project = tmp_path / "fx"
-    shutil.copytree(fixture / "project", project)
+    project = home_of_fixture("home-schema-4", tmp_path)  # 4 runs, one queued, a fire
     home = project / ".runex"
-    home.mkdir()
-    for name in ("ledger.db", "queue.db", "traces"):
-        (shutil.copytree if name == "traces" else shutil.copy)(fixture / name, home / name)
-    with sqlite3.connect(home / "ledger.db") as conn:
-        conn.execute("UPDATE runs SET project_dir = ?", (str(project),))
     monkeypatch.chdir(project)
     url = postgres_server(request) + f"?schema=t_{os.urandom(6).hex()}"
     before = json.loads(runex_cli("runs", "--json", cwd=project, check=True).stdout)

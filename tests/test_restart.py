@@ -13,7 +13,16 @@ import pytest
 from runex import Runex, reaper, trace
 from runex.identity import BOOT_ID, alive, holder, my_start, process_start
 
-from .conftest import TESTS, claim, finish, runex_cli, show, work_pipeline, write
+from .conftest import (
+    TESTS,
+    claim,
+    finish,
+    home_of_fixture,
+    runex_cli,
+    show,
+    work_pipeline,
+    write,
+)
 
 
 def slow_reaper(project):
@@ -162,15 +171,8 @@ def test_a_home_of_ledger_schema_3_opens_and_keeps_working(tmp_path, monkeypatch
     """tests/fixtures/home-schema-3: written before each fact was kept once (trace events in
     the ledger too, partitions with a rowid, no counts). Its history, fires and queued run
     are all there after the upgrade, and the queued run goes on."""
-    fixture = TESTS / "fixtures" / "home-schema-3"
-    project = tmp_path / "fx"  # where the project was: its runs recorded /tmp/fx
-    shutil.copytree(fixture / "project", project)
+    project = home_of_fixture("home-schema-3", tmp_path)
     home = project / ".runex"
-    home.mkdir()
-    for name in ("ledger.db", "queue.db", "traces"):
-        (shutil.copytree if name == "traces" else shutil.copy)(fixture / name, home / name)
-    with sqlite3.connect(home / "ledger.db") as conn:
-        conn.execute("UPDATE runs SET project_dir = ?", (str(project),))
     monkeypatch.chdir(project)
     runs = json.loads(runex_cli("runs", "--json", cwd=project, check=True).stdout)
     assert [(r["pipeline"], r["status"], r["records_out"]) for r in runs] == [
@@ -213,15 +215,8 @@ def test_a_home_of_ledger_schema_4_opens_and_keeps_working(tmp_path, monkeypatch
     """tests/fixtures/home-schema-4: written before runs recorded the code they were
     submitted with. Its history is all there after the upgrade; its queued run goes on (its
     code unknown: not checked); a new run records its code, and its attempts ran that code."""
-    fixture = TESTS / "fixtures" / "home-schema-4"
-    project = tmp_path / "fx"  # where the project was: its runs recorded /tmp/fx
-    shutil.copytree(fixture / "project", project)
+    project = home_of_fixture("home-schema-4", tmp_path)
     home = project / ".runex"
-    home.mkdir()
-    for name in ("ledger.db", "queue.db", "traces"):
-        (shutil.copytree if name == "traces" else shutil.copy)(fixture / name, home / name)
-    with sqlite3.connect(home / "ledger.db") as conn:
-        conn.execute("UPDATE runs SET project_dir = ?", (str(project),))
     monkeypatch.chdir(project)
     runs = json.loads(runex_cli("runs", "--json", cwd=project, check=True).stdout)
     assert [(r["pipeline"], r["status"], r["records_out"]) for r in runs] == [
