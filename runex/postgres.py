@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from runex import trace
 from runex.errors import ConfigError, StorageError, Unreachable
 
 SCHEMA = "runex"  # where runex's tables go, unless the URL says `?schema=NAME`
@@ -300,6 +299,8 @@ def reconnecting(connect: Callable[[], Any], patience: float) -> Any:
         except Unreachable:
             if time.monotonic() + pause > deadline:
                 raise
+            from runex import trace  # noqa: PLC0415 - structlog; `runex.project` imports this
+
             trace.logger().warning("database.unreachable", retry_in=round(pause, 1))
             time.sleep(pause)
             pause = min(5.0, pause * 2)

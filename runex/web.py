@@ -107,13 +107,10 @@ class Dashboard:
         for pipeline, status, n in ledger.runs_by_status():
             runs.setdefault(pipeline, {})[status] = n
         oldest = ledger.oldest_queued()
-        hosts: dict[str, int] = {}
-        for c in ledger.consumers():
-            hosts[c["host"]] = hosts.get(c["host"], 0) + 1
         return {"runs": runs, "partitions": ledger.partitions_by_status(),
                 "queue_depth": sum(ledger.queued_counts().values()),
                 "oldest_queued_seconds": None if oldest is None else now - oldest,
-                "consumers": hosts,
+                "consumers": consumers_by_host(ledger),
                 "failures": [{"id": r["id"], "pipeline": r["pipeline"], "error": r["error"],
                               "finished_at": r["finished_at"]}
                              for r in self.rx.runs(10, status="failed")],
@@ -195,11 +192,8 @@ class Dashboard:
         out.family("runex_queue_oldest_age_seconds", "gauge", "How long the partition queued "
                    "longest ago has waited (0: none queued).",
                    [({}, 0 if oldest is None else max(0.0, time.time() - oldest))])
-        hosts: dict[str, int] = {}
-        for c in ledger.consumers():
-            hosts[c["host"]] = hosts.get(c["host"], 0) + 1
         out.family("runex_consumers", "gauge", "Consumers (runex worker) recorded as running, "
-                   "by host.", [({"host": h}, n) for h, n in sorted(hosts.items())])
+                   "by host.", [({"host": h}, n) for h, n in consumers_by_host(ledger).items()])
         out.family("runex_recovered", "counter", "Attempts declared lost (their worker died) "
                    "and recovered.", [({}, sum(n for _, s, n in outcomes if s == "lost"))])
         last, upcoming = [], []
@@ -309,6 +303,14 @@ class Exposition:
         return "\n".join(self.lines) + "\n"
 
 
+def consumers_by_host(ledger: Any) -> dict[str, int]:
+    """How many consumers the ledger records as running on each host."""
+    hosts: dict[str, int] = {}
+    for c in ledger.consumers():
+        hosts[c["host"]] = hosts.get(c["host"], 0) + 1
+    return dict(sorted(hosts.items()))
+
+
 def labels(values: dict[str, str]) -> str:
     if not values:
         return ""
@@ -382,14 +384,10 @@ class Request(BaseHTTPRequestHandler):
             if parts.path == prefix or (prefix.endswith("/") and
                                         parts.path.startswith(prefix)):
                 rest = parts.path[len(prefix):].strip("/")
-                try:
-                    kind, body = handler(rest, query)
-                except NotFound as exc:
-                    self._plain(HTTPStatus.NOT_FOUND, str(exc))
+                answer = self._answer(handler, rest, query)
+                if answer is None:
                     return
-                except (ValueError, UsageError) as exc:
-                    self._plain(HTTPStatus.BAD_REQUEST, str(exc))
-                    return
+                kind, body = answer
                 self.send_response(HTTPStatus.OK)
                 self.send_header("Content-Type", kind)
                 if isinstance(body, list):
@@ -413,22 +411,28 @@ class Request(BaseHTTPRequestHandler):
             self._plain(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "a form is a few fields")
             return
         form = {k: v[-1] for k, v in parse_qs(self.rfile.read(length).decode()).items()}
-        try:
-            where = self.dashboard.act(urlsplit(self.path).path, form, self.client_address[0])
-        except PermissionError as exc:
-            code = (HTTPStatus.METHOD_NOT_ALLOWED if self.dashboard.read_only
-                    else HTTPStatus.FORBIDDEN)
-            self._plain(code, str(exc), allow="GET" if self.dashboard.read_only else None)
-            return
-        except NotFound as exc:
-            self._plain(HTTPStatus.NOT_FOUND, str(exc))
-            return
-        except (ValueError, UsageError) as exc:
-            self._plain(HTTPStatus.BAD_REQUEST, str(exc))
+        where = self._answer(self.dashboard.act, urlsplit(self.path).path, form,
+                             self.client_address[0])
+        if where is None:
             return
         self.send_response(HTTPStatus.SEE_OTHER)
         self.send_header("Location", where)
         self._end()
+
+    def _answer(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)`, or None once its error is answered: no such run 404, a refused action
+        403 (405 in a read-only dashboard), a bad parameter 400."""
+        try:
+            return fn(*args)
+        except PermissionError as exc:
+            read_only = self.dashboard.read_only
+            self._plain(HTTPStatus.METHOD_NOT_ALLOWED if read_only else HTTPStatus.FORBIDDEN,
+                        str(exc), allow="GET" if read_only else None)
+        except NotFound as exc:
+            self._plain(HTTPStatus.NOT_FOUND, str(exc))
+        except (ValueError, UsageError) as exc:
+            self._plain(HTTPStatus.BAD_REQUEST, str(exc))
+        return None
 
     def _refused(self) -> tuple[HTTPStatus, str] | None:
         """Why a request is refused (a Host that is not loopback on loopback, no token
