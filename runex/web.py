@@ -1,7 +1,8 @@
 """`runex web`: the ledger seen from a browser, as JSON, and as Prometheus metrics.
 
-Served by the standard library's HTTP server, one request at a time (a dashboard's load; and
-the ledger's one connection per process is never shared between threads), from the same
+Served by the standard library's HTTP server: each connection in a thread of its own (a
+browser opens some it leaves idle), the answers one at a time (a dashboard's load; the
+ledger's connection is used by one request at a time), from the same
 ledger the commands read, SQLite or PostgreSQL. Pages are drawn on the server, every string
 that comes from users or data escaped; the one stylesheet is runex's own, so a page needs
 nothing from elsewhere and works offline.
@@ -22,10 +23,11 @@ import ipaddress
 import json
 import secrets
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -75,6 +77,7 @@ class Dashboard:
         self.rx, self.host, self.port, self.token = rx, host, port, token
         self.read_only = read_only
         self.csrf = secrets.token_urlsafe(16)  # what every form carries back
+        self.lock = threading.Lock()  # one answer at a time
         self.actions = {"cancel": self.cancel, "retry": self.retry}
         self.routes: list[tuple[str, Callable[..., tuple[str, Iterable[str]]]]] = [
             ("/api/runs/", self.api_run), ("/api/runs", self.api_runs),
@@ -82,7 +85,7 @@ class Dashboard:
             ("/metrics", self.metrics), ("/runex.css", self.style),
             ("/runs/", self.page_run), ("/runs", self.page_runs), ("/", self.page_overview)]
 
-    def server(self) -> HTTPServer:
+    def server(self) -> ThreadingHTTPServer:
         """The server, bound (port 0: any free one, then `server.server_port`)."""
         dashboard = self
 
@@ -92,7 +95,8 @@ class Dashboard:
         Handler.dashboard = dashboard
         Handler.timeout = 30  # seconds a client may take to send its request
 
-        class Server(HTTPServer):
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
             address_family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
 
         return Server((self.host, self.port), Handler)
@@ -367,6 +371,10 @@ class Request(BaseHTTPRequestHandler):
     server_version = f"runex/{__version__}"
 
     def do_GET(self) -> None:  # noqa: N802 - the standard library's name
+        with self.dashboard.lock:
+            self._get()
+
+    def _get(self) -> None:
         refused = self._refused()
         if refused is not None:
             self._plain(*refused)
@@ -411,8 +419,9 @@ class Request(BaseHTTPRequestHandler):
             self._plain(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "a form is a few fields")
             return
         form = {k: v[-1] for k, v in parse_qs(self.rfile.read(length).decode()).items()}
-        where = self._answer(self.dashboard.act, urlsplit(self.path).path, form,
-                             self.client_address[0])
+        with self.dashboard.lock:
+            where = self._answer(self.dashboard.act, urlsplit(self.path).path, form,
+                                 self.client_address[0])
         if where is None:
             return
         self.send_response(HTTPStatus.SEE_OTHER)
