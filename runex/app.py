@@ -44,7 +44,7 @@ from runex.errors import (
 from runex.executor import execute
 from runex.finalizer import finalize_run
 from runex.identity import alive
-from runex.ledger import TERMINAL_RUN, Ledger, NewRun, new_run_id
+from runex.ledger import ALL_WORK, TERMINAL_RUN, Ledger, NewRun, new_run_id
 from runex.pipeline import Pipeline, Plan, check, load, parse_duration
 from runex.project import Project, chdir, cpu_count, load_profile, open_project
 from runex.registry import Registry
@@ -317,7 +317,12 @@ class Runex:
 
         The run goes ahead of what was queued before it (its priority is raised above theirs
         if need be): a worker takes other runs' partitions only while it has none of this
-        one's left to start, and the log says so, and what is left of them."""
+        one's left to start, and the log says so, and what is left of them. Refused while
+        all work is paused (`pause`)."""
+        pause = self.ledger.pauses().get(ALL_WORK)
+        if pause is not None:
+            raise UsageError(f"all work is paused (by {pause['source'] or 'someone'}): "
+                             "`runex resume` first, or `runex submit` to queue the run")
         if not isinstance(pipeline, Pipeline):
             pipeline = load(pipeline, params)
         ahead = self.ledger.highest_waiting_priority()
@@ -481,6 +486,38 @@ class Runex:
         tasks.enqueue(self.huey, run["id"], indexes, run["priority"])
         self.ledger.sync()
         return indexes
+
+    def pause(self, pipeline: str | None = None, source: str = "api") -> bool:
+        """Pause a scheduled pipeline (by name): its fire times are skipped, each recorded
+        with the reason, until `resume`. Without one, all work: consumers start no partition
+        (those running finish; submits and fires still queue runs). `source` says who asked
+        (`cli`, `web 127.0.0.1`...). False if it was paused already."""
+        if pipeline is not None and pipeline not in (
+                names := {s["pipeline"] for s in self.schedules() if s.get("schedule")}):
+            raise NotFound(f"no scheduled pipeline {pipeline!r} to pause"
+                           + (f" (scheduled: {', '.join(sorted(names))})" if names else "")
+                           + "; `runex schedules` lists them")
+        paused = self.ledger.pause(pipeline or ALL_WORK, source)
+        self.ledger.sync()
+        trace.logger(pipeline=pipeline).info("schedule.paused" if pipeline else "work.paused",
+                                             source=source, already=not paused)
+        return paused
+
+    def resume(self, pipeline: str | None = None, source: str = "api") -> bool:
+        """Resume a paused scheduled pipeline (its next fire time fires; those skipped while
+        paused stay skipped), or, without one, all work. False if it was not paused."""
+        resumed = self.ledger.resume(pipeline or ALL_WORK)
+        self.ledger.sync()
+        trace.logger(pipeline=pipeline).info(
+            "schedule.resumed" if pipeline else "work.resumed", source=source,
+            already=not resumed)
+        return resumed
+
+    def paused(self) -> dict[str, Any]:
+        """What is paused: `{"all": {paused_at, source} or None, "schedules": {pipeline:
+        {paused_at, source}}}`."""
+        pauses = self.ledger.pauses()
+        return {"all": pauses.pop(ALL_WORK, None), "schedules": pauses}
 
     def _partition_index(self, run_id: str, ref: int | str) -> int:
         """A partition by its key (as `show` prints it, or the plain string) or its index."""

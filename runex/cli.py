@@ -286,7 +286,7 @@ def schedules(as_json: bool, home: str | None, extension_dirs: tuple[str, ...]) 
         dump(rows)
         return
     table([[r.get("pipeline"), r.get("schedule"), r.get("timezone"),
-            ", ".join(r.get("next", [])[:2]) or None,
+            "paused" if r.get("paused") else ", ".join(r.get("next", [])[:2]) or None,
             (f"{r['last']['fire_time']} {r['last']['run_status'] or r['last']['status']}"
              if r.get("last") else None)] for r in rows if not r["error"]],
           ["PIPELINE", "SCHEDULE", "TZ", "NEXT", "LAST"])
@@ -505,6 +505,40 @@ def cancel(run_ref: str, as_json: bool, home: str | None, extension_dirs: tuple[
     click.echo(f"run {result['run_id']}: {plural(result['cancelled'], 'queued partition')} "
                f"cancelled, {result['running']} running will stop at their next batch; "
                f"status {result['status']}")
+
+
+@cli.command()
+@click.argument("pipeline", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@project_options
+def pause(pipeline: str | None, as_json: bool, home: str | None,
+          extension_dirs: tuple[str, ...]) -> None:
+    """Pause a scheduled PIPELINE (by name: its fire times are skipped until `resume`), or,
+    without one, all work: workers finish what they run and start nothing else."""
+    pause_or_resume("pause", pipeline, as_json, home, extension_dirs)
+
+
+@cli.command()
+@click.argument("pipeline", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@project_options
+def resume(pipeline: str | None, as_json: bool, home: str | None,
+           extension_dirs: tuple[str, ...]) -> None:
+    """Resume a paused scheduled PIPELINE, or, without one, all work."""
+    pause_or_resume("resume", pipeline, as_json, home, extension_dirs)
+
+
+def pause_or_resume(action: str, pipeline: str | None, as_json: bool, home: str | None,
+                    extension_dirs: tuple[str, ...]) -> None:
+    rx = open_runex(home, extension_dirs)
+    rx.trace_to_home(console=False)
+    changed = getattr(rx, action)(pipeline, source="cli")
+    if as_json:
+        dump({"pipeline": pipeline, action + "d": changed})
+        return
+    what = f"schedule {pipeline}" if pipeline else "all work"
+    click.echo(f"{what} {action}d" if changed else
+               f"{what} was {'already paused' if action == 'pause' else 'not paused'}")
 
 
 @cli.command()

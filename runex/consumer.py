@@ -22,10 +22,12 @@ from huey.consumer import ConsumerStopped, Scheduler, Worker
 
 from runex import huey_private, reaper, trace
 from runex.errors import DiskFull, Unreachable
+from runex.ledger import ALL_WORK
 from runex.reserve import Reserve, free_bytes
 from runex.worker import Running, WorkerState
 
 DISK_CHECK = 1.0  # seconds between looks at the home's reserve (a stat) while it is full
+PAUSE_CHECK = 1.0  # seconds between looks at the ledger for a pause of all work
 
 
 def start_child(huey: Any, consumer: int) -> None:
@@ -43,11 +45,12 @@ def start_child(huey: Any, consumer: int) -> None:
 
 class RunexWorker(Worker):
     """huey's worker, waiting for the queue file to change rather than polling it, and
-    taking nothing while the disk under the home is full."""
+    taking nothing while the disk under the home is full or all work is paused."""
 
     state: WorkerState | None = None  # the consumer's, given before the fork
     slots: Any = None  # the consumer's shared `worker.Running` slots, and this one's
     slot = 0
+    paused: Any = None  # the consumer's shared flag: all work is paused
     consumer_pid = 0
 
     def initialize(self) -> None:
@@ -66,6 +69,9 @@ class RunexWorker(Worker):
     def loop(self, now: Any = None) -> None:
         if not self.reserve.ok():  # the consumer makes it again once there is room
             self.stop_flag.wait(DISK_CHECK)
+            return
+        if self.paused is not None and self.paused.value:  # partitions wait in the queue
+            self.stop_flag.wait(PAUSE_CHECK)
             return
         try:
             if self.state is not None:  # what a full disk or a database away kept, first
@@ -108,6 +114,8 @@ class RunexConsumer(huey_private.ProcessHook):
         # What each worker runs, and until when (see `worker.Running`): made before the
         # workers are, and shared with them through the fork.
         self.slots = multiprocessing.RawArray("d", 3 * options.get("workers", 1))
+        self.paused = multiprocessing.RawValue("b", 0)  # see `_watch_pause`
+        self.pause_told = False
         self.state = state
         super().__init__(huey, **options)
         self.home = huey.storage.home
@@ -120,6 +128,7 @@ class RunexConsumer(huey_private.ProcessHook):
         # [seconds, job, next run, runs while the disk is full]
         self.jobs = [[DISK_CHECK, self._watch_disk, 0.0, True],
                      [1.0, self._kill_overdue, 0.0, False],
+                     *([[PAUSE_CHECK, self._watch_pause, 0.0, False]] if state else []),
                      *([every, job, 0.0, False] for every, job in jobs)]
         if stop_when is not None:  # short-lived (burst, `run`): notice the end sooner
             self.jobs.append([check_every, self._stop_if(stop_when), 0.0, True])
@@ -129,6 +138,8 @@ class RunexConsumer(huey_private.ProcessHook):
         """Fork the workers, with what is loaded so far kept out of the collector's reach:
         its pages stay shared with the workers (copy-on-write) instead of being touched by
         every collection in each of them."""
+        if self.state is not None:  # paused from the start: no worker takes anything
+            self.paused.value = 1 if ALL_WORK in self.state.ledger.pauses() else 0
         gc.freeze()
         super().start()
         if self.state is not None:
@@ -168,7 +179,7 @@ class RunexConsumer(huey_private.ProcessHook):
         workers and scheduler, whose child it is."""
         process.consumer_pid = os.getpid()
         if isinstance(process, RunexWorker):
-            process.state = self.state
+            process.state, process.paused = self.state, self.paused
             process.slots, process.slot = self.slots, int(name.rsplit("-", 1)[1]) - 1
 
     def _kill_overdue(self) -> None:
@@ -187,6 +198,27 @@ class RunexConsumer(huey_private.ProcessHook):
                 proc.join(10)
 
             reaper.kill_overdue(self.state, proc.pid, int(index), int(attempt), kill)
+
+    def _watch_pause(self) -> None:
+        """While all work is paused (`runex pause`), workers take nothing from the queue;
+        what they run goes on to its end. Said once when it pauses and when it resumes. A
+        short-lived consumer (`stop_on_full`: burst, `runex run`) stops instead."""
+        pause = self.state.ledger.pauses().get(ALL_WORK)
+        self.paused.value = 1 if pause else 0
+        if bool(pause) == self.pause_told:
+            return
+        self.pause_told = bool(pause)
+        if pause:
+            message = (f"all work is paused (by {pause['source'] or 'someone'}): running "
+                       "partitions finish, no other starts until `runex resume`")
+            trace.logger().warning("work.paused", source=pause["source"], message=message)
+        else:
+            message = "all work is resumed"
+            trace.logger().warning("work.resumed", message=message)
+        trace.tell_operator(message)
+        if pause and self.stop_on_full:
+            self.stop(graceful=True)
+            raise ConsumerStopped
 
     def _watch_disk(self) -> None:
         """While the home's reserve is missing (the disk is full), workers take nothing; make

@@ -227,7 +227,16 @@ SCHEMA = [
         "ALTER TABLE runs ADD COLUMN code TEXT",
         "ALTER TABLE runs ADD COLUMN finalizer_until REAL",
     ],
+    # version 6: what is paused: a scheduled pipeline (by name: its fire times are skipped)
+    # or all work (ALL_WORK: consumers start no partition), since when and by whom
+    [
+        """CREATE TABLE pauses (
+            target TEXT PRIMARY KEY,
+            paused_at REAL NOT NULL,
+            source TEXT)""",
+    ],
 ]
+ALL_WORK = "*"  # the target of a pause of all work
 
 
 def new_run_id() -> str:
@@ -575,6 +584,22 @@ class Ledger:
                 "WHERE fires.status = 'waiting'",
                 (pipeline, fire_time, status, reason, time.time()))
             return cur.rowcount == 1
+
+    def pause(self, target: str, source: str | None = None) -> bool:
+        """Pause a scheduled pipeline, or all work (`ALL_WORK`); False if it was paused."""
+        with self.tx() as conn:
+            return conn.execute("INSERT INTO pauses (target, paused_at, source) VALUES "
+                                "(?, ?, ?) ON CONFLICT DO NOTHING",
+                                (target, time.time(), source)).rowcount == 1
+
+    def resume(self, target: str) -> bool:
+        """Resume what `pause` paused; False if it was not paused."""
+        with self.tx() as conn:
+            return conn.execute("DELETE FROM pauses WHERE target = ?", (target,)).rowcount == 1
+
+    def pauses(self) -> dict[str, dict[str, Any]]:
+        """What is paused: {target: {paused_at, source}}."""
+        return {r.pop("target"): r for r in self._rows("SELECT * FROM pauses")}
 
     def waiting_fires(self) -> list[tuple[str, str]]:
         return self.conn.execute("SELECT pipeline, fire_time FROM fires WHERE status = "
@@ -1167,7 +1192,8 @@ class Ledger:
 
     # What `copy_into` copies, in this order (a run before its partitions); consumers are
     # not history: those of the new ledger register as they start.
-    HISTORY = ("runs", "partitions", "attempts", "run_counts", "schedules", "fires", "pruning")
+    HISTORY = ("runs", "partitions", "attempts", "run_counts", "schedules", "fires", "pruning",
+               "pauses")
 
     def copy_into(self, target: Ledger, batch: int = 5000) -> dict[str, int]:
         """Copy this ledger's history (runs with their partitions, attempts and counts;

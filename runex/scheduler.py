@@ -9,7 +9,7 @@ consumers, a restart inside a minute, or a clock stepped back never fire a time 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,11 +68,13 @@ class Scheduler:
             if entry.schedule is not None:
                 entries.append(entry)
         by_name = {e.pipeline.name: e for e in entries}
+        paused = self.ledger.pauses()
         created = [run_id for name, fire_time in self.ledger.waiting_fires()
-                   if name in by_name and (run_id := self._promote(by_name[name], fire_time))]
+                   if name in by_name and name not in paused
+                   and (run_id := self._promote(by_name[name], fire_time))]
         for entry in entries:
             for fire_time in self.due(entry, now):
-                run_id = self.fire(entry, fire_time)
+                run_id = self.fire(entry, fire_time, paused)
                 if run_id:
                     created.append(run_id)
         return created
@@ -97,12 +99,21 @@ class Scheduler:
             times = [t for t in times if now - t <= MISSED_AFTER]
         return times
 
-    def fire(self, entry: Entry, fire_time: dt.datetime) -> str | None:
+    def fire(self, entry: Entry, fire_time: dt.datetime, paused: Container[str] = ()
+             ) -> str | None:
+        """Fire `entry` at `fire_time`, unless another consumer did; a time that comes while
+        the schedule is `paused`, or while its last run is going and it may not overlap, is
+        recorded as skipped (or waiting) with the reason."""
         pipeline, ledger = entry.pipeline, self.ledger
         name, when = pipeline.name, iso(fire_time)
         if ledger.fire(name, when) is not None:
             return None  # another consumer fired it
         log = trace.logger(pipeline=name, fire_time=when)
+        if name in paused:
+            reason = "the schedule was paused"
+            log.info("schedule.skipped", reason=reason)
+            ledger.record_fire(name, when, "skipped", reason)
+            return None
         active = ledger.active_run(name)
         if active is not None and pipeline.options.overlap != "allow":
             status = "skipped" if pipeline.options.overlap == "skip" else "waiting"
@@ -134,8 +145,10 @@ class Scheduler:
 
     def listing(self, now: dt.datetime | None = None, upcoming: int = 3) -> list[dict]:
         """What `runex schedules` shows: each pipeline file with its schedule, next fire
-        times, last fire and its run's status, or its error."""
+        times, last fire and its run's status, whether it is paused (since when, by whom), or
+        its error."""
         now = now or dt.datetime.now(UTC)
+        paused = self.ledger.pauses()
         rows = []
         for entry in self.scan():
             row = {"file": display_path(str(entry.path)), "error": entry.error}
@@ -148,7 +161,8 @@ class Scheduler:
                     schedule=entry.schedule.expression, timezone=options.timezone,
                     catchup=options.catchup, overlap=options.overlap,
                     next=[iso(t) for t in entry.schedule.after(now, upcoming)],
-                    last=last[0] if last else None)
+                    last=last[0] if last else None,
+                    paused=paused.get(entry.pipeline.name))
             if entry.error or entry.schedule is not None:
                 rows.append(row)
         return rows

@@ -24,6 +24,7 @@ from .conftest import (
     ledger_rows,
     runex_cli,
     show,
+    traced,
     work_pipeline,
     write,
 )
@@ -192,6 +193,37 @@ def test_cancel_stops_a_running_partition_at_its_next_batch(project):
         stop(proc)
     (status, records_in), = ledger(project, "SELECT status, records_in FROM attempts")
     assert status == "cancelled" and records_in < 100
+
+
+@pytest.mark.slow
+def test_pausing_all_work_lets_the_running_partition_finish_and_starts_no_other(project):
+    make(project, stop=30, size=10, pause=0.2)  # 3 partitions of 2 s: the pause
+    # is seen (within a second) while the first runs
+    run_id = runex_cli("submit", "pipelines/p.toml", cwd=project, check=True).stdout.strip()
+    proc = consumer(project)
+    try:
+        wait_for(lambda: running_pid(project))
+        assert runex_cli("pause", cwd=project, check=True).stdout == "all work paused\n"
+        assert "already paused" in runex_cli("pause", cwd=project, check=True).stdout
+        wait_for(lambda: progress(project, run_id) == {"succeeded": 1, "queued": 2})
+        time.sleep(2.5)  # two looks at the pause: still nothing taken
+        assert progress(project, run_id) == {"succeeded": 1, "queued": 2}
+        refused = runex_cli("run", "pipelines/p.toml", cwd=project)  # it would wait forever
+        assert refused.returncode == 2 and "all work is paused (by cli)" in refused.stderr
+        assert runex_cli("resume", cwd=project, check=True).stdout == "all work resumed\n"
+        wait_for(lambda: progress(project, run_id) == {"succeeded": 3})
+    finally:
+        stop(proc)
+    stderr = proc.stderr.read().decode()
+    assert "all work is paused (by cli)" in stderr and "all work is resumed" in stderr
+    events = [e["event"] for e in traced(project) if e["event"].startswith("work.")]
+    assert events == ["work.paused", "work.paused", "work.paused", "work.resumed",
+                      "work.resumed"]  # asked (twice), seen by the consumer, asked, seen
+
+
+def progress(project, run_id):
+    return dict(ledger(project, "SELECT status, n FROM run_counts WHERE run_id = ? AND n > 0",
+                       (run_id,)))
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ import pytest
 
 from runex import Runex, reaper, trace
 from runex.identity import BOOT_ID, alive, holder, my_start, process_start
+from runex.ledger import SCHEMA
 
 from .conftest import (
     TESTS,
@@ -119,7 +120,7 @@ def test_a_home_written_by_runex_0_1_opens_and_keeps_working(project):
     assert old["records_out"] == 43 and [p["status"] for p in old["partitions"]] == [
         "succeeded", "succeeded"]
     with sqlite3.connect(project / ".runex" / "ledger.db") as conn:
-        assert conn.execute("PRAGMA user_version").fetchone() == (5,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (len(SCHEMA),)
         assert conn.execute("SELECT boot_id FROM attempts").fetchall() == [(None,)] * 4
     work_pipeline(project, stop=20)
     run_id = runex_cli("submit", "pipelines/p.toml", cwd=project, check=True).stdout.strip()
@@ -179,7 +180,7 @@ def test_a_home_of_ledger_schema_3_opens_and_keeps_working(tmp_path, monkeypatch
         ("example", "queued", 0), ("daily", "succeeded", 43), ("broken", "failed", 0),
         ("example", "succeeded", 43)]
     with sqlite3.connect(home / "ledger.db") as conn:
-        assert conn.execute("PRAGMA user_version").fetchone() == (5,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (len(SCHEMA),)
         assert conn.execute("PRAGMA auto_vacuum").fetchone() == (0,)  # rewritten when idle
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
         counts = conn.execute("SELECT status, SUM(n) FROM run_counts GROUP BY status "
@@ -223,7 +224,7 @@ def test_a_home_of_ledger_schema_4_opens_and_keeps_working(tmp_path, monkeypatch
         ("example", "queued", 0), ("daily", "succeeded", 43), ("broken", "failed", 0),
         ("example", "succeeded", 43)]
     with sqlite3.connect(home / "ledger.db") as conn:
-        assert conn.execute("PRAGMA user_version").fetchone() == (5,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (len(SCHEMA),)
         assert conn.execute("SELECT COUNT(*) FROM runs WHERE code IS NULL").fetchone() == (4,)
     runex_cli("worker", "--burst", "-w", "1", cwd=project, check=True)  # the queued run
     done = json.loads(runex_cli("show", runs[0]["id"], "--json", cwd=project,
@@ -239,3 +240,28 @@ def test_a_home_of_ledger_schema_4_opens_and_keeps_working(tmp_path, monkeypatch
     assert run["status"] == "succeeded" and ran == {code["version"]}
     assert set(code["files"]) == {"extensions/example.py", "runex/builtins/files.py",
                                   "runex/builtins/sqlite.py"}
+
+
+@pytest.mark.slow
+def test_a_home_of_ledger_schema_5_opens_and_its_schedules_can_be_paused(tmp_path, monkeypatch):
+    """tests/fixtures/home-schema-5: written before anything could be paused. Its history
+    is all there after the upgrade; its daily schedule pauses and resumes; its queued run
+    waits while all work is paused and goes on once resumed."""
+    project = home_of_fixture("home-schema-5", tmp_path)
+    monkeypatch.chdir(project)
+    runs = json.loads(runex_cli("runs", "--json", cwd=project, check=True).stdout)
+    assert [(r["pipeline"], r["status"], r["records_out"]) for r in runs] == [
+        ("example", "queued", 0), ("daily", "succeeded", 43), ("broken", "failed", 0),
+        ("example", "succeeded", 43)]
+    with sqlite3.connect(project / ".runex" / "ledger.db") as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (len(SCHEMA),)
+    runex_cli("pause", "daily", cwd=project, check=True)
+    schedules = json.loads(runex_cli("schedules", "--json", cwd=project, check=True).stdout)
+    assert schedules[0]["paused"]["source"] == "cli"
+    assert schedules[0]["last"]["fire_time"] == "2026-11-26T06:00:00Z"  # the fire it had
+    runex_cli("pause", cwd=project, check=True)
+    runex_cli("worker", "--burst", "-w", "1", cwd=project, check=True)  # takes nothing
+    assert Runex().show(runs[0]["id"]).status == "queued"
+    runex_cli("resume", cwd=project, check=True)
+    runex_cli("worker", "--burst", "-w", "1", cwd=project, check=True)
+    assert Runex().show(runs[0]["id"]).status == "succeeded"

@@ -14,6 +14,7 @@ import pytest
 
 from runex import PipelineError, Runex
 from runex.cron import Schedule
+from runex.errors import NotFound
 from runex.pipeline import from_mapping
 from runex.scheduler import fire_times
 
@@ -120,6 +121,31 @@ def test_overlap_with_a_run_still_going(project, overlap):
         assert [rx.ledger.run(r)["scheduled_for"] for r in promoted] == ["2026-11-27T12:10:00Z"]
     else:
         assert promoted == []
+
+
+def test_a_paused_schedule_skips_its_fire_times_with_the_reason_until_resumed(project):
+    scheduled(project, 'every = "10m"')
+    scheduled(project, 'every = "10m"', name="other", path='"out/other"')
+    rx = Runex()
+    scheduler = rx.scheduler()
+    scheduler.tick(at(-5))
+    assert rx.pause("p", source="test") is True and rx.pause("p") is False
+    assert [s.get("paused", {}) and s["paused"]["source"] for s in rx.schedules()] == [
+        None, "test"]  # other, p
+    fired = scheduler.tick(at(0, 1))
+    assert [rx.ledger.run(r)["pipeline"] for r in fired] == ["other"]  # the others go on
+    fire = rx.ledger.fire("p", "2026-11-27T12:00:00Z")
+    assert (fire["status"], fire["reason"]) == ("skipped", "the schedule was paused")
+    assert scheduler.tick(at(0, 30)) == []  # once per fire time
+    assert rx.resume("p") is True and rx.resume("p") is False
+    assert [rx.ledger.run(r)["scheduled_for"] for r in scheduler.tick(at(10, 1))
+            if rx.ledger.run(r)["pipeline"] == "p"] == ["2026-11-27T12:10:00Z"]
+    with pytest.raises(NotFound, match="no scheduled pipeline 'nope' to pause"):
+        rx.pause("nope")
+    events = [(e["event"], e.get("source")) for e in traced(project)
+              if e["event"].startswith("schedule.") and e.get("pipeline") == "p"]
+    assert events[:2] == [("schedule.paused", "test"), ("schedule.paused", "api")]
+    assert ("schedule.skipped", None) in events and ("schedule.resumed", "api") in events
 
 
 def test_fire_time_fills_parameters(project):
