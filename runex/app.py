@@ -531,14 +531,14 @@ class Runex:
                        "them with their index and key")
 
     def runs(self, limit: int = 20, status: str | None = None, pipeline: str | None = None,
-             since: dt.datetime | str | None = None) -> list[dict[str, Any]]:
+             since: dt.datetime | str | None = None, offset: int = 0) -> list[dict[str, Any]]:
         """The newest runs (of one `status`, one `pipeline`, created `since`: a time, or a
         string such as `2026-11-01`, `2026-11-01T06:00`, or `30m`, `2h`, `7d` back from now),
-        newest first, each as `runex runs --json` prints it: the run without its partitions,
-        with the `seconds` it took (or so far)."""
+        newest first, after the first `offset`, each as `runex runs --json` prints it: the
+        run without its partitions, with the `seconds` it took (or so far)."""
         if isinstance(since, str):
             since = since_time(since)
-        rows = self.ledger.runs(limit, status, pipeline, since and since.timestamp())
+        rows = self.ledger.runs(limit, status, pipeline, since and since.timestamp(), offset)
         for row in rows:
             del row["spec"]
             _public(row)
@@ -570,6 +570,15 @@ class Runex:
         items.sort(key=lambda i: (i["kind"], i["name"]))
         return {"extensions": items, "errors": [str(e) for e in reg.errors],
                 "folders": [str(d) for d in self.project.extension_dirs]}
+
+    def workers(self) -> dict[str, Any]:
+        """The consumers (`runex worker`, `runex run`) recorded as running, each with its
+        host, pid, worker processes and start time, and the attempts running now (what each
+        worker process runs: run, partition, pid, since when), oldest first."""
+        running = self.ledger.running_work()
+        for a in running:
+            a["key"] = json.loads(a["key"])
+        return {"consumers": self.ledger.consumers(), "running": running}
 
     def validate(self, pipeline: str | os.PathLike | Pipeline, params: Sequence[str] = ()
                  ) -> Plan:

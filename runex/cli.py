@@ -528,6 +528,23 @@ def resume(pipeline: str | None, as_json: bool, home: str | None,
     pause_or_resume("resume", pipeline, as_json, home, extension_dirs)
 
 
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@project_options
+def workers(as_json: bool, home: str | None, extension_dirs: tuple[str, ...]) -> None:
+    """The consumers running on this home (every host), and what their workers run now."""
+    found = open_runex(home, extension_dirs).workers()
+    if as_json:
+        dump(found)
+        return
+    table([[c["host"], c["pid"], c["workers"], when(c["started_at"])]
+           for c in found["consumers"]], ["HOST", "PID", "WORKERS", "SINCE"])
+    click.echo()
+    table([[a["host"], a["pid"], a["run_id"], a["pipeline"], a["idx"], json.dumps(a["key"]),
+            a["attempt"], when(a["started_at"])] for a in found["running"]],
+          ["HOST", "PID", "RUN", "PIPELINE", "PARTITION", "KEY", "ATTEMPT", "SINCE"])
+
+
 def pause_or_resume(action: str, pipeline: str | None, as_json: bool, home: str | None,
                     extension_dirs: tuple[str, ...]) -> None:
     rx = open_runex(home, extension_dirs)

@@ -750,6 +750,14 @@ class Ledger:
         return self._rows("SELECT run_id, idx, attempt, host, pid, pid_started, boot_id, "
                           f"lease_until FROM attempts WHERE {RUNNING}")
 
+    def running_work(self) -> list[dict[str, Any]]:
+        """The attempts running now with their pipeline and partition key, oldest first."""
+        return self._rows(
+            "SELECT a.run_id, r.pipeline, a.idx, p.key, a.attempt, a.host, a.pid, "
+            "a.started_at, a.lease_until FROM (SELECT * FROM attempts WHERE "
+            f"{RUNNING}) a JOIN partitions p ON p.run_id = a.run_id AND p.idx = a.idx "
+            "JOIN runs r ON r.id = a.run_id ORDER BY a.started_at")
+
     # -- consumers ---------------------------------------------------------------------
 
     def add_consumer(self, host: str, pid: int, pid_started: str | None, boot_id: str | None,
@@ -1088,8 +1096,9 @@ class Ledger:
         return rows[0]
 
     def runs(self, limit: int = 20, status: str | None = None, pipeline: str | None = None,
-             since: float | None = None) -> list[dict[str, Any]]:
-        """The newest runs, newest first: of one `status`, one `pipeline`, created since."""
+             since: float | None = None, offset: int = 0) -> list[dict[str, Any]]:
+        """The newest runs, newest first: of one `status`, one `pipeline`, created since;
+        after the first `offset` of them."""
         where, params = [], []
         for clause, value in (("status = ?", status), ("pipeline = ?", pipeline),
                               ("created_at >= ?", since)):
@@ -1097,8 +1106,8 @@ class Ledger:
                 where.append(clause)
                 params.append(value)
         sql = " WHERE " + " AND ".join(where) if where else ""
-        return self._rows(f"SELECT * FROM runs{sql} ORDER BY created_at DESC LIMIT ?",
-                          (*params, limit))
+        return self._rows(f"SELECT * FROM runs{sql} ORDER BY created_at DESC LIMIT ? "
+                          "OFFSET ?", (*params, limit, offset))
 
     def partitions(self, run_id: str, after: int = -1, limit: int | None = None,
                    status: str | None = None, unsettled: bool = False
@@ -1152,10 +1161,12 @@ class Ledger:
 
     # -- what the dashboard and the metrics read ----------------------------------------
 
-    def runs_by_status(self) -> list[tuple[str, str, int]]:
-        """(pipeline, status, runs) for every pipeline and status the ledger holds."""
-        return self.conn.execute("SELECT pipeline, status, COUNT(*) FROM runs GROUP BY "
-                                 "pipeline, status ORDER BY pipeline, status").fetchall()
+    def runs_by_status(self, since: float | None = None) -> list[tuple[str, str, int]]:
+        """(pipeline, status, runs) for every pipeline and status the ledger holds (of the
+        runs created `since` only)."""
+        return self.conn.execute(
+            "SELECT pipeline, status, COUNT(*) FROM runs WHERE created_at >= ? GROUP BY "
+            "pipeline, status ORDER BY pipeline, status", (since or 0,)).fetchall()
 
     def partitions_by_status(self) -> dict[str, int]:
         """Partitions of every run the ledger holds, by status (from the runs' counts)."""
@@ -1184,6 +1195,28 @@ class Ledger:
         return self.conn.execute(
             f"SELECT MIN(queued_at) FROM partitions WHERE {UNSETTLED} AND status = 'queued' "
             f"AND run_id IN (SELECT id FROM runs WHERE {OPEN_RUN})").fetchone()[0]
+
+    def partition_statuses(self, run_id: str) -> Iterator[tuple[int, str]]:
+        """(index, status) of each of the run's partitions, in index order, as read."""
+        return iter(self.conn.execute(
+            "SELECT idx, status FROM partitions WHERE run_id = ? ORDER BY idx", (run_id,)))
+
+    def finished_per_minute(self, since: float) -> dict[int, int]:
+        """{minute (Unix seconds // 60): partitions that ended in it} since `since`, read
+        from the partitions of the runs still going or over since then only."""
+        return dict(self.conn.execute(
+            "SELECT CAST(p.finished_at AS INTEGER) / 60 AS m, COUNT(*) FROM partitions p "
+            "WHERE p.finished_at >= ? AND p.run_id IN (SELECT id FROM runs WHERE "
+            f"finished_at >= ? OR ({OPEN_RUN})) GROUP BY m", (since, since)).fetchall())
+
+    def runs_over(self, since: float, limit: int = 500) -> list[dict[str, Any]]:
+        """Runs over since `since` (oldest first, the latest `limit`): pipeline, status,
+        times, partitions and records, for charts."""
+        return self._rows(
+            "SELECT * FROM (SELECT id, pipeline, status, started_at, finished_at, "
+            "partition_count, records_out FROM runs WHERE finished_at >= ? AND started_at IS "
+            "NOT NULL ORDER BY finished_at DESC LIMIT ?) AS r ORDER BY finished_at",
+            (since, limit))
 
     def newest_time(self) -> float | None:
         """The latest time the ledger holds (a run created or finished)."""

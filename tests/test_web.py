@@ -3,15 +3,17 @@
 import http.client
 import json
 import threading
+import zlib
+from urllib.parse import urlencode
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from runex import Runex
 from runex.errors import UsageError
-from runex.web import Dashboard
+from runex.web import COLOURS, Dashboard
 
-from .conftest import drain, runex_cli, write
+from .conftest import claim, drain, runex_cli, write
 
 pytestmark = pytest.mark.usefixtures("database")  # each test on SQLite and on PostgreSQL
 
@@ -38,6 +40,8 @@ def served(project):
     (project / "data" / f"{EVIL_NAME}.jsonl").write_text('{"name": "bad"}\n')
     write(project / "p.toml", '[source]\nuse = "jsonl"\npath = "data/*.jsonl"\n\n'
           '[[steps]]\nuse = "picky"\n\n[sink]\nuse = "null"\n\n[options]\nretries = 0\n')
+    write(project / "pipelines" / "nightly.toml", '[source]\nuse = "range"\nstop = 2\n\n'
+          '[sink]\nuse = "null"\n\n[options]\nschedule = "0 3 * * *"\n')
     rx = Runex()
     run_id = rx.submit("p.toml")
     drain(rx)
@@ -61,23 +65,66 @@ def get(port, path, headers=None, method="GET", body=None):
     return response, body
 
 
-def test_pages_show_runs_and_escape_what_comes_from_data(served):
+PAGES = ("/", "/runs", "/runs?pipeline=p&status=failed&since=1d", "/runs/{run}",
+         "/runs/{run}?partitions=all", "/runs/{run}/trace", "/schedules", "/workers",
+         "/extensions")
+
+
+def test_every_page_answers_and_escapes_what_comes_from_data(served):
     rx, port, run_id = served
-    for path in ("/", "/runs", f"/runs/{run_id}"):
-        response, body = get(port, path)
-        assert response.status == 200, body
+    for path in PAGES:
+        response, body = get(port, path.format(run=run_id))
+        assert response.status == 200, (path, body)
         assert response.getheader("Content-Type") == "text/html; charset=utf-8"
-        assert "Content-Security-Policy" in response.headers
+        assert "script-src 'self'" in response.getheader("Content-Security-Policy")
         assert response.getheader("X-Content-Type-Options") == "nosniff"
-        assert "<script>" not in body and "<img" not in body
+        assert EVIL not in body and EVIL_NAME not in body, path
+        assert body.count("<script") == 1 and '<script src="/runex.js" defer>' in body
+        assert "http://" not in body and "https://" not in body  # nothing from elsewhere
     _, overview = get(port, "/")
     assert "&lt;script&gt;alert(1)&lt;/script&gt; in bad" in overview  # the run's first error
     _, run_page = get(port, f"/runs/{run_id}")
     assert "data/&lt;img src=x onerror=alert(1)&gt;.jsonl" in run_page  # the key
-    assert 'class="failed"' in run_page and "pid " in run_page
-    response, css = get(port, "/runex.css")
-    assert response.status == 200 and "font" in css
+    assert 'class="failed"' in run_page and "pid " in run_page and "traceback" in run_page
+    assert "ValueError: &lt;script&gt;" in run_page  # in the traceback too, escaped
+    assert "picky " in run_page  # the time of its step
+    assert 'data-over="1"' in run_page and "Output: sink null" in run_page
+    _, trace_page = get(port, f"/runs/{run_id}/trace")
+    assert "run.submitted" in trace_page and "partition.failed" in trace_page
+    _, runs = get(port, "/runs?status=succeeded")
+    assert run_id not in runs
+    for path, kind, text in (("/runex.css", "text/css", "font"),
+                             ("/runex.js", "text/javascript", "fetch(")):
+        response, body = get(port, path)
+        assert response.getheader("Content-Type").startswith(kind) and text in body
     assert get(port, "/runs/no-such-run")[0].status == 404
+    assert get(port, "/nowhere")[0].status == 404
+
+
+def png_pixels(data):
+    """The rows of palette indexes of a PNG that `runex.web.png` wrote."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    chunks, at = {}, 8
+    while at < len(data):
+        size = int.from_bytes(data[at:at + 4], "big")
+        chunks[data[at + 4:at + 8]] = data[at + 8:at + 8 + size]
+        at += 12 + size
+    width, height = int.from_bytes(chunks[b"IHDR"][:4], "big"), int.from_bytes(
+        chunks[b"IHDR"][4:8], "big")
+    raw = zlib.decompress(chunks[b"IDAT"])
+    return [list(raw[y * (width + 1) + 1:(y + 1) * (width + 1)]) for y in range(height)]
+
+
+def test_a_runs_grid_is_a_png_of_its_partitions_by_status(served):
+    rx, port, run_id = served
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", f"/runs/{run_id}/grid.png", headers={"Host": f"127.0.0.1:{port}"})
+    response = conn.getresponse()
+    assert response.getheader("Content-Type") == "image/png"
+    pixels = png_pixels(response.read())
+    shades = ["none", *COLOURS]
+    # data/<img...>.jsonl sorts before data/ok.jsonl
+    assert [shades[i] for i in pixels[0]] == ["failed", "succeeded"]
 
 
 def test_the_api_answers_as_the_commands_json(served, project):
@@ -90,8 +137,21 @@ def test_the_api_answers_as_the_commands_json(served, project):
     shown = json.loads(runex_cli("show", run_id, "--json", cwd=project, check=True).stdout)
     assert json.loads(run) == shown
     assert response.getheader("Content-Length") is None  # streamed, a page at a time
+    for api, command in (("schedules", ["schedules"]), ("workers", ["workers"]),
+                         ("extensions", ["extensions"]), (f"runs/{run_id}/trace",
+                                                          ["trace", run_id])):
+        _, body = get(port, f"/api/{api}")
+        assert json.loads(body) == json.loads(
+            runex_cli(*command, "--json", cwd=project, check=True).stdout), api
     _, overview = get(port, "/api/overview")
-    assert json.loads(overview)["runs"] == {"p": {"failed": 1}}
+    overview = json.loads(overview)
+    assert overview["runs_24h"] == {"p": {"failed": 1}}
+    assert sum(overview["partitions_per_minute"]) == 2 and overview["paused"]["all"] is None
+    assert [r["id"] for r in overview["pipelines"]["p"]] == [run_id]
+    _, progress = get(port, f"/api/runs/{run_id}/progress")
+    assert json.loads(progress) == {"status": "failed", "over": True,
+                                    "counts": {"failed": 1, "succeeded": 1},
+                                    "text": "failed; partitions 1 failed, 1 succeeded"}
 
 
 def test_metrics_parse_with_the_prometheus_client_and_agree_with_the_ledger(served):
@@ -216,3 +276,61 @@ def test_a_queued_run_is_cancelled_from_its_page(served):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def post(port, dashboard, path, **fields):
+    response, _ = get(port, path, method="POST",
+                      body=urlencode({"csrf": dashboard.csrf, **fields}))
+    return response.status, response.getheader("Location")
+
+
+def test_a_schedule_is_run_now_paused_and_resumed_and_all_work_too(served, project):
+    from .conftest import traced
+
+    rx, _, _ = served
+    dashboard = rx.web(port=0)
+    server = serve(dashboard)
+    try:
+        port = server.server_port
+        _, page = get(port, "/schedules")
+        assert 'action="/schedules/nightly/run"' in page
+        assert 'action="/schedules/nightly/pause"' in page and "0 3 * * *" in page
+        assert post(port, dashboard, "/schedules/nightly/pause") == (303, "/schedules")
+        assert rx.paused()["schedules"]["nightly"]["source"] == "web 127.0.0.1"
+        _, page = get(port, "/schedules")
+        assert "paused since" in page and 'action="/schedules/nightly/resume"' in page
+        assert post(port, dashboard, "/schedules/nightly/resume") == (303, "/schedules")
+        assert rx.paused()["schedules"] == {}
+        status, where = post(port, dashboard, "/schedules/nightly/run")
+        (run,) = rx.runs(1, pipeline="nightly")
+        assert (status, where, run["status"]) == (303, f"/runs/{run['id']}", "queued")
+        assert post(port, dashboard, "/work/pause", back="/schedules") == (303, "/schedules")
+        _, overview = get(port, "/")
+        assert "All work is paused since" in overview and "by web 127.0.0.1" in overview
+        assert 'action="/work/resume"' in overview
+        assert post(port, dashboard, "/work/resume", back="https://elsewhere") == (303, "/")
+        assert rx.paused()["all"] is None
+        assert post(port, dashboard, "/schedules/nope/pause")[0] == 404
+        assert post(port, dashboard, "/work/stop")[0] == 404
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [(a["action"], a["client"]) for a in traced(project, "web.acted")] == [
+        ("pause", "127.0.0.1"), ("resume", "127.0.0.1"), ("run", "127.0.0.1"),
+        ("pause all work", "127.0.0.1"), ("resume all work", "127.0.0.1"),
+        ("pause", "127.0.0.1")]
+
+
+def test_the_workers_page_shows_consumers_and_what_runs_and_a_running_run_is_live(served):
+    rx, port, _ = served
+    run_id = rx.submit("p.toml")
+    claim(rx.ledger, run_id, 1)
+    rx.ledger.add_consumer("host-a", 4242, None, None, 2)
+    _, page = get(port, "/workers")
+    assert "host-a" in page and "4,242" in page
+    assert f'href="/runs/{run_id}"' in page and "1 &quot;data/ok.jsonl&quot;" in page
+    _, page = get(port, f"/runs/{run_id}")
+    assert 'data-over="0"' in page and f'data-progress="/api/runs/{run_id}/progress"' in page
+    assert "running; partitions 1 queued, 1 running" in page
+    _, overview = get(port, "/")
+    assert "host-a 1" in overview
