@@ -46,14 +46,21 @@ KERNEL = """
 KNOWN = ("/favicon.ico - Failed to load resource: the server responded with a status of 404",)
 
 
-@pytest.fixture
-def browser():
-    """Headless Chromium and its driver from this machine's packages. Selenium is given the
-    driver's path, so it never runs Selenium Manager (which would download a browser)."""
+def need_a_browser() -> tuple[str, str]:
+    """Chromium and its driver from this machine's packages, and Selenium: their paths, or a
+    skip (a failure under CI)."""
     chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
     require(chromium is not None and chromedriver is not None,
             "no chromium or chromedriver (apt-get install chromium chromium-driver)")
     require(webdriver is not None, "no selenium (pip install -e '.[test]')")
+    return chromium, chromedriver
+
+
+@pytest.fixture
+def browser():
+    """Headless Chromium. Selenium is given the driver's path, so it never runs Selenium
+    Manager (which would download a browser)."""
+    chromium, chromedriver = need_a_browser()
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for argument in ("--headless=new", "--no-sandbox",  # tests may run as root
@@ -152,3 +159,13 @@ def test_a_failed_partition_is_retried_from_the_browser_and_a_consumer_runs_it(p
     assert (run.status, run.counts) == ("succeeded", {"succeeded": 4})
     attempts = [a["status"] for a in next(p for p in run.partitions if p.index == 2).attempts]
     assert attempts == ["failed", "succeeded"]
+
+
+def test_scripts_screenshot_writes_the_pictures_of_the_readme(tmp_path):
+    need_a_browser()
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "screenshot"),
+                             str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.split() == [str(tmp_path / "overview.png"), str(tmp_path / "run.png")]
+    for name in ("overview.png", "run.png"):
+        assert (tmp_path / name).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
