@@ -4,6 +4,7 @@ layer over it, and so can a user's own script be."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import datetime as dt
 import functools
@@ -11,6 +12,7 @@ import itertools
 import json
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -232,11 +234,13 @@ class Runex:
                                 f"{type(exc).__name__}: {exc}") from exc
 
     def work(self, workers: int | None = None, profile: str | None = None, burst: bool = False,
-             until: Callable[[], bool] | None = None,
-             schedules: bool = True) -> consumer.RunexConsumer | None:
+             until: Callable[[], bool] | None = None, schedules: bool = True,
+             web: dict[str, Any] | None = None) -> consumer.RunexConsumer | None:
         """Process the queue with `workers` processes until stopped by a signal, or (`burst`)
         until nothing is queued or running, or until `until()` is true. With `schedules`
-        (not in burst mode), fire the project's scheduled pipelines when due. Blocks.
+        (not in burst mode), fire the project's scheduled pipelines when due. With `web`
+        (the arguments of `web`), serve the dashboard too, from a thread of the consumer
+        with its own connection to the ledger. Blocks.
         `workers=0` works in this process, without a consumer (for tests and notebooks),
         and needs `burst` or `until`. Returns the consumer it ran, if any."""
         stops = [f for f in (until, self._nothing_left if burst else None) if f]
@@ -262,7 +266,13 @@ class Runex:
                                reap_every=reap_every, jobs=jobs,
                                stop_when=(lambda: any(f() for f in stops)) if stops else None,
                                stop_on_full=bool(stops))
-        runner.run()
+        server = self._serve_beside(web) if web is not None else None
+        try:
+            runner.run()
+        finally:
+            if server is not None:
+                server.shutdown()
+                server.server_close()
         with contextlib.suppress(StorageError):  # done: the logs back to their small size
             retention.settle(self.ledger, self.huey)
         if runner.disk_full and runner.stop_on_full:
@@ -272,6 +282,19 @@ class Runex:
         # wrote it.
         self.ledger.sync()
         return runner
+
+    def _serve_beside(self, web: dict[str, Any]) -> Any:
+        """The dashboard, serving from a thread of this process: over a copy of this `Runex`
+        with the same extensions and its own ledger connection."""
+        viewer = copy.copy(self)
+        viewer._ledger, viewer._huey, viewer._plans = None, None, {}
+        server = viewer.web(**web).server()
+        threading.Thread(target=server.serve_forever, name="runex-web", daemon=True).start()
+        host, port = server.server_address[:2]
+        url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+        trace.logger().info("web.started", url=url)
+        trace.tell_operator(f"dashboard on {url}")
+        return server
 
     def _say_started(self, workers: int, profile: str | None) -> None:
         """The operator's first lines: what this consumer is, and what failed to load."""

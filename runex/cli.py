@@ -260,11 +260,17 @@ def print_summary(run: dict[str, Any], seconds: float) -> None:
 @click.option("--burst", is_flag=True, help="Stop when nothing is queued or running "
                                            "(scheduled pipelines are not fired then).")
 @click.option("--no-schedules", is_flag=True, help="Do not fire scheduled pipelines.")
+@click.option("--web", "web_address", metavar="[HOST:]PORT",
+              help="Serve the dashboard (as `runex web`) from this consumer too.")
+@click.option("--token-file", type=click.Path(dir_okay=False, exists=True),
+              help="With --web: a file holding the secret that requests must carry.")
+@click.option("--web-read-only", is_flag=True, help="With --web: show, never act.")
 @log_options
 @project_options
 @click.pass_context
 def worker(ctx: click.Context, workers: int | None, profile: str | None, burst: bool,
-           no_schedules: bool, log_format: str | None, log_level: str, quiet: bool,
+           no_schedules: bool, web_address: str | None, token_file: str | None,
+           web_read_only: bool, log_format: str | None, log_level: str, quiet: bool,
            home: str | None, extension_dirs: tuple[str, ...]) -> None:
     """Process the queue with worker processes, until Ctrl-C (or, with --burst, until it
     is empty), and fire the project's scheduled pipelines when due. Several `runex worker`
@@ -272,7 +278,15 @@ def worker(ctx: click.Context, workers: int | None, profile: str | None, burst: 
     rx = open_runex(home, extension_dirs)
     rx.trace_to_home(console=not quiet, verbose=ctx.obj["verbose"], log_format=log_format,
                      log_level=log_level)
-    rx.work(workers, profile, burst=burst, schedules=not no_schedules)
+    web = None
+    if web_address is not None:
+        host, _, port = web_address.rpartition(":")
+        if not port.isdigit():
+            raise errors.UsageError(f"--web {web_address!r}: give PORT or HOST:PORT "
+                                    "(8765, 0.0.0.0:8765, [::1]:8765)")
+        web = {"host": host.strip("[]") or "127.0.0.1", "port": int(port),
+               "token": read_token(token_file), "read_only": web_read_only}
+    rx.work(workers, profile, burst=burst, schedules=not no_schedules, web=web)
 
 
 @cli.command()
@@ -710,12 +724,8 @@ def web(host: str, port: int, token_file: str | None, read_only: bool, home: str
     """Serve the ledger's runs, schedules and Prometheus metrics over HTTP until Ctrl-C:
     pages (with cancel and retry buttons), /api/... (JSON, as the commands' --json) and
     /metrics."""
-    token = None
-    if token_file:
-        token = Path(token_file).read_text().strip()
-        if not token:
-            raise errors.UsageError(f"--token-file {token_file}: the file is empty")
-    server = open_runex(home, extension_dirs).web(host, port, token, read_only).server()
+    server = open_runex(home, extension_dirs).web(host, port, read_token(token_file),
+                                                  read_only).server()
     shown = f"[{host}]" if ":" in host else host
     click.echo(f"runex web on http://{shown}:{server.server_port}/ (Ctrl-C stops it)",
                err=True)
@@ -725,6 +735,15 @@ def web(host: str, port: int, token_file: str | None, read_only: bool, home: str
         pass
     finally:
         server.server_close()
+
+
+def read_token(token_file: str | None) -> str | None:
+    if not token_file:
+        return None
+    token = Path(token_file).read_text().strip()
+    if not token:
+        raise errors.UsageError(f"--token-file {token_file}: the file is empty")
+    return token
 
 
 @cli.command()

@@ -356,14 +356,15 @@ class Dashboard:
                                         "records per second", runs) + "</td></tr>"
                   for name, runs in o["pipelines"].items()]
         body = ["<h1>runex</h1>", self.pause_banner(o["paused"], "/"),
-                f"<p>Queue: {num(o['queue_depth'])} partitions"
+                f"<p id=\"summary\">Queue: {num(o['queue_depth'])} partitions"
                 + (f", the oldest waiting {duration(o['oldest_queued_seconds'])}"
                    if o["oldest_queued_seconds"] is not None else "")
                 + ". Consumers: "
                 + (", ".join(f"{e(h)} {n}" for h, n in o["consumers"].items()) or "none")
                 + f" ({link('/workers', 'workers')}).</p>",
                 f"<h2>Partitions ended per minute, the last hour ({sum(per_minute):,})</h2>",
-                bars(per_minute, "partitions", width=600),
+                bars(per_minute, "partitions", width=600) + "<br><small>an hour ago"
+                "&emsp;…&emsp;now</small>",
                 "<h2>Runs of the last 24 hours</h2>",
                 table(["pipeline", *statuses],
                       [[link(f"/runs?pipeline={quote(p)}", p),
@@ -431,7 +432,7 @@ class Dashboard:
                 "" if run.over else self.form(f"/runs/{run.id}/cancel", "cancel the run"),
                 self.form(f"/runs/{run.id}/retry", "retry what did not succeed")
                 if retryable else "",
-                f"<p>{e(run.pipeline)}: "
+                f'<p id="summary">{e(run.pipeline)}: '
                 f'<span id="live" data-over="{int(run.over)}" '
                 f'data-progress="/api/runs/{e(run.id)}/progress">{progress_text(run)}</span>'
                 f"; records {num(run.records_in)} in, {num(run.records_out)} out. Created "
@@ -597,24 +598,29 @@ def png(width: int, cells: bytes | bytearray, colours: list[str]) -> bytes:
 
 def bars(values: list[float], unit: str, runs: list[dict[str, Any]] | None = None,
          width: int = 300, height: int = 40) -> str:
-    """A small bar chart in SVG, drawn here: each value a bar (of a failed run: red), its
-    value on hover."""
+    """A small bar chart in SVG, drawn here: each value a bar (of a failed run: red), the
+    latest on the right, its value on hover."""
     if not values:
         return ""
     top = max(values) or 1
-    step = width / len(values)
+    step = min(width / len(values), 12.0)
     rects = []
     for i, v in enumerate(values):
         h = max(1.0, v / top * height) if v else 0.0
         run = runs[i] if runs else None
-        tip = f"{v:,.3g} {unit}" + (f", run {run['id']} {run['status']}" if run else "")
+        tip = f"{short(v)} {unit}" + (f", run {run['id']} {run['status']}" if run else "")
         failed = ' class="failed"' if run and run["status"] != "succeeded" else ""
-        rects.append(f'<rect{failed} x="{i * step:.1f}" y="{height - h:.1f}" '
-                     f'width="{max(step - 1, 1):.1f}" height="{h:.1f}"><title>{e(tip)}'
-                     "</title></rect>")
+        rects.append(f'<rect{failed} x="{width - (len(values) - i) * step:.1f}" '
+                     f'y="{height - h:.1f}" width="{max(step - 1, 1):.1f}" height="{h:.1f}">'
+                     f"<title>{e(tip)}</title></rect>")
     return (f'<svg class="chart" width="{width}" height="{height}" role="img" '
-            f'aria-label="{e(unit)}, at most {top:,.3g}">{"".join(rects)}</svg>'
-            f"<small> max {top:,.3g} {e(unit)}</small>")
+            f'aria-label="{e(unit)}, at most {short(top)}">{"".join(rects)}</svg>'
+            f"<small> at most {short(top)} {e(unit)}</small>")
+
+
+def short(value: float) -> str:
+    """A number for people: 12,345 or 0.0123."""
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
 def as_json(data: Any) -> Answer:

@@ -2,7 +2,12 @@
 
 import http.client
 import json
+import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
 import zlib
 from urllib.parse import urlencode
 
@@ -334,3 +339,36 @@ def test_the_workers_page_shows_consumers_and_what_runs_and_a_running_run_is_liv
     assert "running; partitions 1 queued, 1 running" in page
     _, overview = get(port, "/")
     assert "host-a 1" in overview
+
+
+@pytest.mark.slow
+def test_a_worker_serves_the_dashboard_beside_its_work(served, project):
+    rx, _, _ = served
+    with socket.socket() as probe:  # a free port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "runex", "worker", "-w", "1", "--web", f"127.0.0.1:{port}"],
+        cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                _, body = get(port, "/api/workers")
+                if json.loads(body)["consumers"]:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.1)
+        (consumer,) = json.loads(body)["consumers"]
+        assert consumer["pid"] == worker.pid
+        queued = rx.submit("p.toml")  # the worker runs it; the page shows it
+        while time.monotonic() < deadline and rx.show(queued).status != "failed":
+            time.sleep(0.1)
+        response, page = get(port, f"/runs/{queued}")
+        assert response.status == 200 and "failed; partitions 1 failed, 1 succeeded" in page
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        _, stderr = worker.communicate(timeout=30)
+    assert worker.returncode == 0, stderr
+    assert "web.started" in stderr and f"http://127.0.0.1:{port}/" in stderr
