@@ -389,9 +389,11 @@ class Dashboard:
         offset = int(query.get("offset") or 0)
         pipelines = sorted({p for p, _, _ in self.rx.ledger.runs_by_status()})
         chosen = {k: v for k, v in query.items() if k in ("pipeline", "status", "since") and v}
-        options = lambda values, name: "".join(  # noqa: E731
-            f'<option{" selected" if query.get(name) == v else ""}>{e(v)}</option>'
-            for v in ["", *values])
+
+        def options(values: list[str], name: str) -> str:
+            return "".join(f'<option{" selected" if query.get(name) == v else ""}>{e(v)}'
+                           "</option>" for v in ["", *values])
+
         pages = [link("/runs?" + urlencode({**chosen, "offset": offset + step}), label)
                  for step, label in ((-PAGE, "newer"), (PAGE, "older"))
                  if offset + step >= 0 and (step < 0 or len(rows) == PAGE)]

@@ -106,6 +106,19 @@ def test_every_page_answers_and_escapes_what_comes_from_data(served):
     assert get(port, "/nowhere")[0].status == 404
 
 
+def test_runs_are_paged_fifty_at_a_time(served):
+    rx, port, first = served
+    for _ in range(51):
+        rx.submit("p.toml")
+    _, page = get(port, "/runs?pipeline=p")
+    assert page.count('<a href="/runs/2') == 50 and first not in page
+    assert '<a href="/runs?pipeline=p&amp;offset=50">older</a>' in page and ">newer<" not in page
+    _, page = get(port, "/runs?pipeline=p&offset=50")
+    assert page.count('<a href="/runs/2') == 2 and first in page
+    assert '<a href="/runs?pipeline=p&amp;offset=0">newer</a>' in page and ">older<" not in page
+    assert [r["id"] for r in json.loads(get(port, "/api/runs?offset=52")[1])] == []
+
+
 def png_pixels(data):
     """The rows of palette indexes of a PNG that `runex.web.png` wrote."""
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
