@@ -596,12 +596,18 @@ class Runex:
 
     def workers(self) -> dict[str, Any]:
         """The consumers (`runex worker`, `runex run`) recorded as running, each with its
-        host, pid, worker processes and start time, and the attempts running now (what each
-        worker process runs: run, partition, pid, since when), oldest first."""
+        host, pid, start time, worker processes (`worker_pids`) and whether it is `alive`
+        (known on its own host only: None elsewhere); and the attempts running now (what
+        each worker process runs: run, partition, pid, since when), oldest first."""
+        consumers = self.ledger.consumers()
+        for c in consumers:
+            c["worker_pids"] = json.loads(c["worker_pids"] or "[]")
+            c["alive"] = (alive(c["pid"], c["pid_started"], c["boot_id"])
+                          if c["host"] == trace.HOST else None)
         running = self.ledger.running_work()
         for a in running:
             a["key"] = json.loads(a["key"])
-        return {"consumers": self.ledger.consumers(), "running": running}
+        return {"consumers": consumers, "running": running}
 
     def validate(self, pipeline: str | os.PathLike | Pipeline, params: Sequence[str] = ()
                  ) -> Plan:

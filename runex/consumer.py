@@ -116,6 +116,7 @@ class RunexConsumer(huey_private.ProcessHook):
         self.slots = multiprocessing.RawArray("d", 3 * options.get("workers", 1))
         self.paused = multiprocessing.RawValue("b", 0)  # see `_watch_pause`
         self.pause_told = False
+        self.recorded_pids: list[int] = []  # see `_record_workers`
         self.state = state
         super().__init__(huey, **options)
         self.home = huey.storage.home
@@ -128,6 +129,7 @@ class RunexConsumer(huey_private.ProcessHook):
         # [seconds, job, next run, runs while the disk is full]
         self.jobs = [[DISK_CHECK, self._watch_disk, 0.0, True],
                      [1.0, self._kill_overdue, 0.0, False],
+                     [2.0, self._record_workers, 0.0, False],
                      *([[PAUSE_CHECK, self._watch_pause, 0.0, False]] if state else []),
                      *([every, job, 0.0, False] for every, job in jobs)]
         if stop_when is not None:  # short-lived (burst, `run`): notice the end sooner
@@ -145,6 +147,7 @@ class RunexConsumer(huey_private.ProcessHook):
         if self.state is not None:
             with contextlib.suppress(DiskFull):  # the watch says so
                 reaper.register(self.state, self.workers)
+                self._record_workers()
 
     def run(self) -> None:
         try:
@@ -198,6 +201,15 @@ class RunexConsumer(huey_private.ProcessHook):
                 proc.join(10)
 
             reaper.kill_overdue(self.state, proc.pid, int(index), int(attempt), kill)
+
+    def _record_workers(self) -> None:
+        """Record this consumer's worker processes in the ledger when they change (huey
+        starts another in place of one that died): nothing is written while they do not."""
+        pids = [proc.pid for _, proc in self.worker_threads]
+        if self.state is None or pids == self.recorded_pids:
+            return
+        self.state.ledger.set_worker_pids(trace.HOST, os.getpid(), pids)
+        self.recorded_pids = pids
 
     def _watch_pause(self) -> None:
         """While all work is paused (`runex pause`), workers take nothing from the queue;

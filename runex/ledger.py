@@ -228,12 +228,14 @@ SCHEMA = [
         "ALTER TABLE runs ADD COLUMN finalizer_until REAL",
     ],
     # version 6: what is paused: a scheduled pipeline (by name: its fire times are skipped)
-    # or all work (ALL_WORK: consumers start no partition), since when and by whom
+    # or all work (ALL_WORK: consumers start no partition), since when and by whom; each
+    # consumer's worker processes
     [
         """CREATE TABLE pauses (
             target TEXT PRIMARY KEY,
             paused_at REAL NOT NULL,
             source TEXT)""",
+        "ALTER TABLE consumers ADD COLUMN worker_pids TEXT",
     ],
 ]
 ALL_WORK = "*"  # the target of a pause of all work
@@ -770,6 +772,13 @@ class Ledger:
                          "excluded.boot_id, workers = excluded.workers, started_at = "
                          "excluded.started_at",
                          (host, pid, pid_started, boot_id, workers, time.time()))
+
+    def set_worker_pids(self, host: str, pid: int, pids: Sequence[int]) -> None:
+        """The worker processes of a consumer, as it starts them (and starts others in place
+        of those that died)."""
+        with self.tx() as conn:
+            conn.execute("UPDATE consumers SET worker_pids = ? WHERE host = ? AND pid = ?",
+                         (json.dumps(list(pids)), host, pid))
 
     def remove_consumer(self, host: str, pid: int) -> None:
         with self.tx() as conn:

@@ -167,7 +167,7 @@ class Dashboard:
                                                                          minute + 1)],
                 "queue_depth": sum(ledger.queued_counts().values()),
                 "oldest_queued_seconds": None if oldest is None else now - oldest,
-                "consumers": consumers_by_host(ledger),
+                "consumers": consumers_by_host(self.rx.workers()["consumers"]),
                 "failures": [{"id": r["id"], "pipeline": r["pipeline"], "error": r["error"],
                               "finished_at": r["finished_at"]}
                              for r in self.rx.runs(10, status="failed")],
@@ -316,7 +316,8 @@ class Dashboard:
                    "longest ago has waited (0: none queued).",
                    [({}, 0 if oldest is None else max(0.0, time.time() - oldest))])
         out.family("runex_consumers", "gauge", "Consumers (runex worker) recorded as running, "
-                   "by host.", [({"host": h}, n) for h, n in consumers_by_host(ledger).items()])
+                   "by host.", [({"host": h}, n) for h, n in
+                                consumers_by_host(self.rx.workers()["consumers"]).items()])
         out.family("runex_recovered", "counter", "Attempts declared lost (their worker died) "
                    "and recovered.", [({}, sum(n for _, s, n in outcomes if s == "lost"))])
         last, upcoming = [], []
@@ -538,17 +539,30 @@ class Dashboard:
 
     def page_workers(self, rest: str, query: dict[str, str]) -> Answer:
         found = self.rx.workers()
+        running = {(a["host"], a["pid"]): a for a in found["running"]}
+        rows = []
+        for c in found["consumers"]:
+            state = {True: "", False: " (gone)", None: ""}[c["alive"]]
+            for i, pid in enumerate(c["worker_pids"] or [None]):
+                a = running.pop((c["host"], pid), None)
+                rows.append([e(c["host"]) if i == 0 else "",
+                             f"{num(c['pid'])}{state}, since {e(clock(c['started_at']))}"
+                             if i == 0 else "", num(pid),
+                             self.running_cell(a) if a else "idle" if pid else ""])
         return page("workers", [
-            "<h1>Workers</h1><h2>Consumers</h2>",
-            table(["host", "pid", "worker processes", "since"],
-                  [[e(c["host"]), num(c["pid"]), num(c["workers"]), e(clock(c["started_at"]))]
-                   for c in found["consumers"]]),
-            "<h2>Running now</h2>",
-            table(["host", "pid", "run", "pipeline", "partition", "attempt", "since"],
-                  [[e(a["host"]), num(a["pid"]), link(f"/runs/{a['run_id']}", a["run_id"]),
-                    e(a["pipeline"]), f"{a['idx']} {e(json.dumps(a['key']))}",
-                    num(a["attempt"]), e(clock(a["started_at"]))]
-                   for a in found["running"]])])
+            "<h1>Workers</h1>",
+            table(["host", "consumer", "worker process", "running"], rows),
+            "<h2>Other attempts running</h2>" if running else "",
+            table(["host", "pid", "running"],
+                  [[e(a["host"]), num(a["pid"]), self.running_cell(a)]
+                   for a in running.values()]) if running else ""])
+
+    @staticmethod
+    def running_cell(a: dict[str, Any]) -> str:
+        """What a worker process runs: the run, its partition and attempt, since when."""
+        run = link(f"/runs/{a['run_id']}", a["run_id"])
+        return (f"{run} {e(a['pipeline'])}, partition {a['idx']} {e(json.dumps(a['key']))}, "
+                f"attempt {a['attempt']}, since {e(clock(a['started_at']))}")
 
     def page_extensions(self, rest: str, query: dict[str, str]) -> Answer:
         found = self.rx.extensions()
@@ -673,11 +687,13 @@ class Exposition:
         return "\n".join(self.lines) + "\n"
 
 
-def consumers_by_host(ledger: Any) -> dict[str, int]:
-    """How many consumers the ledger records as running on each host."""
+def consumers_by_host(consumers: list[dict[str, Any]]) -> dict[str, int]:
+    """How many of `consumers` (`Runex.workers()`'s) run on each host (those known gone
+    left out)."""
     hosts: dict[str, int] = {}
-    for c in ledger.consumers():
-        hosts[c["host"]] = hosts.get(c["host"], 0) + 1
+    for c in consumers:
+        if c["alive"] is not False:
+            hosts[c["host"]] = hosts.get(c["host"], 0) + 1
     return dict(sorted(hosts.items()))
 
 

@@ -18,7 +18,7 @@ from runex import Runex
 from runex.errors import UsageError
 from runex.web import COLOURS, Dashboard
 
-from .conftest import claim, drain, runex_cli, write
+from .conftest import children, claim, drain, runex_cli, write
 
 pytestmark = pytest.mark.usefixtures("database")  # each test on SQLite and on PostgreSQL
 
@@ -374,7 +374,11 @@ def test_a_worker_serves_the_dashboard_beside_its_work(served, project):
                 pass
             time.sleep(0.1)
         (consumer,) = json.loads(body)["consumers"]
-        assert consumer["pid"] == worker.pid
+        assert consumer["pid"] == worker.pid and consumer["alive"] is True
+        (worker_pid,) = consumer["worker_pids"]
+        assert children(worker.pid) and worker_pid in children(worker.pid)
+        _, page = get(port, "/workers")
+        assert f"<td>{worker_pid:,}</td><td>idle</td>" in page
         queued = rx.submit("p.toml")  # the worker runs it; the page shows it
         while time.monotonic() < deadline and rx.show(queued).status != "failed":
             time.sleep(0.1)
