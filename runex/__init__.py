@@ -5,10 +5,12 @@ and sources and sinks as module-level `DataSourceSpec` and `SinkSpec` instances.
 the whole runtime over one project: submit pipelines, work the queue, read the ledger.
 """
 
+import contextlib
 import importlib
 import importlib.util
 import sys
 import types
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from runex.durable import atomic_write
@@ -30,6 +32,22 @@ class _OnFirstUse(types.ModuleType):
         if sys.modules.get(self.__name__) is self:
             del sys.modules[self.__name__]
         return getattr(importlib.import_module(self.__name__), name)
+
+
+@contextlib.contextmanager
+def _standing_in(*names: str) -> Iterator[None]:
+    """While a module is imported that imports `names` but uses them only when called:
+    stand-ins in their place, which import them if and when used. Only that module holds
+    them; anything imported afterwards gets the real modules."""
+    placed = [name for name in names if name not in sys.modules]
+    for name in placed:
+        sys.modules[name] = _OnFirstUse(name)
+    try:
+        yield
+    finally:
+        for name in placed:
+            if isinstance(sys.modules.get(name), _OnFirstUse):
+                del sys.modules[name]
 
 
 def _psycopg_on_first_use() -> None:

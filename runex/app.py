@@ -112,11 +112,12 @@ class Runex:
         self.huey.serve(functools.partial(execute, state))
         return state
 
-    def scheduler(self) -> Scheduler:
-        """The project's scheduled pipelines, fired through this `Runex`."""
+    def scheduler(self, check: bool = True) -> Scheduler:
+        """The project's scheduled pipelines, fired through this `Runex`; each checked
+        against the extensions (`check`), or only read."""
         self.ensure_trace()
-        return Scheduler(self.project.root, self.pipeline_files, self.ledger, self.plan,
-                         self._submit)
+        return Scheduler(self.project.root, self.pipeline_files, self.ledger,
+                         self.plan if check else lambda pipeline: None, self._submit)
 
     @property
     def pipeline_files(self) -> str:
@@ -575,10 +576,13 @@ class Runex:
         run = self.ledger.run(self.ledger.resolve_run_id(ref))
         return timeline.events(self.ledger, run, self.project.traces_dir)
 
-    def schedules(self, now: dt.datetime | None = None) -> list[dict[str, Any]]:
+    def schedules(self, now: dt.datetime | None = None, check: bool = True
+                  ) -> list[dict[str, Any]]:
         """Each pipeline file with a schedule: its next fire times, its last fire and that
-        run's status; and each pipeline file that has an error, with it."""
-        return self.scheduler().listing(now)
+        run's status; and each pipeline file that has an error, with it. Without `check`,
+        the files are read but not checked against the extensions (which are then not
+        loaded): an unknown kernel is not an error there."""
+        return self.scheduler(check).listing(now)
 
     def extensions(self) -> dict[str, Any]:
         """Every kernel, source and sink loaded, with where it is defined; the extension

@@ -18,10 +18,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from huey.consumer import ConsumerStopped, Scheduler, Worker
-
 from runex import huey_private, reaper, trace
 from runex.errors import DiskFull, Unreachable
+from runex.huey_private import ConsumerStopped, Scheduler, Worker
 from runex.ledger import ALL_WORK
 from runex.reserve import Reserve, free_bytes
 from runex.worker import Running, WorkerState

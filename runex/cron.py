@@ -23,9 +23,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from huey import crontab
-
 from runex.errors import ScheduleError
+from runex.huey_private import crontab
 
 UTC = dt.UTC
 MINUTE = dt.timedelta(minutes=1)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import grp
-import hashlib
 import importlib.util
 import json
 import os
@@ -17,6 +16,7 @@ import pwd
 import stat
 import sys
 import traceback
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
@@ -122,6 +122,8 @@ def _code_name(path: str) -> str:
 def code_version(files: dict[str, str], spec: Any = None) -> str:
     """A short hash of runex's version, the files that define a run's code (`code_files`)
     and its resolved pipeline (`spec`): what ran, recorded with each attempt."""
+    import hashlib  # noqa: PLC0415 - OpenSSL's library: 3.7 MiB, for what hashes only
+
     from runex import __version__
 
     digest = hashlib.sha256(__version__.encode())
@@ -143,6 +145,8 @@ def _file_digest(path: str) -> bytes:
         return b""
     key = (path, st.st_mtime_ns, st.st_size)
     if key not in _digests:
+        import hashlib  # noqa: PLC0415 - as in `code_version`
+
         with contextlib.suppress(OSError):
             _digests[key] = hashlib.sha256(Path(path).read_bytes()).digest()
     return _digests.get(key, b"")
@@ -164,8 +168,7 @@ def load_file(registry: Registry, path: Path, *, check_permissions: bool = True)
             registry.errors.append(ExtensionError(shown, None, "PermissionError", problem))
             registry.failed_files.append(shown)
             return
-    digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
-    module_name = f"runex_ext_{path.stem}_{digest}"
+    module_name = f"runex_ext_{path.stem}_{zlib.crc32(str(path).encode()):08x}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -12,10 +12,20 @@ import signal
 from collections.abc import Iterable
 from typing import Any
 
-from huey import SqliteHuey
-from huey.consumer import Consumer, Worker
-from huey.serializer import Serializer
-from huey.storage import PostgresStorage, SqliteStorage
+from runex import _standing_in
+
+# huey imports hashlib and hmac, and so OpenSSL's library (3.7 MiB in every runex process),
+# for signed messages, which runex does not use: stand-ins take their place in huey's
+# modules, which import them only if used. runex's modules import huey after this one.
+with _standing_in("hashlib", "hmac"):
+    from huey import SqliteHuey, crontab
+    from huey.consumer import Consumer, ConsumerStopped, Scheduler, Worker
+    from huey.registry import Message
+    from huey.serializer import Serializer
+    from huey.storage import PostgresStorage, SqliteStorage
+
+# huey's public names that runex's other modules use, imported here first (see above).
+__all__ = ["ConsumerStopped", "Message", "PostgresStorage", "Scheduler", "Worker", "crontab"]
 
 
 def task_class(huey: Any, name: str) -> Any:

@@ -12,7 +12,6 @@ import contextlib
 import itertools
 import json
 import os
-import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -243,7 +242,7 @@ ALL_WORK = "*"  # the target of a pause of all work
 
 def new_run_id() -> str:
     """Sortable by creation time and short enough to type: `20261127-174502-3fa9c1d0`."""
-    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(4)
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + os.urandom(4).hex()
 
 
 @dataclass

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import os
 import re
 import time
@@ -74,6 +73,8 @@ class Database:
             query=urlencode([(k, v) for k, v in query if k != "schema"])))
         # Each schema's own: the advisory lock that serializes its ledger's writers, and the
         # channels its ledger's and its queue's writes notify.
+        import hashlib  # noqa: PLC0415 - OpenSSL's library: only where there is a database
+
         self.write_lock = int.from_bytes(hashlib.sha256(f"runex {schema}".encode()).digest()[:8],
                                          "big") >> 1
         self.ledger_channel, self.queue_channel = f"{schema}_ledger", f"{schema}_queue"

@@ -52,7 +52,7 @@ def steps_of(stored: str | None, spec: dict[str, Any]) -> list[dict[str, Any]]:
 # Reads partitions, in index order, from the first after index `after`: at most `limit`, of
 # one `status`, or (`unsettled`) those that did not succeed; each as `Partition.to_dict`.
 Fetch = Callable[..., list[dict[str, Any]]]
-PAGE = 1000
+PAGE = 250
 
 
 class Partitions(Sequence[Partition]):

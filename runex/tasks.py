@@ -19,11 +19,9 @@ import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from huey.registry import Message
-from huey.storage import PostgresStorage
-
 from runex import huey_private, postgres, trace
 from runex.errors import DiskFull, Unreachable
+from runex.huey_private import Message, PostgresStorage
 from runex.project import cpu_count
 from runex.reserve import Reserve, is_disk_full
 from runex.storage import (

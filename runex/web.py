@@ -8,6 +8,10 @@ partitions as a PNG of one pixel each; every string that comes from users or dat
 escaped. The stylesheet and the one small script (a running run's progress, without
 reloading) are runex's own, so a page needs nothing from elsewhere and works offline.
 
+Pages read the ledger and the pipeline files; the extensions (the user's code) are loaded
+only for the extensions page and for actions, so a schedule's pipeline is not checked
+against them here (`runex schedules` does, and consumers log what they cannot fire).
+
 Safe by default: it binds to loopback, where the `Host` header must name loopback too (a page
 elsewhere cannot reach it through DNS rebinding); any other address needs a token
 (`--token-file`), sent as `Authorization: Bearer TOKEN` or once as `?token=TOKEN`, which sets a
@@ -20,12 +24,11 @@ refuses every action.
 from __future__ import annotations
 
 import datetime as dt
-import hmac
 import html
 import ipaddress
 import itertools
 import json
-import secrets
+import os
 import socket
 import struct
 import threading
@@ -33,11 +36,15 @@ import time
 import zlib
 from collections.abc import Callable, Iterable
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
-from runex import __version__, trace
+from runex import __version__, _standing_in, trace
+
+# The HTTP server imports http.client, which imports ssl (and OpenSSL's libraries: 5 MiB) for
+# HTTPS connections, which the server never makes.
+with _standing_in("ssl"):
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from runex.errors import NotFound, UsageError
 
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
@@ -57,6 +64,7 @@ COLOURS = {  # a partition's status: its colour in the grid and the stylesheet
     "timeout": "#bc4c00", "cancelled": "#8c959f", "quarantined": "#8250df"}
 RETRYABLE = ("failed", "timeout", "quarantined", "cancelled")
 PAGE = 50  # runs on a page of runs
+CACHE_KIB = 512  # the ledger's page cache (SQLite's default: 2 MiB)
 SHOWN = 200  # partitions on a run's page
 STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; max-width: 80em; }
@@ -102,6 +110,13 @@ if (live && live.dataset.over === "0") {
 Answer = tuple[str, Iterable[str] | bytes]
 
 
+def same(given: str, secret: str) -> bool:
+    """Whether `given` is `secret`, in a time that does not tell how much of it matched."""
+    import hmac  # noqa: PLC0415 - it loads OpenSSL's library (3.7 MiB): when first needed
+
+    return hmac.compare_digest(given.encode(), secret.encode())
+
+
 def is_loopback(host: str) -> bool:
     if host in LOOPBACK_NAMES:
         return True
@@ -121,7 +136,9 @@ class Dashboard:
                              "token (--token-file FILE, a file holding a secret of your own)")
         self.rx, self.host, self.port, self.token = rx, host, port, token
         self.read_only = read_only
-        self.csrf = secrets.token_urlsafe(16)  # what every form carries back
+        if rx.ledger.engine.name == "sqlite":  # pages read little: a small page cache
+            rx.ledger.conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
+        self.csrf = os.urandom(16).hex()  # what every form carries back
         self.lock = threading.Lock()  # one answer at a time
         self.routes: list[tuple[str, Callable[[str, dict[str, str]], Answer]]] = [
             ("/api/runs/", self.api_run), ("/api/runs", self.api_runs),
@@ -173,7 +190,7 @@ class Dashboard:
                              for r in self.rx.runs(10, status="failed")],
                 "schedules": [{"pipeline": s.get("pipeline"), "next": s.get("next", [])[:1],
                                "paused": bool(s.get("paused")), "error": s.get("error")}
-                              for s in self.rx.schedules()],
+                              for s in self.rx.schedules(check=False)],
                 "pipelines": self.pipeline_history(now - 7 * 86400)}
 
     def pipeline_history(self, since: float) -> dict[str, list[dict[str, Any]]]:
@@ -215,7 +232,7 @@ class Dashboard:
         return "application/json", self.rx.show(ref).json_text()
 
     def api_schedules(self, rest: str, query: dict[str, str]) -> Answer:
-        return as_json(self.rx.schedules())
+        return as_json(self.rx.schedules(check=False))
 
     def api_workers(self, rest: str, query: dict[str, str]) -> Answer:
         return as_json(self.rx.workers())
@@ -234,7 +251,7 @@ class Dashboard:
         `.../resume`, `/work/pause`, `/work/resume`. Returns where to go next."""
         if self.read_only:
             raise PermissionError("this dashboard is read-only (runex web --read-only)")
-        if not hmac.compare_digest(form.get("csrf", "").encode(), self.csrf.encode()):
+        if not same(form.get("csrf", ""), self.csrf):
             raise PermissionError("the form's CSRF token is missing or stale: reload the page")
         parts = path.strip("/").split("/")
         source = f"web {client}"
@@ -321,7 +338,7 @@ class Dashboard:
         out.family("runex_recovered", "counter", "Attempts declared lost (their worker died) "
                    "and recovered.", [({}, sum(n for _, s, n in outcomes if s == "lost"))])
         last, upcoming = [], []
-        for s in self.rx.schedules():
+        for s in self.rx.schedules(check=False):
             if s.get("pipeline") and s.get("last"):
                 last.append(({"pipeline": s["pipeline"]}, _timestamp(s["last"]["fire_time"])))
             if s.get("pipeline") and s.get("next") and not s.get("paused"):
@@ -511,7 +528,7 @@ class Dashboard:
 
     def page_schedules(self, rest: str, query: dict[str, str]) -> Answer:
         rows = []
-        schedules = self.rx.schedules()
+        schedules = self.rx.schedules(check=False)
         for s in schedules:
             if s.get("error"):
                 continue
@@ -840,7 +857,7 @@ class Request(BaseHTTPRequestHandler):
             cookies = dict(c.strip().split("=", 1) for c in
                            self.headers.get("Cookie", "").split(";") if "=" in c)
             query = parse_qs(urlsplit(self.path).query).get("token", [""])[-1]
-            if not any(hmac.compare_digest(t.encode(), dashboard.token.encode())
+            if not any(same(t, dashboard.token)
                        for t in (given, cookies.get("runex_token", ""), query) if t):
                 return HTTPStatus.UNAUTHORIZED, "a token is needed (see --token-file)"
         return None

@@ -159,3 +159,25 @@ def test_psycopg_is_loaded_only_when_used_though_huey_imports_it():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.split("\n")
     assert out[:2] == ["False", "Connection True"]
+
+
+def test_what_runex_never_calls_is_loaded_only_when_used():
+    """structlog imports asyncio, http.server imports ssl, huey imports hashlib and hmac:
+    each loads a C library of megabytes that runex's commands and dashboard never call on.
+    Stand-ins take their place in those modules (`runex._standing_in`): not loaded until
+    used; once used, the real modules; anything imported later gets the real ones."""
+    import subprocess
+    import sys
+
+    code = ("import sys, runex.cli, runex.app, runex.web\n"
+            "print(sorted(m for m in ('asyncio', 'ssl', 'hashlib', '_hashlib', 'hmac')\n"
+            "             if m in sys.modules))\n"
+            "import huey.serializer, structlog.stdlib, http.client\n"
+            "print(huey.serializer.hashlib.sha1(b'x').hexdigest()[:6],\n"
+            "      structlog.stdlib.asyncio.iscoroutinefunction(print),\n"
+            "      http.client.ssl.PROTOCOL_TLS_CLIENT is not None)\n"
+            "import asyncio, hashlib\n"
+            "print(asyncio.run.__module__, hashlib.sha256.__name__, '_hashlib' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split("\n")
+    assert out[:3] == ["[]", "11f6ad False True", "asyncio.runners openssl_sha256 True"]

@@ -23,7 +23,6 @@ returns (the server syncs it), so the sink needs no `sync`.
 """
 
 import contextlib
-import hashlib
 import os
 import time
 
@@ -168,6 +167,8 @@ def stage_name(table, run_id):
     pass PostgreSQL's 63 bytes (which would cut the run id off)."""
     schema, _, name = table.rpartition(".")
     if len(f"_runex_stage_{name}_20261128-000000-00000000".encode()) > 63:
+        import hashlib  # noqa: PLC0415 - OpenSSL's library (3.7 MiB): for long names only
+
         name = hashlib.sha256(name.encode()).hexdigest()[:16]
     return f"{schema + '.' if schema else ''}_runex_stage_{name}_{run_id}"
 
