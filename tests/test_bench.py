@@ -23,6 +23,25 @@ def test_bench_smoke_run(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_web_smoke_run(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench"), "--quick",
+                             "--reps", "1", "--only", "web", "--json", str(out)],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "runex web over 1,000 runs, 100,000 partitions" in result.stdout
+    assert "the home while runex web only read it: " in result.stdout
+    web = json.loads(out.read_text())["web"]
+    assert {"/", "/runs", "/metrics", "/api/overview"} <= set(web["pages"])
+    assert all(p["median_ms"] > 0 and p["bytes"] > 0 for p in web["pages"].values())
+    assert web["largest_json"]["bytes"] > 0
+    assert web["memory_mib"]["fresh, asked nothing"]["rss"] > 0
+    # Only runex web reads the home between the snapshots; the ledger itself is never written.
+    assert not any("ledger.db " in line for lines in web["home_changes"].values()
+                   for line in lines)
+
+
+@pytest.mark.slow
 def test_bench_compare_smoke_run(tmp_path):
     require(shutil.which("git") is not None and (ROOT / ".git").exists(),
             "--compare needs git and a git checkout")
