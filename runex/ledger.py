@@ -1182,21 +1182,29 @@ class Ledger:
             "SELECT status, SUM(n) FROM run_counts GROUP BY status HAVING SUM(n) > 0 "
             "ORDER BY status").fetchall())
 
-    def attempts_by_outcome(self) -> list[tuple[str, str, int]]:
-        """(pipeline, attempt status, attempts) over the attempts the ledger keeps."""
-        return self.conn.execute(
-            "SELECT r.pipeline, a.status, COUNT(*) FROM attempts a JOIN runs r ON r.id = "
-            "a.run_id GROUP BY r.pipeline, a.status ORDER BY r.pipeline, a.status").fetchall()
+    def run_ends(self) -> list[tuple[str, str, float | None]]:
+        """(id, status, finished_at) of every run."""
+        return self.conn.execute("SELECT id, status, finished_at FROM runs").fetchall()
 
-    def attempt_seconds(self, bounds: Sequence[float]) -> tuple[list[int], int, float]:
-        """How long the attempts that ended took: how many took at most each of `bounds`
-        seconds (cumulative), how many there are, and their seconds in all."""
-        buckets = ", ".join(f"SUM(CASE WHEN finished_at - started_at <= {float(b)!r} THEN 1 "
-                            "ELSE 0 END)" for b in bounds)
-        row = self.conn.execute(
-            f"SELECT {buckets}, COUNT(*), COALESCE(SUM(finished_at - started_at), 0) FROM "
-            "attempts WHERE finished_at IS NOT NULL").fetchone()
-        return [int(n or 0) for n in row[:-2]], int(row[-2]), float(row[-1])
+    def attempt_totals(self, bounds: Sequence[float], runs: Sequence[str] | None = None
+                       ) -> Iterator[tuple[Any, ...]]:
+        """The attempts of `runs` (None: of every run), per run and attempt status: (run id,
+        the run's pipeline, status and end, the attempts' status, how many, how many of them
+        ended within each of `bounds` seconds (cumulative), how many ended, their seconds in
+        all)."""
+        buckets = "".join(f"SUM(CASE WHEN a.finished_at - a.started_at <= {float(b)!r} THEN 1 "
+                          "ELSE 0 END), " for b in bounds)
+        sql = ("SELECT a.run_id, r.pipeline, r.status, r.finished_at, a.status, COUNT(*), "
+               f"{buckets}COUNT(a.finished_at), COALESCE(SUM(a.finished_at - a.started_at), 0) "
+               "FROM attempts a JOIN runs r ON r.id = a.run_id {} GROUP BY a.run_id, "
+               "r.pipeline, r.status, r.finished_at, a.status")
+        if runs is None:
+            yield from self.conn.execute(sql.format(""))
+            return
+        for i in range(0, len(runs), 500):
+            chunk = runs[i:i + 500]
+            yield from self.conn.execute(
+                sql.format(f"WHERE a.run_id IN ({', '.join('?' * len(chunk))})"), chunk)
 
     def oldest_queued(self) -> float | None:
         """When the partition queued longest ago (of a run not over) was queued."""

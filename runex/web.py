@@ -35,6 +35,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs, quote, urlencode, urlsplit
@@ -46,6 +47,7 @@ from runex import __version__, _standing_in, trace
 with _standing_in("ssl"):
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from runex.errors import NotFound, UsageError
+from runex.ledger import TERMINAL_RUN as TERMINAL
 
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 # Attempt durations' histogram buckets, in seconds (Prometheus' `le`).
@@ -140,6 +142,7 @@ class Dashboard:
             rx.ledger.conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
         self.csrf = os.urandom(16).hex()  # what every form carries back
         self.lock = threading.Lock()  # one answer at a time
+        self.attempts = AttemptTotals()  # for /metrics
         self.routes: list[tuple[str, Callable[[str, dict[str, str]], Answer]]] = [
             ("/api/runs/", self.api_run), ("/api/runs", self.api_runs),
             ("/api/schedules", self.api_schedules), ("/api/workers", self.api_workers),
@@ -319,13 +322,13 @@ class Dashboard:
                    [({"pipeline": p, "status": s}, n) for p, s, n in ledger.runs_by_status()])
         out.family("runex_partitions", "gauge", "Partitions of the runs kept, by status.",
                    [({"status": s}, n) for s, n in ledger.partitions_by_status().items()])
-        outcomes = ledger.attempts_by_outcome()
+        attempts = self.attempts.read(ledger)
         out.family("runex_attempts", "counter", "Attempts at partitions, by pipeline and "
                    "outcome (of the runs kept).",
-                   [({"pipeline": p, "outcome": s}, n) for p, s, n in outcomes])
-        counts, total, seconds = ledger.attempt_seconds(BUCKETS)
+                   [({"pipeline": p, "outcome": s}, n)
+                    for (p, s), n in sorted(attempts.outcomes.items())])
         out.histogram("runex_attempt_duration_seconds", "How long attempts that ended took.",
-                      BUCKETS, counts, total, seconds)
+                      BUCKETS, attempts.buckets, attempts.ended, attempts.seconds)
         out.family("runex_queue_depth", "gauge", "Partitions queued, of runs not over.",
                    [({}, sum(ledger.queued_counts().values()))])
         oldest = ledger.oldest_queued()
@@ -336,7 +339,8 @@ class Dashboard:
                    "by host.", [({"host": h}, n) for h, n in
                                 consumers_by_host(self.rx.workers()["consumers"]).items()])
         out.family("runex_recovered", "counter", "Attempts declared lost (their worker died) "
-                   "and recovered.", [({}, sum(n for _, s, n in outcomes if s == "lost"))])
+                   "and recovered.", [({}, sum(n for (_, s), n in attempts.outcomes.items()
+                                               if s == "lost"))])
         last, upcoming = [], []
         for s in self.rx.schedules(check=False):
             if s.get("pipeline") and s.get("last"):
@@ -677,6 +681,64 @@ def duration(seconds: float | None) -> str | None:
     if seconds < 3600:
         return f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+@dataclass
+class Totals:
+    """Attempts by (pipeline, outcome); of those that ended, how many took at most each of
+    `BUCKETS` seconds, how many, and their seconds."""
+
+    outcomes: dict[tuple[str, str], int] = field(default_factory=dict)
+    buckets: list[int] = field(default_factory=lambda: [0] * len(BUCKETS))
+    ended: int = 0
+    seconds: float = 0.0
+
+    def add(self, row: tuple[Any, ...]) -> None:
+        """Add a row of `Ledger.attempt_totals`."""
+        _, pipeline, _, _, state, n, *buckets, ended, seconds = row
+        self.outcomes[pipeline, state] = self.outcomes.get((pipeline, state), 0) + n
+        self.buckets = [a + (b or 0) for a, b in zip(self.buckets, buckets, strict=True)]
+        self.ended += ended
+        self.seconds += seconds
+
+    def plus(self, other: Totals) -> Totals:
+        both = Totals(dict(self.outcomes), list(self.buckets), self.ended, self.seconds)
+        for key, n in other.outcomes.items():
+            both.outcomes[key] = both.outcomes.get(key, 0) + n
+        both.buckets = [a + b for a, b in zip(both.buckets, other.buckets, strict=True)]
+        both.ended += other.ended
+        both.seconds += other.seconds
+        return both
+
+
+class AttemptTotals:
+    """The attempts of the runs the ledger keeps, as `/metrics` counts them, without reading
+    a million of them at every scrape: a run that is over is read once, its attempts added
+    to totals and its end time kept; runs not over are read at every scrape; a run over that
+    changed (retried: a new end) or went (pruned) has everything read again."""
+
+    def __init__(self) -> None:
+        self.over: dict[str, float | None] = {}  # run id -> its end, for those in `totals`
+        self.totals = Totals()
+        self.built = False
+
+    def read(self, ledger: Any) -> Totals:
+        runs = ledger.run_ends()
+        ends = {run_id: end for run_id, state, end in runs if state in TERMINAL}
+        if any(ends.get(run_id, -1.0) != end for run_id, end in self.over.items()):
+            self.over, self.totals, self.built = {}, Totals(), False
+        fresh = [run_id for run_id in ends if run_id not in self.over]
+        going = [run_id for run_id, state, _ in runs if state not in TERMINAL]
+        now = Totals()
+        for row in ledger.attempt_totals(BUCKETS, None if not self.built else fresh + going):
+            run_id, _, state, end = row[:4]
+            if state in TERMINAL and ends.get(run_id, -1.0) == end:  # over, as seen above
+                self.totals.add(row)
+            else:
+                now.add(row)
+        self.over.update((run_id, ends[run_id]) for run_id in fresh)
+        self.built = True
+        return self.totals.plus(now)
 
 
 class Exposition:

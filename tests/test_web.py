@@ -190,6 +190,22 @@ def test_metrics_parse_with_the_prometheus_client_and_agree_with_the_ledger(serv
     assert samples[("runex_recovered_total", ())] == 0
     assert families["runex_attempt_duration_seconds"].type == "histogram"
     assert families["runex_attempts"].type == "counter"
+    # Runs over are read once and remembered; one retried (a new end) is read again, and a
+    # run submitted since is counted too.
+    (rx.project.root / "data" / f"{EVIL_NAME}.jsonl").write_text(
+        '{"name": "good"}\n')
+    rx.retry(run_id)
+    drain(rx)
+    second = rx.submit("p.toml")
+    drain(rx)
+    assert rx.show(second).status == "succeeded"
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(get(port, "/metrics")[1])
+               for s in f.samples}
+    assert samples[("runex_attempts_total", (("outcome", "failed"), ("pipeline", "p")))] == 1
+    assert samples[("runex_attempts_total", (("outcome", "succeeded"), ("pipeline", "p")))] == 4
+    assert samples[("runex_attempt_duration_seconds_count", ())] == 5
+    assert samples[("runex_runs", (("pipeline", "p"), ("status", "succeeded")))] == 2
 
 
 def test_it_refuses_other_hosts_tokens_missing_and_writes(served, tmp_path):
