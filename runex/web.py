@@ -713,32 +713,49 @@ class Totals:
 
 class AttemptTotals:
     """The attempts of the runs the ledger keeps, as `/metrics` counts them, without reading
-    a million of them at every scrape: a run that is over is read once, its attempts added
-    to totals and its end time kept; runs not over are read at every scrape; a run over that
-    changed (retried: a new end) or went (pruned) has everything read again."""
+    a million of them at every scrape: the runs over are read once and their attempts kept
+    as totals, with the latest end among them (`mark`) and a checksum of the runs counted;
+    then each scrape reads the runs not over and those that ended after the mark. A run
+    counted that changed (retried: a new end) or went (pruned) changes the checksum, and
+    everything is read again."""
 
     def __init__(self) -> None:
-        self.over: dict[str, float | None] = {}  # run id -> its end, for those in `totals`
         self.totals = Totals()
-        self.built = False
+        self.mark = float("-inf")
+        self.check: tuple[int, int] | None = None  # (runs counted, checksum): None, unbuilt
 
     def read(self, ledger: Any) -> Totals:
         runs = ledger.run_ends()
-        ends = {run_id: end for run_id, state, end in runs if state in TERMINAL}
-        if any(ends.get(run_id, -1.0) != end for run_id, end in self.over.items()):
-            self.over, self.totals, self.built = {}, Totals(), False
-        fresh = [run_id for run_id in ends if run_id not in self.over]
-        going = [run_id for run_id, state, _ in runs if state not in TERMINAL]
-        now = Totals()
-        for row in ledger.attempt_totals(BUCKETS, None if not self.built else fresh + going):
-            run_id, _, state, end = row[:4]
-            if state in TERMINAL and ends.get(run_id, -1.0) == end:  # over, as seen above
-                self.totals.add(row)
+        ends = {run_id: end for run_id, state, end in runs
+                if state in TERMINAL and end is not None}
+        if self.check != checksum((r, e) for r, e in ends.items() if e <= self.mark):
+            self.totals, self.mark, self.check = Totals(), float("-inf"), None
+        fresh = {run_id: end for run_id, end in ends.items() if end > self.mark}
+        going = [run_id for run_id, _, end in runs if run_id not in ends]
+        counted, now, settled = Totals(), Totals(), True
+        for row in ledger.attempt_totals(BUCKETS, None if self.check is None
+                                         else [*fresh, *going]):
+            run_id, _, _, end = row[:4]
+            if run_id in fresh and fresh[run_id] == end:  # over, as seen above
+                counted.add(row)
             else:
                 now.add(row)
-        self.over.update((run_id, ends[run_id]) for run_id in fresh)
-        self.built = True
-        return self.totals.plus(now)
+                settled = settled and run_id not in ends  # changed since it was seen
+        if settled:  # else those runs are read again next time
+            self.totals = self.totals.plus(counted)
+            self.mark = max([self.mark, *fresh.values()])
+            self.check = checksum((r, e) for r, e in ends.items() if e <= self.mark)
+            return self.totals.plus(now)
+        return self.totals.plus(counted).plus(now)
+
+
+def checksum(runs: Iterable[tuple[str, float]]) -> tuple[int, int]:
+    """How many `runs` (id, end) there are, and a sum of their hashes."""
+    n = total = 0
+    for run_id, end in runs:
+        n += 1
+        total += zlib.crc32(f"{run_id} {end!r}".encode())
+    return n, total
 
 
 class Exposition:
