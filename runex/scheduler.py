@@ -9,6 +9,7 @@ consumers, a restart inside a minute, or a clock stepped back never fire a time 
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 from collections.abc import Callable, Container
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from runex.registry import display_path
 Submit = Callable[[Pipeline, Any, dt.datetime, Callable[[NewRun], bool]], str | None]
 
 MISSED_AFTER = dt.timedelta(seconds=60)  # a fire time older than this when seen was missed
+MISSED_COUNTED = 10000  # missed fire times counted at most (a year of every minute is more)
 DEFAULT_PIPELINES = "pipelines/*.toml"
 
 
@@ -80,7 +82,9 @@ class Scheduler:
         return created
 
     def due(self, entry: Entry, now: dt.datetime) -> list[dt.datetime]:
-        """The fire times to fire now, after the pipeline's last fire, per its catch-up."""
+        """The fire times to fire now, after the pipeline's last fire, per its catch-up. The
+        latest of those it will not fire (missed while no consumer ran) is recorded as
+        `missed`, with how many were."""
         options, ledger = entry.pipeline.options, self.ledger
         start = parse_time(ledger.schedule_since(entry.pipeline.name, iso(now)))
         last = ledger.last_fire(entry.pipeline.name)
@@ -94,10 +98,27 @@ class Scheduler:
         if entry.next_fire[1] is None or now < entry.next_fire[1]:
             return []
         count = options.max_catchup if options.catchup == "all" else 1
-        times = entry.schedule.latest(start, now, count)
+        times = entry.schedule.latest(start, now, count + 1)  # and the latest one missed
         if options.catchup == "skip":
-            times = [t for t in times if now - t <= MISSED_AFTER]
-        return times
+            fire = [t for t in times if now - t <= MISSED_AFTER][-count:]
+        else:
+            fire = times[-count:]
+        missed = [t for t in times if t not in fire][-1:]  # and any before it
+        if missed:
+            self.missed(entry, start, missed[0], options.catchup)
+        return fire
+
+    def missed(self, entry: Entry, start: dt.datetime, latest: dt.datetime,
+               catchup: str) -> None:
+        """Record the latest fire time missed while no consumer ran, with how many were."""
+        name, when = entry.pipeline.name, iso(latest)
+        n = sum(1 for _ in itertools.islice(entry.schedule.between(start, latest), MISSED_COUNTED))
+        reason = (f"{'more than ' if n == MISSED_COUNTED else ''}{n:,} fire time"
+                  f"{'s' if n != 1 else ''} up to this one missed while no consumer ran "
+                  f"(catchup = {catchup!r})")
+        if self.ledger.record_fire(name, when, "missed", reason):
+            trace.logger(pipeline=name, fire_time=when).warning("schedule.missed",
+                                                                 reason=reason)
 
     def fire(self, entry: Entry, fire_time: dt.datetime, paused: Container[str] = ()
              ) -> str | None:

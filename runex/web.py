@@ -66,6 +66,7 @@ COLOURS = {  # a partition's status: its colour in the grid and the stylesheet
     "timeout": "#bc4c00", "cancelled": "#8c959f", "quarantined": "#8250df"}
 RETRYABLE = ("failed", "timeout", "quarantined", "cancelled")
 PAGE = 50  # runs on a page of runs
+CHARTED = 60  # the latest runs of each pipeline in its charts
 CACHE_KIB = 512  # the ledger's page cache (SQLite's default: 2 MiB)
 SHOWN = 200  # partitions on a run's page
 STYLE = """
@@ -197,15 +198,15 @@ class Dashboard:
                 "pipelines": self.pipeline_history(now - 7 * 86400)}
 
     def pipeline_history(self, since: float) -> dict[str, list[dict[str, Any]]]:
-        """Each pipeline's runs over since `since`: when each ended, how long it took, its
-        records per second."""
+        """Each pipeline's runs over since `since` (the latest `CHARTED`): when each ended,
+        how long it took, its records per second."""
         history: dict[str, list[dict[str, Any]]] = {}
-        for r in self.rx.ledger.runs_over(since):
+        for r in self.rx.ledger.runs_over(since, CHARTED * 10):
             seconds = max(r["finished_at"] - r["started_at"], 1e-6)
             history.setdefault(r["pipeline"], []).append(
                 {"id": r["id"], "status": r["status"], "finished_at": r["finished_at"],
                  "seconds": seconds, "records_per_second": (r["records_out"] or 0) / seconds})
-        return history
+        return {name: runs[-CHARTED:] for name, runs in history.items()}
 
     def run_query(self, query: dict[str, str]) -> list[dict[str, Any]]:
         """The runs a page of runs shows: `pipeline`, `status`, `since`, `offset`."""

@@ -84,9 +84,10 @@ def test_three_consumers_fire_each_time_once_even_after_a_restart_or_a_clock_ste
     assert runs(Runex()) == [("2026-11-27T12:01:00Z", "queued"), ("2026-11-27T12:02:00Z", "queued")]
 
 
-@pytest.mark.parametrize("catchup, expected", [
-    ("skip", []), ("latest", ["12:30"]), ("all", ["12:20", "12:30"])])
-def test_catchup_after_downtime(project, catchup, expected):
+@pytest.mark.parametrize("catchup, expected, missed", [
+    ("skip", [], ("12:30", "3 fire times")), ("latest", ["12:30"], ("12:20", "2 fire times")),
+    ("all", ["12:20", "12:30"], ("12:10", "1 fire time"))])
+def test_catchup_after_downtime(project, catchup, expected, missed):
     scheduled(project, f'every = "10m"\ncatchup = "{catchup}"\nmax_catchup = 2\noverlap = "allow"')
     rx = Runex()
     scheduler = rx.scheduler()
@@ -95,6 +96,12 @@ def test_catchup_after_downtime(project, catchup, expected):
     created = scheduler.tick(at(35))  # no consumer ran from 12:01 to 12:35
     got = sorted(rx.ledger.run(r)["scheduled_for"][11:16] for r in created)
     assert got == expected
+    # the latest fire time not fired is recorded as missed, with how many were
+    fire = rx.ledger.fire("p", f"2026-11-27T{missed[0]}:00Z")
+    assert (fire["status"], fire["reason"]) == ("missed", f"{missed[1]} up to this one missed "
+                                                f"while no consumer ran (catchup = {catchup!r})")
+    assert scheduler.tick(at(35, 30)) == []  # nothing more
+    assert [f["status"] for f in rx.ledger.fires("p", 10)].count("missed") == 1
 
 
 @pytest.mark.parametrize("overlap", ["skip", "queue", "allow"])
