@@ -197,8 +197,9 @@ def failed(claim: Claim, exc: BaseException, done: Stats | Outcome, log: Any
 
 def check_code(state: WorkerState, claim: Claim, plan: Plan, log: Any) -> None:
     """Refuse to run a partition with code other than the run's (`code_drift = "refuse"`,
-    the default: `CodeDrift`), or say so once per run and go on (`"warn"`). Runs submitted
-    before runex recorded their code are not checked."""
+    the default: `CodeDrift`), or say so once per run and go on (`"warn"`, and always when
+    only runex's own files differ: an upgrade keeps the runs it finds queued). Runs
+    submitted before runex recorded their code are not checked."""
     code = claim.code
     if not code or code.get("version") == plan.code_version:
         return
@@ -212,11 +213,15 @@ def check_code(state: WorkerState, claim: Claim, plan: Plan, log: Any) -> None:
                   if code.get("runex") != __version__ else "")
                + (" (the pipeline file is the same run's: only the code differs)"
                   if not differ and code.get("runex") == __version__ else ""))
-    if state.code_drift == "warn":
+    # runex's own files differ (it was upgraded since the run was queued, or hosts run two
+    # versions of it), the extensions do not: the run goes on with this runex, and says so.
+    upgraded = bool(differ) and all(f.startswith("runex/") for f in differ)
+    if state.code_drift == "warn" or upgraded:
         if claim.run_id not in state.drift_told:
             state.drift_told.add(claim.run_id)
-            log().warning("code.drifted", message=message + "; running it anyway "
-                          '(code_drift = "warn")')
+            log().warning("code.drifted", message=message + (
+                "; running it with this runex (only runex's own files differ)" if upgraded
+                else '; running it anyway (code_drift = "warn")'))
         return
     raise CodeDrift(message + "; give every host the same extension files and runex version "
                     '(or set code_drift = "warn" in runex.toml to run it anyway)')
