@@ -11,7 +11,9 @@ import time
 
 import pytest
 
-from .conftest import ledger_rows, runex_cli, traced, work_pipeline, write
+from runex import Runex
+
+from .conftest import drain, ledger_rows, runex_cli, traced, work_pipeline, write
 from .test_recovery import wait_for
 
 pytestmark = pytest.mark.usefixtures("database")  # each test on SQLite and on PostgreSQL
@@ -60,6 +62,26 @@ def test_a_host_with_other_code_refuses_the_run_or_warns(project):
     assert show(project, run_id)["status"] == "succeeded"
     warned = traced(project, "code.drifted")
     assert len(warned) == 1 and "files that differ: extensions/k.py" in warned[0]["message"]
+
+
+def test_a_run_queued_before_runex_was_upgraded_runs_with_the_new_runex(project):
+    """Only runex's own files differ from the run's (an upgrade since it was queued): it
+    runs, and the log says which changed; the extension files are the run's."""
+    work_pipeline(project, stop=20, options="retries = 0")
+    rx = Runex()
+    run_id = rx.submit("pipelines/p.toml")
+    code = json.loads(ledger_rows(project, "SELECT code FROM runs")[0][0])
+    assert "runex/builtins/basic.py" in code["files"] and "extensions/k.py" in code["files"]
+    code["files"]["runex/builtins/basic.py"] = "0" * 12  # as an earlier runex had it
+    code["version"] = "0" * 12
+    with rx.ledger.tx() as conn:
+        conn.execute("UPDATE runs SET code = ? WHERE id = ?", (json.dumps(code), run_id))
+    drain(rx)
+    assert rx.show(run_id).status == "succeeded"
+    (warned,) = traced(project, "code.drifted")
+    assert "files that differ: runex/builtins/basic.py;" in warned["message"]
+    assert warned["message"].endswith("running it with this runex (only runex's own files "
+                                      "differ)")
 
 
 @pytest.mark.slow
