@@ -181,16 +181,20 @@ def submit(ctx: click.Context, pipeline: str, params: tuple[str, ...], as_json: 
 @cli.command()
 @click.argument("pipeline", type=click.Path(dir_okay=False))
 @click.option("-p", "--param", "params", multiple=True, help=PARAM_HELP)
+@click.option("--changed", is_flag=True, help="Incremental: skip the partitions whose input, "
+              "code and parameters are those of their last commit (options.incremental).")
 @worker_options
 @log_options
 @project_options
 @click.pass_context
-def run(ctx: click.Context, pipeline: str, params: tuple[str, ...], workers: int | None,
-        profile: str | None, log_format: str | None, log_level: str, quiet: bool,
-        home: str | None, extension_dirs: tuple[str, ...]) -> None:
+def run(ctx: click.Context, pipeline: str, params: tuple[str, ...], changed: bool,
+        workers: int | None, profile: str | None, log_format: str | None, log_level: str,
+        quiet: bool, home: str | None, extension_dirs: tuple[str, ...]) -> None:
     """Submit PIPELINE and process it here with worker processes until the run ends.
 
     Exits 0 when the run succeeded, 1 when it failed or was cancelled."""
+    if changed:
+        params = (*params, "options.incremental=true")
     rx = open_runex(home, extension_dirs)
     rx.trace_to_home(console=not quiet, verbose=ctx.obj["verbose"], log_format=log_format,
                      log_level=log_level)
@@ -224,7 +228,7 @@ class Progress:
 
     def __call__(self, counts: dict[str, int]) -> None:
         total = sum(counts.values())
-        done = sum(counts.get(s, 0) for s in ("succeeded", "failed", "cancelled"))
+        done = sum(counts.get(s, 0) for s in ("succeeded", "skipped", "failed", "cancelled"))
         width = 30
         filled = width * done // total if total else width
         extra = "".join(f"  {counts[s]} {s}" for s in ("running", "failed") if counts.get(s))
@@ -450,7 +454,7 @@ def show(ctx: click.Context, run_ref: str, listed: bool, status: str | None, aft
         parts = run.partitions.where(status, after=after, limit=limit)
         note = ""
     else:
-        unsettled = total - counts.get("succeeded", 0)
+        unsettled = total - counts.get("succeeded", 0) - counts.get("skipped", 0)
         parts = run.partitions.where(unsettled=True, limit=20) if unsettled else iter(())
         note = (f"({min(unsettled, 20):,} of {total:,} partitions shown: those that did not "
                 "succeed; `--partitions` lists them all, `--status failed` the failed ones)")

@@ -8,6 +8,7 @@ consumer (`runex.consumer`), or in the caller's process (`Runex.run(..., workers
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import signal
@@ -244,6 +245,8 @@ def run_one(state: WorkerState, claim: Claim, cancel: Cancellation, timeout: flo
     stats = Stats()
     began, started = time.time(), time.perf_counter()
     plan: Plan | None = None
+    fingerprint: str | None = None
+    skip = False
     state.running.begin(claim, timeout)
     try:
         # The soft limit starts with the hard one: loading the pipeline's code counts too.
@@ -251,7 +254,10 @@ def run_one(state: WorkerState, claim: Claim, cancel: Cancellation, timeout: flo
             try:
                 plan = state.plan(claim.run_id, claim.spec)
                 check_code(state, claim, plan, log)
-                process(plan, claim, stats, cancel)
+                fingerprint = fingerprint_of(plan, claim)
+                skip = unchanged(state, plan, claim, fingerprint)
+                if not skip:
+                    process(plan, claim, stats, cancel)
             finally:
                 state.running.end()
     except KeyboardInterrupt:
@@ -271,16 +277,40 @@ def run_one(state: WorkerState, claim: Claim, cancel: Cancellation, timeout: flo
         outcome, delay = failed(claim, exc, stats, log().bind(
             seconds=round(time.perf_counter() - started, 4)))
         outcome.started, outcome.code_version = began, plan and plan.code_version
-        outcome.steps = stats.step_rows()
+        outcome.steps, outcome.fingerprint = stats.step_rows(), fingerprint
         return outcome, delay
     if chatty:
         _log_steps(log(), stats)
         log().debug("partition.committed", records_in=stats.records_in,
                     records_out=stats.records_out,
                     seconds=round(time.perf_counter() - started, 4))
+    if skip:
+        if chatty:
+            log().debug("partition.skipped", fingerprint=fingerprint)
+        return Outcome(claim, "skipped", started=began, code_version=plan.code_version,
+                       fingerprint=fingerprint), 0.0
+    incremental = plan.pipeline.options.incremental
     return Outcome(claim, "succeeded", stats.records_in, stats.records_out,
                    started=began, code_version=plan.code_version,
-                   steps=stats.step_rows()), 0.0
+                   steps=stats.step_rows(), fingerprint=fingerprint,
+                   output=(plan.target, plan.inputs_version) if incremental else None), 0.0
+
+
+def fingerprint_of(plan: Plan, claim: Claim) -> str | None:
+    """What the partition's input is now, as its source tells (JSON), or None."""
+    if plan.source_fingerprint is None:
+        return None
+    value = plan.source_fingerprint(claim.key, **plan.source_fingerprint_params)
+    return None if value is None else json.dumps(value, sort_keys=True, default=str)
+
+
+def unchanged(state: WorkerState, plan: Plan, claim: Claim, fingerprint: str | None) -> bool:
+    """Whether an incremental run may skip the partition: its last commit into the same
+    sink target read the same input (fingerprint) with the same code and parameters."""
+    if not plan.pipeline.options.incremental or fingerprint is None:
+        return False
+    return state.ledger.last_output(plan.target, claim.key) == (fingerprint,
+                                                                  plan.inputs_version)
 
 
 def _record(state: WorkerState, run_id: str, outcomes: list[Outcome],

@@ -26,7 +26,7 @@ def finalize_run(state: WorkerState, run_id: str) -> None:
     log = trace.logger(run_id=run_id, pipeline=run["pipeline"])
     counts = state.ledger.progress(run_id)
     total = run["partition_count"]
-    failed = total - counts.get("succeeded", 0)
+    failed = total - counts.get("succeeded", 0) - counts.get("skipped", 0)
     error = None
     if failed:
         bad = state.ledger.partitions(run_id, unsettled=True, limit=10)
@@ -41,7 +41,10 @@ def finalize_run(state: WorkerState, run_id: str) -> None:
             plan = state.plan(run_id, json.loads(run["spec"]))
             if plan.sink_finalize is not None:
                 ctx = SinkContext(run_id=run_id, pipeline=run["pipeline"],
-                                  params=plan.sink_params, partition_count=total)
+                                  params=plan.sink_params, partition_count=total,
+                                  partition_keys=lambda: (
+                                      json.loads(p["key"])
+                                      for p in state.ledger.partitions(run_id)))
                 with chdir(Path(run["project_dir"])), state.holding.finalizing(
                         state.ledger, run_id, holder()):
                     plan.sink_finalize(ctx)

@@ -27,7 +27,9 @@ TERMINAL_RUN = ("succeeded", "failed", "cancelled")  # a run in one of these is 
 LEASE_SECONDS = 60.0  # a claim not renewed for this long is lost (`lease` in runex.toml)
 # The conditions of the partial indexes, written the same in every query that uses them (an
 # engine uses such an index only for a query whose WHERE has the index's condition).
-UNSETTLED = "status != 'succeeded'"  # partitions: not done, or not done well
+# partitions: not done, or not done well (skipped: an incremental run found it done before)
+UNSETTLED = "status NOT IN ('succeeded', 'skipped')"
+DONE = ("succeeded", "skipped")
 RUNNING = "status = 'running'"  # attempts
 OPEN_RUN = "status IN ('queued', 'running')"  # runs
 # Fires that pruning keeps: the newest of each pipeline (its schedule's memory), and waiting ones
@@ -236,8 +238,32 @@ SCHEMA = [
             source TEXT)""",
         "ALTER TABLE consumers ADD COLUMN worker_pids TEXT",
     ],
+    # version 7: lineage. The input each attempt read (its source's fingerprint); a
+    # partition an incremental run skips (`skipped`: not unsettled); and, per sink target and
+    # partition key, the last commit of an incremental run: what it read and with which
+    # code and parameters.
+    [
+        "ALTER TABLE attempts ADD COLUMN fingerprint TEXT",
+        "DROP INDEX partitions_unsettled",
+        f"CREATE INDEX partitions_unsettled ON partitions (run_id, status) WHERE {UNSETTLED}",
+        """CREATE TABLE outputs (
+            target TEXT NOT NULL,
+            key TEXT NOT NULL,
+            fingerprint TEXT,
+            version TEXT NOT NULL,
+            run_id TEXT NOT NULL,
+            idx INTEGER NOT NULL,
+            attempt INTEGER NOT NULL,
+            committed_at REAL NOT NULL,
+            PRIMARY KEY (target, key)){clustered}""",
+    ],
 ]
 ALL_WORK = "*"  # the target of a pause of all work
+
+
+def key_text(key: Any) -> str:
+    """A partition key as the `outputs` table keeps it."""
+    return json.dumps(key, sort_keys=True, separators=(",", ":"))
 
 
 def new_run_id() -> str:
@@ -274,6 +300,8 @@ class Outcome:
     started: float | None = None  # when it really started, if after its claim
     code_version: str | None = None  # of the code it ran (`extensions.code_version`)
     steps: list[list[float]] | None = None  # per step: records in, records out, seconds
+    fingerprint: str | None = None  # of the input it read (JSON), if its source tells
+    output: tuple[str, str] | None = None  # an incremental run's (target, inputs version)
 
 
 @dataclass(frozen=True)
@@ -709,12 +737,21 @@ class Ledger:
             conn.executemany(
                 "UPDATE attempts SET status = ?, started_at = COALESCE(?, started_at), "
                 "finished_at = ?, records_in = ?, records_out = ?, error = ?, traceback = ?, "
-                "code_version = ?, steps = ? WHERE run_id = ? AND idx = ? AND attempt = ? "
-                f"AND {RUNNING}",
+                "code_version = ?, steps = ?, fingerprint = ? WHERE run_id = ? AND idx = ? AND "
+                f"attempt = ? AND {RUNNING}",
                 [(o.status if ok else "fenced", o.started, now, o.records_in, o.records_out,
                   o.error, o.traceback, o.code_version,
-                  o.steps and json.dumps(o.steps, separators=(",", ":")), run_id,
-                  o.claim.index, o.claim.attempt) for o, ok, _ in ended])
+                  o.steps and json.dumps(o.steps, separators=(",", ":")), o.fingerprint,
+                  run_id, o.claim.index, o.claim.attempt) for o, ok, _ in ended])
+            conn.executemany(  # what the next incremental run compares with
+                "INSERT INTO outputs (target, key, fingerprint, version, run_id, idx, attempt, "
+                "committed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (target, key) DO "
+                "UPDATE SET fingerprint = excluded.fingerprint, version = excluded.version, "
+                "run_id = excluded.run_id, idx = excluded.idx, attempt = excluded.attempt, "
+                "committed_at = excluded.committed_at",
+                [(o.output[0], key_text(o.claim.key), o.fingerprint, o.output[1], run_id,
+                  o.claim.index, o.claim.attempt, now)
+                 for o, ok, status in ended if ok and status == "succeeded" and o.output])
             moved["running"] = -sum(applied)
             moved["queued"] = len(released)
             for o, ok, status in ended:
@@ -750,6 +787,13 @@ class Ledger:
     def running_attempts(self) -> list[dict[str, Any]]:
         return self._rows("SELECT run_id, idx, attempt, host, pid, pid_started, boot_id, "
                           f"lease_until FROM attempts WHERE {RUNNING}")
+
+    def last_output(self, target: str, key: Any) -> tuple[str | None, str] | None:
+        """(fingerprint, inputs version) of the last commit of partition `key` into `target`
+        by an incremental run, or None."""
+        return self.conn.execute(
+            "SELECT fingerprint, version FROM outputs WHERE target = ? AND key = ?",
+            (target, key_text(key))).fetchone()
 
     def running_work(self) -> list[dict[str, Any]]:
         """The attempts running now with their pipeline and partition key, oldest first."""
@@ -1124,7 +1168,7 @@ class Ledger:
         `limit`, of one `status` only, or (`unsettled`) only those that did not succeed."""
         where = ""
         params: list[Any] = [run_id, after]
-        if unsettled or status not in (None, "succeeded"):
+        if unsettled or status not in (None, *DONE):
             where += f" AND {UNSETTLED}"
         if status is not None:
             where += " AND status = ?"
@@ -1242,7 +1286,7 @@ class Ledger:
     # What `copy_into` copies, in this order (a run before its partitions); consumers are
     # not history: those of the new ledger register as they start.
     HISTORY = ("runs", "partitions", "attempts", "run_counts", "schedules", "fires", "pruning",
-               "pauses")
+               "pauses", "outputs")
 
     def copy_into(self, target: Ledger, batch: int = 5000) -> dict[str, int]:
         """Copy this ledger's history (runs with their partitions, attempts and counts;

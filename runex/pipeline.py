@@ -45,6 +45,7 @@ class Options:
     catchup: str = "latest"  # fire times missed while no consumer ran: skip | latest | all
     max_catchup: int = 10  # with catchup = "all": at most this many of the latest
     overlap: str = "skip"  # when the previous run still goes: skip | queue | allow
+    incremental: bool = False  # skip a partition whose input and code are its last commit's
 
     @property
     def scheduled(self) -> bool:
@@ -55,7 +56,7 @@ OPTION_TYPES = {"retries": int, "retry_delay": "duration", "max_retry_delay": "d
                 "timeout": "duration", "batch_size": int, "priority": int,
                 "quarantine_after": int, "schedule": str, "every": "duration", "timezone": str,
                 "catchup": ("skip", "latest", "all"), "max_catchup": int,
-                "overlap": ("skip", "queue", "allow")}
+                "overlap": ("skip", "queue", "allow"), "incremental": bool}
 
 
 @dataclass
@@ -196,6 +197,10 @@ def from_mapping(data: dict[str, Any], name: str, where: str = "<pipeline>") -> 
         elif kind is str:
             if not isinstance(value, str):
                 raise PipelineError(f"{where}: options.{key} must be a string, not {value!r}")
+        elif kind is bool:
+            if not isinstance(value, bool):
+                raise PipelineError(f"{where}: options.{key} must be true or false, "
+                                    f"not {value!r}")
         elif isinstance(kind, tuple):
             if value not in kind:
                 raise PipelineError(f"{where}: options.{key} must be one of "
@@ -345,6 +350,13 @@ class Plan:
     sink_params: dict[str, Any]
     code_version: str = ""  # see `extensions.code_version`
     code_files: dict[str, str] = field(default_factory=dict)  # see `extensions.code_files`
+    source_fingerprint: Callable | None = None
+    source_fingerprint_params: dict[str, Any] = field(default_factory=dict)
+    # What an incremental run compares with a partition's last commit, beside its key and
+    # fingerprint: the code and the parameters of its source, steps and sink (not the
+    # pipeline's name or options); and where it commits (the sink and its parameters).
+    inputs_version: str = ""
+    target: str = ""
 
 
 def check(pipeline: Pipeline, registry: Registry) -> Plan:
@@ -367,6 +379,8 @@ def check(pipeline: Pipeline, registry: Registry) -> Plan:
         sigs = [Signature.of(source.read, 1)]
         if source.partitions is not None:
             sigs.append(Signature.of(source.partitions, 0))
+        if source.fingerprint is not None:
+            sigs.append(Signature.of(source.fingerprint, 1))
         problems += _check_params(pipeline.source.params, sigs,
                                   f"[source] (source {source.name!r}, {source.origin})")
     kernels = []
@@ -398,11 +412,26 @@ def check(pipeline: Pipeline, registry: Registry) -> Plan:
                 if not isinstance(sink_params, dict):
                     problems.append(f"{label}: its configure must return the parameters as a "
                                     f"dict (they become ctx.params), not {sink_params!r}")
+    if pipeline.options.incremental and not problems:
+        mode = sink_params.get("mode")
+        if mode not in (None, "partition", "upsert"):
+            problems.append(f"options.incremental: the sink {sink.name!r} with mode = {mode!r} "
+                            "would keep the rows of a changed partition's earlier commit, or "
+                            'lose those of one it skips: use mode = "partition" (a newer commit '
+                            "of a key replaces its rows)")
+        if source.fingerprint is None:
+            problems.append(f"options.incremental: the source {source.name!r} ({source.origin})"
+                            " gives no fingerprint of its partitions' input, so none can be "
+                            "skipped: give its DataSourceSpec a fingerprint")
     if problems:
         raise PipelineError(f"{where}: " + (problems[0] if len(problems) == 1 else
                             f"{len(problems)} problems:\n  " + "\n  ".join(problems)))
     read_sig = Signature.of(source.read, 1)
     part_sig = Signature.of(source.partitions, 0) if source.partitions else None
+    print_sig = Signature.of(source.fingerprint, 1) if source.fingerprint else None
+    files = code_files(source.read, *(k.fn for k, _ in kernels), sink.write,
+                       *([source.fingerprint] if source.fingerprint else []))
+    spec = pipeline.to_dict()
     return Plan(
         pipeline=pipeline,
         source_read=source.read,
@@ -414,7 +443,10 @@ def check(pipeline: Pipeline, registry: Registry) -> Plan:
         sink_finalize=sink.finalize,
         sink_sync=sink.sync,
         sink_params=sink_params,
-        code_version=code_version(files := code_files(
-            source.read, *(k.fn for k, _ in kernels), sink.write), pipeline.to_dict()),
+        code_version=code_version(files, spec),
         code_files=files,
+        source_fingerprint=source.fingerprint,
+        source_fingerprint_params=print_sig.select(pipeline.source.params) if print_sig else {},
+        inputs_version=code_version(files, {k: spec[k] for k in ("source", "steps", "sink")}),
+        target=code_version({}, {"sink": pipeline.sink.use, "params": sink_params}),
     )

@@ -45,11 +45,16 @@ class Kernel:
 class DataSourceSpec:
     """A source: `partitions(**params)` lists JSON-able partition keys (any iterable; a
     generator is read as it goes, so a million keys are never held at once; missing: one
-    partition, key `None`); `read(partition, **params)` yields the records of one partition."""
+    partition, key `None`); `read(partition, **params)` yields the records of one partition;
+    `fingerprint(partition, **params)`, when given, a JSON-able value that changes when the
+    partition's input does (its size and time, a hash, a change counter), recorded with each
+    attempt: an incremental run skips a partition whose fingerprint is the one it committed
+    with last time."""
 
     name: str
     read: Callable[..., Iterable[dict]]
     partitions: Callable[..., Iterable[Any]] | None = None
+    fingerprint: Callable[..., Any] | None = None
     origin: str = field(default="?", compare=False)
 
     def __post_init__(self) -> None:
@@ -68,6 +73,9 @@ class SinkContext:
     index: int | None = None  # the partition's position in the run, 0-based; None in finalize
     attempt: int = 0  # the attempt number, which fences commits
     partition_count: int = 0
+    # In finalize: the run's partition keys, read as iterated (a sink that prunes what the
+    # source no longer has compares its rows with them).
+    partition_keys: Callable[[], Iterable[Any]] = field(default=lambda: iter(()), repr=False)
 
 
 class Records:

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 TERMINAL = ("succeeded", "failed", "cancelled")  # a run in one of these is over
-PARTITION_STATUSES = ("queued", "running", "succeeded", "failed", "timeout", "cancelled",
-                      "quarantined")
+PARTITION_STATUSES = ("queued", "running", "succeeded", "skipped", "failed", "timeout",
+                      "cancelled", "quarantined")
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,8 @@ HEADERS = {
     "Cache-Control": "no-store",
 }
 COLOURS = {  # a partition's status: its colour in the grid and the stylesheet
-    "queued": "#d0d7de", "running": "#0969da", "succeeded": "#2da44e", "failed": "#cf222e",
+    "queued": "#d0d7de", "running": "#0969da", "succeeded": "#2da44e", "skipped": "#9be9a8",
+    "failed": "#cf222e",
     "timeout": "#bc4c00", "cancelled": "#8c959f", "quarantined": "#8250df"}
 RETRYABLE = ("failed", "timeout", "quarantined", "cancelled")
 PAGE = 50  # runs on a page of runs

@@ -132,7 +132,7 @@ def test_upsert_into_a_table_with_duplicate_keys_fails_and_says_why(project):
 
 @pytest.mark.parametrize("sink, message", [
     ('mode = "upsert"', 'mode = "upsert" needs key'),
-    ('mode = "merge"', "mode must be one of append, replace, upsert, not 'merge'"),
+    ('mode = "merge"', "mode must be one of append, replace, upsert, partition, not 'merge'"),
     ('key = ["n"]', 'key is for mode = "upsert"'),
 ])
 def test_bad_modes_are_refused_before_anything_runs(project, sink, message):

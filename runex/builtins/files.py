@@ -266,9 +266,35 @@ def read_text(partition, encoding="utf-8", field="text"):
         yield {field: line.rstrip("\r\n")}
 
 
-csv_source = DataSourceSpec(name="csv", partitions=csv_partitions, read=read_csv)
-jsonl_source = DataSourceSpec(name="jsonl", partitions=file_partitions, read=read_jsonl)
-lines_source = DataSourceSpec(name="lines", partitions=file_partitions, read=read_text)
+def file_fingerprint(partition, fingerprint="stat"):
+    """What a file partition's input is now: its file's size and modification time
+    (`fingerprint = "stat"`, a stat call), or a hash of its bytes (`"content"`: a chunk's
+    only, for a chunk of a large file)."""
+    name, start, end = (partition, 0, None) if isinstance(partition, str) else partition
+    if fingerprint == "stat":
+        st = os.stat(name)
+        return [st.st_size, st.st_mtime_ns]
+    if fingerprint != "content":
+        raise ValueError(f'fingerprint must be "stat" or "content", not {fingerprint!r}')
+    import hashlib  # noqa: PLC0415 - OpenSSL's library: for content fingerprints only
+
+    digest = hashlib.sha256()
+    with open(name, "rb") as f:
+        f.seek(start)
+        left = None if end is None else end - start
+        while chunk := f.read(1 << 20 if left is None else min(1 << 20, left)):
+            digest.update(chunk)
+            if left is not None:
+                left -= len(chunk)
+    return digest.hexdigest()
+
+
+csv_source = DataSourceSpec(name="csv", partitions=csv_partitions, read=read_csv,
+                            fingerprint=file_fingerprint)
+jsonl_source = DataSourceSpec(name="jsonl", partitions=file_partitions, read=read_jsonl,
+                              fingerprint=file_fingerprint)
+lines_source = DataSourceSpec(name="lines", partitions=file_partitions, read=read_text,
+                              fingerprint=file_fingerprint)
 
 
 # -- sinks ---------------------------------------------------------------------------------

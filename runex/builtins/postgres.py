@@ -102,8 +102,22 @@ def _read(partition, url, table, query, key, columns, where):
                 yield dict(zip(names, row, strict=True))
 
 
+def postgres_fingerprint(partition, url, table=None, key="id", where=None):
+    """A cheap change marker of a partition's rows: how many there are and the newest
+    transaction that wrote one of them (`xmin`: an insert or an update in place); None for a
+    query's one partition, which is then never skipped."""
+    if partition is None:
+        return None
+    with reaching(url), connect_readonly(url) as conn:
+        count, newest = conn.execute(
+            f"SELECT COUNT(*), MAX(xmin::text::bigint) FROM {quote(table)} WHERE {quote(key)} "
+            f">= %s AND {quote(key)} < %s" + (f" AND ({where})" if where else ""),
+            partition).fetchone()
+    return [count, newest]
+
+
 postgres_source = DataSourceSpec(name="postgres", partitions=postgres_partitions,
-                                 read=read_postgres)
+                                 read=read_postgres, fingerprint=postgres_fingerprint)
 
 
 # -- sink ----------------------------------------------------------------------------------

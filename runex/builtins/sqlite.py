@@ -29,7 +29,9 @@ memory up to `spill_rows`, then staged in a temporary file beside the database, 
 not grow with the partition and the write lock is held only for the final copy.
 """
 
+import contextlib
 import itertools
+import json
 import operator
 import os
 import re
@@ -82,7 +84,21 @@ def read_sqlite(partition, path, table=None, query=None, columns="*", where=None
         conn.close()
 
 
-sqlite_source = DataSourceSpec(name="sqlite", partitions=sqlite_partitions, read=read_sqlite)
+def sqlite_fingerprint(partition, path, table=None, query=None, where=None):
+    """A cheap change marker of a partition's rows: how many there are and their highest
+    rowid (rows added or removed), and the file's size and time for a query's one partition.
+    A row changed in place is not seen: use `fingerprint` of your own where rows are."""
+    if partition is None:
+        st = os.stat(path)
+        return [st.st_size, st.st_mtime_ns]
+    with contextlib.closing(open_readonly(path)) as conn:
+        return list(conn.execute(
+            f"SELECT COUNT(*), MAX(rowid) FROM {quote(table)} WHERE rowid >= ? AND rowid < ?"
+            + (f" AND ({where})" if where else ""), partition).fetchone())
+
+
+sqlite_source = DataSourceSpec(name="sqlite", partitions=sqlite_partitions, read=read_sqlite,
+                               fingerprint=sqlite_fingerprint)
 
 
 # -- sink ----------------------------------------------------------------------------------
@@ -129,10 +145,12 @@ def sync_sqlite(ctx):
 _logs = {}  # see `runex.durable.sync_log`
 
 
-MODES = ("append", "replace", "upsert")
+MODES = ("append", "replace", "upsert", "partition")
+PARTITION = "_runex_partition"  # mode = "partition": the column of each row's partition key
 
 
-def configure_sqlite(path, table, spill_rows=50_000, wal=True, mode="append", key=None):
+def configure_sqlite(path, table, spill_rows=50_000, wal=True, mode="append", key=None,
+                     prune_missing=False):
     if not isinstance(table, str) or not table or table.startswith("_runex"):
         raise ValueError(f"table must be a name (not starting with _runex), not {table!r}")
     if not isinstance(spill_rows, int) or spill_rows < 1:
@@ -147,8 +165,10 @@ def configure_sqlite(path, table, spill_rows=50_000, wal=True, mode="append", ke
                              "tell one row from another")
     elif key is not None:
         raise ValueError(f'key is for mode = "upsert" (mode is {mode!r})')
+    if prune_missing and mode != "partition":
+        raise ValueError(f'prune_missing is for mode = "partition" (mode is {mode!r})')
     return {"path": path, "table": table, "spill_rows": spill_rows, "wal": bool(wal),
-            "mode": mode, "key": key}
+            "mode": mode, "key": key, "prune_missing": bool(prune_missing)}
 
 
 def target(ctx):
@@ -178,6 +198,8 @@ def write_sqlite(ctx, records):
         return
     columns, rows, stage, known = {}, [], None, set()
     batches = records.batches() if hasattr(records, "batches") else batched(records, 1000)
+    if ctx.params.get("mode") == "partition":  # each row says which partition wrote it
+        batches = tagged(batches, key_text(ctx.partition))
     try:
         for batch in batches:
             if not set().union(*batch) <= known:  # a new field: columns in order of first use
@@ -196,6 +218,18 @@ def write_sqlite(ctx, records):
     finally:
         if stage is not None:
             stage.close(conn)
+
+
+def tagged(batches, key):
+    for batch in batches:
+        for record in batch:
+            record[PARTITION] = key
+        yield batch
+
+
+def key_text(key):
+    """A partition key as the `_runex_partition` column holds it (and the ledger's lineage)."""
+    return json.dumps(key, sort_keys=True, separators=(",", ":"))
 
 
 def batched(records, size):
@@ -238,6 +272,14 @@ def commit(conn, ctx, columns, rows, stage):
             conn.execute("ROLLBACK")
             return
         count = 0
+        if ctx.params.get("mode") == "partition":  # a newer commit replaces the key's rows
+            if columns:
+                ensure_table(conn, table, columns)
+            if table_exists(conn, table) and has_column(conn, table, PARTITION):
+                conn.execute(f"CREATE INDEX IF NOT EXISTS {quote('_runex_part_' + table)} ON "
+                             f"{quote(table)} ({PARTITION})")
+                conn.execute(f"DELETE FROM {quote(table)} WHERE {PARTITION} = ?",
+                             (key_text(ctx.partition),))
         if columns:
             ensure_table(conn, table, columns, key)
             if stage is not None:
@@ -342,6 +384,10 @@ def stage_run(table, name):
 RUN_ID = re.compile(r"\d{8}-\d{6}-[0-9a-f]{8}")
 
 
+def has_column(conn, table, name):
+    return any(row[1] == name for row in conn.execute(f"PRAGMA table_info({quote(table)})"))
+
+
 def table_exists(conn, table):
     return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
                         (table,)).fetchone() is not None
@@ -355,7 +401,10 @@ def first_commit(conn, run_id):
 def finalize_sqlite(ctx):
     """`mode = "replace"`: the run's stage table becomes the table, in one transaction, if
     it holds every row the run committed (an older run's stage that a newer run dropped
-    does not)."""
+    does not). `mode = "partition"` with `prune_missing`: the rows of partitions that are no
+    longer in the source (not among the run's) are deleted."""
+    if ctx.params.get("prune_missing"):
+        prune_missing(ctx)
     if ctx.params.get("mode") != "replace":
         return
     table = ctx.params["table"]
@@ -398,6 +447,27 @@ def finalize_sqlite(ctx):
         conn.execute("INSERT INTO _runex_outputs (name, run_id, replaced_at) VALUES (?, ?, ?) "
                      "ON CONFLICT (name) DO UPDATE SET run_id = excluded.run_id, "
                      "replaced_at = excluded.replaced_at", (table, ctx.run_id, time.time()))
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def prune_missing(ctx):
+    table = ctx.params["table"]
+    conn = connect(ctx.params["path"], ctx.params["wal"])
+    if not table_exists(conn, table) or not has_column(conn, table, PARTITION):
+        return
+    conn.execute("CREATE TEMP TABLE IF NOT EXISTS runex_keys (key TEXT PRIMARY KEY)")
+    begin_immediate(conn)
+    try:
+        conn.execute("DELETE FROM temp.runex_keys")
+        conn.executemany("INSERT OR IGNORE INTO temp.runex_keys (key) VALUES (?)",
+                         ((key_text(k),) for k in ctx.partition_keys()))
+        conn.execute(f"DELETE FROM {quote(table)} WHERE {PARTITION} NOT IN "
+                     "(SELECT key FROM temp.runex_keys)")
+        conn.execute("DELETE FROM temp.runex_keys")
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
