@@ -265,3 +265,32 @@ def test_a_home_of_ledger_schema_5_opens_and_its_schedules_can_be_paused(tmp_pat
     runex_cli("resume", cwd=project, check=True)
     runex_cli("worker", "--burst", "-w", "1", cwd=project, check=True)
     assert Runex().show(runs[0]["id"]).status == "succeeded"
+
+
+@pytest.mark.slow
+def test_a_home_of_ledger_schema_6_opens_and_runs_incrementally(tmp_path, monkeypatch):
+    """tests/fixtures/home-schema-6: written before attempts recorded their input and
+    partitions could be skipped. Its history and its paused schedule are there after the
+    upgrade; its queued run goes on; the example pipeline, made incremental, runs its two
+    files once and then skips them."""
+    project = home_of_fixture("home-schema-6", tmp_path)
+    monkeypatch.chdir(project)
+    runs = json.loads(runex_cli("runs", "--json", cwd=project, check=True).stdout)
+    assert [(r["pipeline"], r["status"], r["records_out"]) for r in runs] == [
+        ("example", "queued", 0), ("daily", "succeeded", 43), ("broken", "failed", 0),
+        ("example", "succeeded", 43)]
+    with sqlite3.connect(project / ".runex" / "ledger.db") as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (len(SCHEMA),)
+        (index,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = "
+                                "'partitions_unsettled'").fetchone()
+        assert "NOT IN ('succeeded', 'skipped')" in index
+    schedules = json.loads(runex_cli("schedules", "--json", cwd=project, check=True).stdout)
+    assert schedules[0]["paused"]["source"] == "cli"
+    runex_cli("worker", "--burst", "-w", "1", cwd=project, check=True)
+    assert Runex().show(runs[0]["id"]).status == "succeeded"
+    pipeline = project / "pipelines" / "example.toml"
+    pipeline.write_text(pipeline.read_text().replace('mode = "replace"', 'mode = "partition"'))
+    for expected in ({"succeeded": 2}, {"skipped": 2}):
+        runex_cli("run", "pipelines/example.toml", "--changed", "-w", "1", cwd=project,
+                  check=True)
+        assert Runex().show("last").counts == expected
