@@ -43,7 +43,7 @@ from runex.errors import (
     StorageError,
     UsageError,
 )
-from runex.executor import execute
+from runex.executor import Stats, execute, stream
 from runex.finalizer import finalize_run
 from runex.identity import alive
 from runex.ledger import ALL_WORK, TERMINAL_RUN, Ledger, NewRun, new_run_id
@@ -543,6 +543,41 @@ class Runex:
         pauses = self.ledger.pauses()
         return {"all": pauses.pop(ALL_WORK, None), "schedules": pauses}
 
+    def replay(self, ref: str, partition: int | str) -> Replay:
+        """One partition of a run (by key or index) again, in this process, with the run's
+        recorded pipeline and today's code, writing nothing: a `Replay`, whose `records()`
+        are what the steps make of the partition now (read as iterated, in the run's
+        project folder), and which says how today's code differs from the run's."""
+        run = self.ledger.run(self.ledger.resolve_run_id(ref))
+        index = self._partition_index(run["id"], partition)
+        key = json.loads(self.ledger.partitions(run["id"], index - 1, 1)[0]["key"])
+        with chdir(Path(run["project_dir"])):
+            plan = check(Pipeline.from_dict(json.loads(run["spec"])), self.registry)
+        then = json.loads(run["code"]) if run["code"] else {}
+        files = then.get("files", {})
+        differ = sorted(f for f in files.keys() | plan.code_files.keys()
+                        if files.get(f) != plan.code_files.get(f))
+        return Replay(run["id"], index, key, plan, Path(run["project_dir"]),
+                      then.get("version"), plan.code_version, differ if then else None)
+
+    def replay_to_sink(self, replayed: Replay) -> dict[str, Any]:
+        """Run a replayed partition that did not succeed into the run's real sink: a new
+        attempt of the run, claimed, fenced and recorded as any other, run in this process
+        (`retry` with a fresh budget, without waiting for a worker), with today's code even
+        where it differs from the run's (the log says so: `code.drifted`). Returns the
+        partition as `show` has it."""
+        run_id, index = replayed.run_id, replayed.index
+        if not self.ledger.retry(run_id, index):
+            raise NotFound(f"partition {index} of run {run_id} succeeded or is still going: "
+                           "only one that did not succeed is written again")
+        trace.logger(run_id=run_id).info("run.retried", partitions=[index], source="replay")
+        state = self.prepare_workers()
+        state.code_drift = "warn"  # today's code is what the replay was asked to write with
+        execute(state, run_id, [index])
+        self.ledger.sync()
+        (part,) = self.show(run_id).partitions.where(after=index - 1, limit=1)
+        return part.to_dict()
+
     def _partition_index(self, run_id: str, ref: int | str) -> int:
         """A partition by its key (as `show` prints it, or the plain string) or its index."""
         parts = self.ledger.partitions(run_id)
@@ -733,6 +768,29 @@ class Runex:
                      "seconds": _with_seconds(p)["seconds"]} for p in rows]
 
         return Run.from_ledger({**_with_seconds(run), "spec": spec}, fetch)
+
+
+@dataclasses.dataclass
+class Replay:
+    """A partition of a run replayed with today's code (see `Runex.replay`)."""
+
+    run_id: str
+    index: int
+    key: Any
+    plan: Plan
+    project_dir: Path
+    run_code_version: str | None  # None: the run was submitted before runex recorded it
+    code_version: str
+    files_changed: list[str] | None  # the files of its code that differ from the run's
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        """What the source and the steps make of the partition now; an error of a kernel
+        is raised as it was (a debugger stops there)."""
+        plan = self.plan
+        with chdir(self.project_dir):
+            source = plan.source_read(self.key, **plan.source_read_params)
+            for batch in stream(source, plan, Stats()):
+                yield from batch
 
 
 @contextlib.contextmanager

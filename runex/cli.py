@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -574,6 +575,50 @@ def pause_or_resume(action: str, pipeline: str | None, as_json: bool, home: str 
     what = f"schedule {pipeline}" if pipeline else "all work"
     click.echo(f"{what} {action}d" if changed else
                f"{what} was {'already paused' if action == 'pause' else 'not paused'}")
+
+
+@cli.command()
+@click.argument("run_ref", metavar="RUN")
+@click.option("--partition", required=True, help="Its key or its index, from `show`.")
+@click.option("--limit", type=click.IntRange(0), help="Print the first N records only.")
+@click.option("--pdb", "debug", is_flag=True, help="Stop in the debugger where it raises.")
+@click.option("--to-sink", is_flag=True, help="Then write it to the run's sink, as a new "
+              "attempt of the run (a partition that did not succeed).")
+@project_options
+@click.pass_context
+def replay(ctx: click.Context, run_ref: str, partition: str, limit: int | None, debug: bool,
+           to_sink: bool, home: str | None, extension_dirs: tuple[str, ...]) -> None:
+    """Run one partition of RUN again in this process, with the run's pipeline and today's
+    code, and print the records it makes (JSON lines); nothing is written unless --to-sink.
+    Says which files of the code differ from the run's."""
+    rx = open_runex(home, extension_dirs)
+    replayed = rx.replay(run_ref, partition)
+    changed = replayed.files_changed
+    click.echo(f"run {replayed.run_id}, partition {replayed.index} "
+               f"({json.dumps(replayed.key)}), with today's code ({replayed.code_version}): "
+               + ("the run's code was not recorded" if changed is None
+                  else "the run's code" if replayed.run_code_version == replayed.code_version
+                  else f"the run had {replayed.run_code_version}"
+                  + (f"; files changed since: {', '.join(changed)}" if changed else
+                     " (the same files: runex or the pipeline differ)")), err=True)
+    try:
+        for record in itertools.islice(replayed.records(), limit):
+            click.echo(json.dumps(record, default=str))
+    except Exception:  # shown, or debugged
+        click.echo(traceback.format_exc(), err=True, nl=False)
+        if debug:
+            import pdb  # noqa: PLC0415 - only when asked for
+
+            pdb.post_mortem(sys.exc_info()[2])
+        ctx.exit(errors.EXIT_RUN_FAILED)
+    if to_sink:
+        rx.trace_to_home(console=False)
+        part = rx.replay_to_sink(replayed)
+        click.echo(f"written to the sink as attempt {part['attempts'][-1]['attempt']}: "
+                   f"{part['status']}, {part['records_out']} records"
+                   + (f"; {part['error']}" if part["error"] else ""), err=True)
+        if part["status"] != "succeeded":
+            ctx.exit(errors.EXIT_RUN_FAILED)
 
 
 @cli.command()

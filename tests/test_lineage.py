@@ -128,3 +128,88 @@ def test_an_incremental_pipeline_needs_a_sink_by_partition_and_a_fingerprint(sin
                              "options": {"incremental": True}}, "p", "p.toml")
     with pytest.raises(PipelineError, match=message.replace("(", r"\(").replace(")", r"\)")):
         check(pipeline, registry)
+
+
+PICKY = """
+    from runex import register_kernel
+
+    @register_kernel("picky")
+    def picky(record):
+        text = record["text"].strip()
+        if text.startswith("bad"):
+            raise ValueError(f"cannot read {text!r}")
+        return {"text": text}
+"""
+
+
+def read_until(fd, marker, timeout=30.0):
+    """What a pseudo-terminal's program wrote, up to `marker`."""
+    import os
+    import select
+    import time
+
+    seen, deadline = b"", time.monotonic() + timeout
+    while marker not in seen:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise AssertionError(f"no {marker!r} in {seen.decode(errors='replace')!r}")
+        seen += os.read(fd, 4096)
+    return seen.decode(errors="replace")
+
+
+@pytest.mark.sqlite_only("one engine is enough for a debugger")
+@pytest.mark.slow
+def test_a_failed_partition_is_replayed_debugged_and_written_to_its_sink(project):
+    import os
+    import pty
+    import sys
+
+    write(project / "extensions" / "k.py", PICKY)
+    write(project / "p.toml", '[source]\nuse = "lines"\npath = "data/*.txt"\n\n'
+          '[[steps]]\nuse = "picky"\n\n[sink]\nuse = "sqlite"\npath = "out/p.db"\n'
+          'table = "t"\nmode = "partition"\n\n[options]\nretries = 0\n')
+    (project / "data").mkdir()
+    (project / "data" / "a.txt").write_text("one\ntwo\n")
+    (project / "data" / "b.txt").write_text("fine\nbad line\n")
+    rx = Runex()
+    run_id = rx.run("p.toml", workers=0).id
+    assert rx.show(run_id).counts == {"failed": 1, "succeeded": 1}
+
+    good = runex_cli("replay", run_id, "--partition", "data/a.txt", cwd=project, check=True)
+    assert [json.loads(line) for line in good.stdout.splitlines()] == [
+        {"text": "one"}, {"text": "two"}]
+    assert "with today's code" in good.stderr and "the run's code" in good.stderr
+    first = runex_cli("replay", run_id, "--partition", "0", "--limit", "1", cwd=project)
+    assert first.stdout.splitlines() == ['{"text": "one"}']
+    bad = runex_cli("replay", run_id, "--partition", "data/b.txt", cwd=project)
+    assert bad.returncode == 1 and bad.stdout == ""  # its batch failed
+    assert "ValueError: cannot read 'bad line'" in bad.stderr and "k.py" in bad.stderr
+
+    # the debugger stops in the kernel, at the record that failed
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: runex on the pseudo-terminal
+        os.chdir(project)
+        os.execv(sys.executable, [sys.executable, "-m", "runex", "replay", run_id,
+                                  "--partition", "data/b.txt", "--pdb"])
+    try:
+        read_until(fd, b"(Pdb) ")
+        os.write(fd, b"p record['text']\n")
+        assert "'bad line'" in read_until(fd, b"(Pdb) ")
+        os.write(fd, b"q\n")
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 1
+
+    # fixed today: the replay says what changed since the run, and writes it for real
+    fixed_kernel = PICKY.replace('text.startswith("bad")', 'text == "worse"')
+    write(project / "extensions" / "k.py", fixed_kernel)
+    fixed = runex_cli("replay", run_id, "--partition", "data/b.txt", "--to-sink", cwd=project)
+    assert fixed.returncode == 0, fixed.stderr
+    assert "files changed since: extensions/k.py" in fixed.stderr
+    assert "written to the sink as attempt 2: succeeded, 2 records" in fixed.stderr
+    run = Runex().show(run_id)
+    assert run.status == "succeeded" and run.counts == {"succeeded": 2}
+    with sqlite3.connect(project / "out" / "p.db") as conn:
+        assert sorted(r[0] for r in conn.execute("SELECT text FROM t")) == [
+            "bad line", "fine", "one", "two"]
