@@ -11,6 +11,7 @@ import functools
 import itertools
 import json
 import os
+import sqlite3
 import tempfile
 import threading
 import time
@@ -560,6 +561,39 @@ class Runex:
         return Replay(run["id"], index, key, plan, Path(run["project_dir"]),
                       then.get("version"), plan.code_version, differ if then else None)
 
+    def lineage(self, run: str | None = None, partition: int | str | None = None,
+                db: str | os.PathLike | None = None, table: str | None = None,
+                rowid: int | None = None) -> dict[str, Any]:
+        """Where output came from: a partition of a run (`run`, `partition`: its key or
+        index), or a row of a SQLite table written by a sink with `lineage = true` (`db`,
+        `table`, `rowid`). The run and pipeline, the partition, the attempt that committed it
+        (host, pid, when), the code version it ran and the files of that code, the
+        fingerprint of the input it read, and the parameters of its source, steps and sink."""
+        if db is not None:
+            run, key = _stamp_of(Path(db), table, rowid)
+        run_id = self.ledger.resolve_run_id(run or "")
+        parts = self.show(run_id).partitions
+        if db is not None:
+            found = next((p for p in parts if p.key == key), None)
+            if found is None:
+                raise NotFound(f"run {run_id} has no partition {json.dumps(key)}")
+        else:
+            (found,) = parts.where(after=self._partition_index(run_id, partition) - 1,
+                                   limit=1)
+        data = self.ledger.run(run_id)
+        spec = json.loads(data["spec"])
+        done = [a for a in found.attempts if a["status"] in ("succeeded", "skipped")]
+        attempt = (done or found.attempts or [{}])[-1]
+        return {"run_id": run_id, "pipeline": data["pipeline"], "run_status": data["status"],
+                "partition": {"index": found.index, "key": found.key,
+                              "status": found.status},
+                "attempt": {k: attempt.get(k) for k in ("attempt", "status", "host", "pid",
+                                                        "started_at", "finished_at")},
+                "code_version": attempt.get("code_version"),
+                "code_files": (json.loads(data["code"]) if data["code"] else {}).get("files"),
+                "fingerprint": attempt.get("fingerprint") and json.loads(attempt["fingerprint"]),
+                "params": {k: spec[k] for k in ("source", "steps", "sink")}}
+
     def replay_to_sink(self, replayed: Replay) -> dict[str, Any]:
         """Run a replayed partition that did not succeed into the run's real sink: a new
         attempt of the run, claimed, fenced and recorded as any other, run in this process
@@ -791,6 +825,25 @@ class Replay:
             source = plan.source_read(self.key, **plan.source_read_params)
             for batch in stream(source, plan, Stats()):
                 yield from batch
+
+
+def _stamp_of(db: Path, table: str | None, rowid: int | None) -> tuple[str, Any]:
+    """(run id, partition key) that a row of a sink with `lineage = true` carries."""
+    if not table or rowid is None:
+        raise UsageError("give the row: --table T --rowid N (with --db PATH)")
+    if not db.is_file():
+        raise UsageError(f"--db {db}: no such SQLite file")
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        try:
+            row = conn.execute('SELECT _runex_run, _runex_partition FROM "'
+                               + table.replace('"', '""') + '" WHERE rowid = ?',
+                               (rowid,)).fetchone()
+        except sqlite3.OperationalError as exc:
+            raise UsageError(f"{db}, table {table!r}: {exc}; rows say where they came from "
+                             "when their sink has lineage = true") from None
+    if row is None:
+        raise NotFound(f"{db}, table {table!r}: no row {rowid}")
+    return row[0], json.loads(row[1])
 
 
 @contextlib.contextmanager

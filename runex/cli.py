@@ -578,6 +578,41 @@ def pause_or_resume(action: str, pipeline: str | None, as_json: bool, home: str 
 
 
 @cli.command()
+@click.argument("run_ref", metavar="RUN", required=False)
+@click.option("--partition", help="With RUN: its key or its index, from `show`.")
+@click.option("--db", type=click.Path(dir_okay=False), help="A SQLite file a sink wrote with "
+              "lineage = true ...")
+@click.option("--table", help="... its table ...")
+@click.option("--rowid", type=int, help="... and the row.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@project_options
+def lineage(run_ref: str | None, partition: str | None, db: str | None, table: str | None,
+            rowid: int | None, as_json: bool, home: str | None,
+            extension_dirs: tuple[str, ...]) -> None:
+    """Where output came from: RUN --partition KEY, or a row (--db PATH --table T --rowid N):
+    the run, the attempt that committed it (host, pid, when), its code version and files, the
+    fingerprint of the input it read, and the parameters of its source, steps and sink."""
+    if db is None and (run_ref is None or partition is None):
+        raise errors.UsageError("give RUN --partition KEY, or --db PATH --table T --rowid N")
+    found = open_runex(home, extension_dirs).lineage(run_ref, partition, db, table, rowid)
+    if as_json:
+        dump(found)
+        return
+    a, p = found["attempt"], found["partition"]
+    for label, value in (
+            ("run", f"{found['run_id']} ({found['pipeline']}, {found['run_status']})"),
+            ("partition", f"{p['index']} {json.dumps(p['key'])} ({p['status']})"),
+            ("attempt", f"{a['attempt']} ({a['status']}) on {a['host']}, pid {a['pid']}, "
+                        f"ended {when(a['finished_at'])}"),
+            ("code version", found["code_version"]),
+            ("code files", ", ".join(f"{k} {v}" for k, v in (found["code_files"] or {}).items())
+             or None),
+            ("input", json.dumps(found["fingerprint"])),
+            ("parameters", json.dumps(found["params"]))):
+        click.echo(f"{label + ':':<14}{value if value is not None else '-'}")
+
+
+@cli.command()
 @click.argument("run_ref", metavar="RUN")
 @click.option("--partition", required=True, help="Its key or its index, from `show`.")
 @click.option("--limit", type=click.IntRange(0), help="Print the first N records only.")

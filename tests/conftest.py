@@ -255,7 +255,7 @@ def finish(ledger: Ledger, claim: Claim, status: str, **fields: object) -> Recor
 
 # Commands that start no worker process: run in this process, through click's test runner.
 IN_PROCESS = {"submit", "show", "runs", "trace", "cancel", "retry", "schedules", "extensions",
-              "validate", "init", "workers", "pause", "resume"}
+              "validate", "init", "workers", "pause", "resume", "lineage"}
 
 
 def runex_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 120,

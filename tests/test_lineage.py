@@ -213,3 +213,37 @@ def test_a_failed_partition_is_replayed_debugged_and_written_to_its_sink(project
     with sqlite3.connect(project / "out" / "p.db") as conn:
         assert sorted(r[0] for r in conn.execute("SELECT text FROM t")) == [
             "bad line", "fine", "one", "two"]
+
+
+def test_a_row_says_which_run_attempt_code_and_input_made_it(project):
+    write(project / "extensions" / "k.py", KERNEL)
+    write(project / "p.toml", '[source]\nuse = "lines"\npath = "data/*.txt"\n\n'
+          '[[steps]]\nuse = "shout"\n\n[sink]\nuse = "sqlite"\npath = "out/l.db"\n'
+          'table = "t"\nlineage = true\n')
+    (project / "data").mkdir()
+    month(project, 1)
+    month(project, 2)
+    rx = Runex()
+    run = rx.run("p.toml", workers=0)
+    with sqlite3.connect(project / "out" / "l.db") as conn:
+        rowid, partition = conn.execute("SELECT rowid, _runex_partition FROM t WHERE text = "
+                                        "'LINE 2 1'").fetchone()
+    assert json.loads(partition) == "data/2026-02.txt"
+    found = json.loads(runex_cli("lineage", "--db", "out/l.db", "--table", "t", "--rowid",
+                                 str(rowid), "--json", cwd=project, check=True).stdout)
+    attempt = run.partitions[1].attempts[0]
+    stat = (project / "data" / "2026-02.txt").stat()
+    assert found["run_id"] == run.id and found["partition"]["key"] == "data/2026-02.txt"
+    assert (found["attempt"]["attempt"], found["attempt"]["host"]) == (1, attempt["host"])
+    assert found["code_version"] == attempt["code_version"]
+    assert "extensions/k.py" in found["code_files"]
+    assert found["fingerprint"] == [stat.st_size, stat.st_mtime_ns]
+    assert found["params"]["source"]["params"]["path"] == "data/*.txt"
+    by_key = json.loads(runex_cli("lineage", run.id, "--partition", "data/2026-02.txt",
+                                  "--json", cwd=project, check=True).stdout)
+    assert by_key == found
+    text = runex_cli("lineage", run.id, "--partition", "1", cwd=project, check=True).stdout
+    assert f"run:          {run.id} (p, succeeded)" in text
+    missing = runex_cli("lineage", "--db", "out/l.db", "--table", "nope", "--rowid", "1",
+                        cwd=project)
+    assert missing.returncode == 2 and "no such table: nope" in missing.stderr

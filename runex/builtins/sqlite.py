@@ -146,11 +146,12 @@ _logs = {}  # see `runex.durable.sync_log`
 
 
 MODES = ("append", "replace", "upsert", "partition")
-PARTITION = "_runex_partition"  # mode = "partition": the column of each row's partition key
+PARTITION = "_runex_partition"  # mode = "partition", lineage: each row's partition key (JSON)
+RUN = "_runex_run"  # lineage: the run that wrote each row
 
 
 def configure_sqlite(path, table, spill_rows=50_000, wal=True, mode="append", key=None,
-                     prune_missing=False):
+                     prune_missing=False, lineage=False):
     if not isinstance(table, str) or not table or table.startswith("_runex"):
         raise ValueError(f"table must be a name (not starting with _runex), not {table!r}")
     if not isinstance(spill_rows, int) or spill_rows < 1:
@@ -168,7 +169,8 @@ def configure_sqlite(path, table, spill_rows=50_000, wal=True, mode="append", ke
     if prune_missing and mode != "partition":
         raise ValueError(f'prune_missing is for mode = "partition" (mode is {mode!r})')
     return {"path": path, "table": table, "spill_rows": spill_rows, "wal": bool(wal),
-            "mode": mode, "key": key, "prune_missing": bool(prune_missing)}
+            "mode": mode, "key": key, "prune_missing": bool(prune_missing),
+            "lineage": bool(lineage)}
 
 
 def target(ctx):
@@ -198,8 +200,13 @@ def write_sqlite(ctx, records):
         return
     columns, rows, stage, known = {}, [], None, set()
     batches = records.batches() if hasattr(records, "batches") else batched(records, 1000)
-    if ctx.params.get("mode") == "partition":  # each row says which partition wrote it
-        batches = tagged(batches, key_text(ctx.partition))
+    stamp = {}  # what each row says of where it came from
+    if ctx.params.get("mode") == "partition" or ctx.params.get("lineage"):
+        stamp[PARTITION] = key_text(ctx.partition)
+    if ctx.params.get("lineage"):
+        stamp[RUN] = ctx.run_id
+    if stamp:
+        batches = tagged(batches, stamp)
     try:
         for batch in batches:
             if not set().union(*batch) <= known:  # a new field: columns in order of first use
@@ -220,10 +227,10 @@ def write_sqlite(ctx, records):
             stage.close(conn)
 
 
-def tagged(batches, key):
+def tagged(batches, stamp):
     for batch in batches:
         for record in batch:
-            record[PARTITION] = key
+            record.update(stamp)
         yield batch
 
 
