@@ -15,9 +15,11 @@ import sqlite3
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from runex import (
     __version__,
@@ -594,6 +596,41 @@ class Runex:
                 "fingerprint": attempt.get("fingerprint") and json.loads(attempt["fingerprint"]),
                 "params": {k: spec[k] for k in ("source", "steps", "sink")}}
 
+    def openlineage(self, ref: str) -> list[dict[str, Any]]:
+        """A run as OpenLineage run events, for a lineage tool: START, and once it is over
+        COMPLETE, FAIL or ABORT (cancelled), with its job (namespace `runex`, the pipeline's
+        name), its input and output datasets (from the source's and sink's `path`, `table`
+        or `url`), the code version and files it ran, and its error."""
+        run = self.ledger.run(self.ledger.resolve_run_id(ref))
+        spec = json.loads(run["spec"])
+        code = json.loads(run["code"]) if run["code"] else {}
+        project = Path(run["project_dir"])
+        facet = {"_producer": OPENLINEAGE_PRODUCER,
+                 "_schemaURL": f"{OPENLINEAGE_SCHEMA}#/$defs/RunFacet"}
+        base = {
+            "run": {"runId": str(uuid.uuid5(uuid.NAMESPACE_URL, f"urn:runex:run:{run['id']}")),
+                    "facets": {"runex": {**facet, "runId": run["id"],
+                                         "codeVersion": code.get("version"),
+                                         "codeFiles": code.get("files"),
+                                         "partitions": run["partition_count"]}}},
+            "job": {"namespace": "runex", "name": run["pipeline"]},
+            "inputs": _datasets(spec["source"], project),
+            "outputs": _datasets(spec["sink"], project),
+            "producer": OPENLINEAGE_PRODUCER,
+            "schemaURL": f"{OPENLINEAGE_SCHEMA}#/$defs/RunEvent"}
+        events = [{"eventType": "START", "eventTime": _event_time(run["started_at"]
+                                                                  or run["created_at"]),
+                   **base}]
+        if run["status"] in TERMINAL_RUN:
+            end = copy.deepcopy(base)
+            if run["error"]:
+                end["run"]["facets"]["errorMessage"] = {
+                    **facet, "message": run["error"], "programmingLanguage": "python"}
+            events.append({"eventType": {"succeeded": "COMPLETE", "failed": "FAIL",
+                                         "cancelled": "ABORT"}[run["status"]],
+                           "eventTime": _event_time(run["finished_at"]), **end})
+        return events
+
     def replay_to_sink(self, replayed: Replay) -> dict[str, Any]:
         """Run a replayed partition that did not succeed into the run's real sink: a new
         attempt of the run, claimed, fenced and recorded as any other, run in this process
@@ -825,6 +862,30 @@ class Replay:
             source = plan.source_read(self.key, **plan.source_read_params)
             for batch in stream(source, plan, Stats()):
                 yield from batch
+
+
+OPENLINEAGE_PRODUCER = f"urn:runex:{__version__}"
+OPENLINEAGE_SCHEMA = "https://openlineage.io/spec/2-0-2/OpenLineage.json"
+
+
+def _event_time(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
+
+
+def _datasets(step: dict[str, Any], project: Path) -> list[dict[str, str]]:
+    """The dataset a source or sink reads or writes, as OpenLineage names them: a file by
+    its path (a table of a SQLite file after a `#`), a PostgreSQL table by its server."""
+    params = step.get("params") or {}
+    if isinstance(params.get("url"), str) and params.get("table"):
+        where = urlsplit(params["url"])
+        return [{"namespace": f"postgres://{where.hostname}:{where.port or 5432}",
+                 "name": f"{where.path.strip('/')}.{params['table']}"}]
+    if isinstance(params.get("path"), str):
+        path = str((project / params["path"]).resolve())
+        table = params.get("table")
+        return [{"namespace": "file", "name": f"{path}#{table}" if table else path}]
+    return []
 
 
 def _stamp_of(db: Path, table: str | None, rowid: int | None) -> tuple[str, Any]:

@@ -490,9 +490,16 @@ def show_partitions(ctx: click.Context, parts: Iterator[Any]) -> None:
 @cli.command()
 @click.argument("run_ref", metavar="RUN")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--openlineage", is_flag=True, help="Print the run as OpenLineage run events "
+              "(JSON lines: START, then COMPLETE, FAIL or ABORT).")
 @project_options
-def trace(run_ref: str, as_json: bool, home: str | None, extension_dirs: tuple[str, ...]) -> None:
+def trace(run_ref: str, as_json: bool, openlineage: bool, home: str | None,
+          extension_dirs: tuple[str, ...]) -> None:
     """The trace events of a run, in time order. RUN: a run id, a prefix, or `last`."""
+    if openlineage:
+        for event in open_runex(home, extension_dirs).openlineage(run_ref):
+            click.echo(json.dumps(event, default=str))
+        return
     data = open_runex(home, extension_dirs).trace(run_ref)
     if as_json:
         dump_each(data)

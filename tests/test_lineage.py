@@ -247,3 +247,33 @@ def test_a_row_says_which_run_attempt_code_and_input_made_it(project):
     missing = runex_cli("lineage", "--db", "out/l.db", "--table", "nope", "--rowid", "1",
                         cwd=project)
     assert missing.returncode == 2 and "no such table: nope" in missing.stderr
+
+
+def test_a_run_exports_as_openlineage_events(project):
+    import uuid
+
+    write(project / "extensions" / "k.py", PICKY)
+    write(project / "p.toml", '[source]\nuse = "lines"\npath = "data/*.txt"\n\n'
+          '[[steps]]\nuse = "picky"\n\n[sink]\nuse = "sqlite"\npath = "out/p.db"\n'
+          'table = "t"\n\n[options]\nretries = 0\n')
+    (project / "data").mkdir()
+    (project / "data" / "a.txt").write_text("one\n")
+    rx = Runex()
+    good = rx.run("p.toml", workers=0)
+    (project / "data" / "b.txt").write_text("bad\n")
+    bad = rx.run("p.toml", workers=0)
+    out = runex_cli("trace", good.id, "--openlineage", cwd=project, check=True).stdout
+    start, complete = [json.loads(line) for line in out.splitlines()]
+    assert (start["eventType"], complete["eventType"]) == ("START", "COMPLETE")
+    assert start["run"]["runId"] == complete["run"]["runId"]
+    assert uuid.UUID(start["run"]["runId"]).version == 5
+    assert start["job"] == {"namespace": "runex", "name": "p"}
+    assert start["inputs"] == [{"namespace": "file", "name": str(project / "data/*.txt")}]
+    assert start["outputs"] == [{"namespace": "file", "name": f"{project / 'out/p.db'}#t"}]
+    facet = complete["run"]["facets"]["runex"]
+    assert facet["runId"] == good.id and facet["codeVersion"] == good.summary()["code"]["version"]
+    assert complete["eventTime"].endswith("Z") and start["eventTime"] <= complete["eventTime"]
+    assert complete["schemaURL"].startswith("https://openlineage.io/spec/")
+    failed = rx.openlineage(bad.id)
+    assert [e["eventType"] for e in failed] == ["START", "FAIL"]
+    assert "cannot read 'bad'" in failed[1]["run"]["facets"]["errorMessage"]["message"]
