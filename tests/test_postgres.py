@@ -72,6 +72,38 @@ def test_a_table_read_by_key_ranges_replaces_a_table_once_per_run(project, pg_ta
     assert stages == []
 
 
+def test_an_incremental_run_rereads_only_the_key_ranges_whose_rows_changed(project,
+                                                                           pg_target):
+    fill(pg_target, 2500)  # three ranges of ids: 1-1000, 1001-2000, 2001-2500
+    path = pipeline(project, pg_target, 'table = "out"\nmode = "partition"\n'
+                    "prune_missing = true\nlineage = true")
+    path.write_text(path.read_text() + "\n[options]\nincremental = true\n")
+    rx = Runex()
+
+    def run():
+        run_id = rx.submit("p.toml")
+        drain(rx)
+        assert rx.show(run_id).status == "succeeded"
+        return run_id, rx.show(run_id).counts
+
+    first, counts = run()
+    assert counts == {"succeeded": 3}
+    assert run()[1] == {"skipped": 3}
+    with psycopg.connect(pg_target) as conn:  # a row of the second range changed in place
+        conn.execute("UPDATE items SET v = 7 WHERE id = 1500")
+    changed, counts = run()
+    assert counts == {"skipped": 2, "succeeded": 1}
+    assert query(pg_target, "SELECT twice, _runex_run, _runex_partition FROM out "
+                 "WHERE id = 1500") == [(14, changed, "[1001,2001]")]
+    assert query(pg_target, "SELECT COUNT(*), COUNT(DISTINCT id) FROM out")[0] == (2500, 2500)
+    assert query(pg_target, "SELECT DISTINCT _runex_run FROM out WHERE id < 1001") == [
+        (first,)]  # the unchanged ranges' rows are the first run's
+    with psycopg.connect(pg_target) as conn:  # the last range is gone from the source
+        conn.execute("DELETE FROM items WHERE id > 2000")
+    assert run()[1] == {"skipped": 2}
+    assert query(pg_target, "SELECT COUNT(*), MAX(id) FROM out")[0] == (2000, 2000)
+
+
 def test_upsert_replaces_rows_by_key_and_a_repeated_partition_writes_nothing(project, pg_target):
     fill(pg_target, 1500)
     pipeline(project, pg_target, 'table = "out"\nmode = "upsert"\nkey = ["id"]')

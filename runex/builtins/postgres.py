@@ -23,6 +23,7 @@ returns (the server syncs it), so the sink needs no `sync`.
 """
 
 import contextlib
+import json
 import os
 import time
 
@@ -133,7 +134,9 @@ OUTPUTS = """CREATE TABLE IF NOT EXISTS _runex_outputs (
     name TEXT PRIMARY KEY,
     run_id TEXT NOT NULL,
     replaced_at DOUBLE PRECISION NOT NULL)"""
-MODES = ("append", "replace", "upsert")
+MODES = ("append", "replace", "upsert", "partition")
+PARTITION = "_runex_partition"  # mode = "partition", lineage: each row's partition key (JSON)
+RUN = "_runex_run"  # lineage: the run that wrote each row
 
 _connections = {}  # (pid, url, ddl) -> connection, two per worker process and database
 
@@ -152,7 +155,8 @@ def connect(url, ddl=False):
     return conn
 
 
-def configure_postgres(url, table, mode="append", key=None):
+def configure_postgres(url, table, mode="append", key=None, prune_missing=False,
+                       lineage=False):
     if not is_url(url):
         raise ValueError(f"url must be a postgresql:// URL, not {url!r}")
     name = table.rsplit(".", 1)[-1] if isinstance(table, str) else ""
@@ -167,7 +171,10 @@ def configure_postgres(url, table, mode="append", key=None):
                              "tell one row from another")
     elif key is not None:
         raise ValueError(f'key is for mode = "upsert" (mode is {mode!r})')
-    return {"url": url, "table": table, "mode": mode, "key": key}
+    if prune_missing and mode != "partition":
+        raise ValueError(f'prune_missing is for mode = "partition" (mode is {mode!r})')
+    return {"url": url, "table": table, "mode": mode, "key": key,
+            "prune_missing": bool(prune_missing), "lineage": bool(lineage)}
 
 
 def target(ctx):
@@ -228,7 +235,18 @@ def _write(ctx, records):
             return
         columns, count = {}, 0
         batches = records.batches() if hasattr(records, "batches") else [list(records)]
+        stamp = {}  # what each row says of where it came from
+        if ctx.params["mode"] == "partition" or ctx.params.get("lineage"):
+            stamp[PARTITION] = key_text(ctx.partition)
+        if ctx.params.get("lineage"):
+            stamp[RUN] = ctx.run_id
+        if ctx.params["mode"] == "partition" and PARTITION in existing_columns(conn, table):
+            # a newer commit of the key replaces its rows
+            conn.execute(f"DELETE FROM {quote(table)} WHERE {PARTITION} = %s",
+                         (stamp[PARTITION],))
         for batch in batches:
+            for record in batch if stamp else ():
+                record.update(stamp)
             fresh = {}
             for record in batch:
                 for name, v in record.items():
@@ -286,6 +304,10 @@ def ensure_columns(conn, table, sample, key):
         conn.execute(f"CREATE TABLE IF NOT EXISTS {quote(table)} ("
                      + ", ".join(f"{quote(c)} {column_type(v)}" for c, v in sample.items())
                      + ")")
+        if PARTITION in sample:  # rows are deleted by it
+            conn.execute(f"CREATE INDEX IF NOT EXISTS "
+                         f"{quote('_runex_part_' + table.rsplit('.', 1)[-1])} ON "
+                         f"{quote(table)} ({PARTITION})")
         if key:
             missing = [k for k in key if k not in sample]
             if missing:
@@ -309,10 +331,34 @@ def widen(conn, table, sample, have=None):
 
 def finalize_postgres(ctx):
     """`mode = "replace"`: the run's stage table becomes the table, in one transaction, if
-    it holds every row the run committed."""
+    it holds every row the run committed. `mode = "partition"` with `prune_missing`: the rows
+    of partitions that are no longer in the source (not among the run's) are deleted."""
+    if ctx.params.get("prune_missing"):
+        with reaching(ctx.params["url"]):
+            _prune_missing(ctx)
     if ctx.params["mode"] == "replace":
         with reaching(ctx.params["url"]):
             _replace(ctx)
+
+
+def _prune_missing(ctx):
+    table = ctx.params["table"]
+    conn = connect(ctx.params["url"])
+    if PARTITION not in existing_columns(conn, table):
+        return
+    with conn.transaction():
+        conn.execute("CREATE TEMP TABLE IF NOT EXISTS runex_keys (key TEXT PRIMARY KEY) "
+                     "ON COMMIT DELETE ROWS")
+        with conn.cursor() as cur:
+            cur.executemany("INSERT INTO runex_keys (key) VALUES (%s) ON CONFLICT DO NOTHING",
+                            [(key_text(k),) for k in ctx.partition_keys()])
+        conn.execute(f"DELETE FROM {quote(table)} t WHERE NOT EXISTS (SELECT 1 FROM "
+                     f"runex_keys k WHERE k.key = t.{PARTITION})")
+
+
+def key_text(key):
+    """A partition key as the `_runex_partition` column holds it (and the ledger's lineage)."""
+    return json.dumps(key, sort_keys=True, separators=(",", ":"))
 
 
 def _replace(ctx):
