@@ -277,3 +277,31 @@ def test_a_run_exports_as_openlineage_events(project):
     failed = rx.openlineage(bad.id)
     assert [e["eventType"] for e in failed] == ["START", "FAIL"]
     assert "cannot read 'bad'" in failed[1]["run"]["facets"]["errorMessage"]["message"]
+
+
+def test_a_jsonl_sink_by_partition_rewrites_only_the_changed_keys_part(project):
+    write(project / "extensions" / "k.py", KERNEL)
+    write(project / "pipelines" / "monthly.toml", MONTHLY.replace(
+        'use = "sqlite"\n    path = "out/m.db"\n    table = "lines"',
+        'use = "jsonl"\n    path = "out/parts"\n    merge = "out/all.jsonl"'))
+    (project / "data").mkdir()
+    for m in (1, 2, 3):
+        month(project, m)
+    rx = Runex()
+    assert run(rx).counts == {"succeeded": 3}
+    parts = project / "out" / "parts"
+    names = sorted(p.name for p in parts.iterdir())
+    assert len(names) == 3 and names[0].startswith("part-data_2026-01.txt-")
+    stamps = {p.name: p.stat().st_mtime_ns for p in parts.iterdir()}
+    month(project, 2, text="changed")
+    assert run(rx).counts == {"skipped": 2, "succeeded": 1}
+    changed = [p.name for p in parts.iterdir() if p.stat().st_mtime_ns != stamps[p.name]]
+    assert changed == [names[1]]  # only February's part was written again
+    merged = [json.loads(line)["text"] for line in
+              (project / "out" / "all.jsonl").read_text().splitlines()]
+    assert merged == ["LINE 1 0", "LINE 1 1", "LINE 1 2", "CHANGED 2 0", "CHANGED 2 1",
+                      "CHANGED 2 2", "LINE 3 0", "LINE 3 1", "LINE 3 2"]
+    (project / "data" / "2026-03.txt").unlink()
+    assert run(rx).counts == {"skipped": 2}
+    assert sorted(p.name for p in parts.iterdir()) == names[:2]  # March's part pruned
+    assert len((project / "out" / "all.jsonl").read_text().splitlines()) == 6

@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import time
+import zlib
 
 from runex import DataSourceSpec, SinkSpec, atomic_write
 from runex.durable import fsync_dir, make_dirs
@@ -299,12 +300,14 @@ lines_source = DataSourceSpec(name="lines", partitions=file_partitions, read=rea
 
 # -- sinks ---------------------------------------------------------------------------------
 
-def configure_files(path, merge=None, mode="append"):
+def configure_files(path, merge=None, mode="append", prune_missing=False):
     if not isinstance(path, str) or not path:
         raise ValueError("path must name the folder the part files go in")
-    if mode not in ("append", "replace"):
-        raise ValueError(f"mode must be append or replace, not {mode!r}")
-    return {"path": path, "merge": merge, "mode": mode}
+    if mode not in ("append", "replace", "partition"):
+        raise ValueError(f"mode must be append, replace or partition, not {mode!r}")
+    if prune_missing and mode != "partition":
+        raise ValueError(f'prune_missing is for mode = "partition" (mode is {mode!r})')
+    return {"path": path, "merge": merge, "mode": mode, "prune_missing": bool(prune_missing)}
 
 
 def parts_folder(ctx):
@@ -319,14 +322,28 @@ def part_name(folder, index, ext):
     return os.path.join(folder, f"part-{index:05d}.{ext}")
 
 
+def key_part(folder, key, ext):
+    """`mode = "partition"`: the part file of a partition key, whichever run wrote it last:
+    `part-<the key, made a file name>-<a hash of it>`."""
+    text = json.dumps(key, sort_keys=True, separators=(",", ":"))
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_.")[:60]
+    return os.path.join(folder, f"part-{slug}-{zlib.crc32(text.encode()):08x}.{ext}")
+
+
+def part_of(ctx, ext):
+    if ctx.params.get("mode") == "partition":
+        return key_part(ctx.params["path"], ctx.partition, ext)
+    return part_name(parts_folder(ctx), ctx.index, ext)
+
+
 def write_jsonl(ctx, records):
     dumps = json.dumps
-    with atomic_write(part_name(parts_folder(ctx), ctx.index, "jsonl")) as f:
+    with atomic_write(part_of(ctx, "jsonl")) as f:
         f.writelines(dumps(r, default=str) + "\n" for r in records)
 
 
 def write_csv(ctx, records):
-    with atomic_write(part_name(parts_folder(ctx), ctx.index, "csv")) as f:
+    with atomic_write(part_of(ctx, "csv")) as f:
         writer = None
         for record in records:
             if writer is None:
@@ -341,9 +358,23 @@ def finalize_files(ctx, ext, skip_header):
     replace = ctx.params.get("mode") == "replace"
     if replace:
         check_parts(ctx, ext)
+    if ctx.params.get("prune_missing"):
+        prune_parts(ctx, ext)
     merge_parts(ctx, ext, skip_header)
     if replace:
         swap_in(ctx)
+
+
+def prune_parts(ctx, ext):
+    """`mode = "partition"`: remove the part files of keys the source no longer has."""
+    folder = ctx.params["path"]
+    keep = {os.path.basename(key_part(folder, k, ext)) for k in ctx.partition_keys()}
+    gone = [name for name in os.listdir(folder) if name.startswith("part-")
+            and name.endswith(f".{ext}") and name not in keep] if os.path.isdir(folder) else []
+    for name in gone:
+        os.unlink(os.path.join(folder, name))
+    if gone:
+        fsync_dir(folder)
 
 
 def check_parts(ctx, ext):
@@ -397,11 +428,14 @@ def merge_parts(ctx, ext, skip_header):
     if not merge:
         return
 
+    if ctx.params.get("mode") == "partition":  # the current key's parts, in the run's order
+        parts = (key_part(ctx.params["path"], k, ext) for k in ctx.partition_keys())
+    else:
+        parts = (part_name(parts_folder(ctx), i, ext) for i in range(ctx.partition_count))
     with atomic_write(merge) as out:
         header_written = False
-        for index in range(ctx.partition_count):
-            with open(part_name(parts_folder(ctx), index, ext), encoding="utf-8",
-                      newline="") as part:
+        for name in parts:
+            with open(name, encoding="utf-8", newline="") as part:
                 first = part.readline()
                 if first and not (skip_header and header_written):
                     out.write(first)
