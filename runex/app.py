@@ -572,7 +572,7 @@ class Runex:
         (host, pid, when), the code version it ran and the files of that code, the
         fingerprint of the input it read, and the parameters of its source, steps and sink."""
         if db is not None:
-            run, key = _stamp_of(Path(db), table, rowid)
+            run, key = _stamp_of(str(db), table, rowid)
         run_id = self.ledger.resolve_run_id(run or "")
         parts = self.show(run_id).partitions
         if db is not None:
@@ -888,22 +888,33 @@ def _datasets(step: dict[str, Any], project: Path) -> list[dict[str, str]]:
     return []
 
 
-def _stamp_of(db: Path, table: str | None, rowid: int | None) -> tuple[str, Any]:
-    """(run id, partition key) that a row of a sink with `lineage = true` carries."""
+def _stamp_of(db: str, table: str | None, rowid: int | None) -> tuple[str, Any]:
+    """(run id, partition key) that a row of a sink with `lineage = true` carries: a row of a
+    SQLite file by its rowid, of a PostgreSQL table (`db` a URL) by its `id` column."""
     if not table or rowid is None:
-        raise UsageError("give the row: --table T --rowid N (with --db PATH)")
-    if not db.is_file():
-        raise UsageError(f"--db {db}: no such SQLite file")
-    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        raise UsageError("give the row: --table T --rowid N (with --db PATH or URL)")
+    quoted = ".".join('"' + part.replace('"', '""') + '"' for part in table.split("."))
+    sql = f"SELECT _runex_run, _runex_partition FROM {quoted} WHERE "
+    where = postgres.Database.shown(db) if postgres.is_url(db) else db  # no password
+    problem = (f"{where}, table {table!r}: {{}}; rows say where they came from when their "
+               "sink has lineage = true")
+    if postgres.is_url(db):
+        psycopg = postgres.psycopg()
         try:
-            row = conn.execute('SELECT _runex_run, _runex_partition FROM "'
-                               + table.replace('"', '""') + '" WHERE rowid = ?',
-                               (rowid,)).fetchone()
+            with psycopg.connect(db) as conn:
+                row = conn.execute(sql + "id = %s", (rowid,)).fetchone()
+        except psycopg.Error as exc:
+            raise UsageError(problem.format(str(exc).strip())) from None
+    else:
+        if not Path(db).is_file():
+            raise UsageError(f"--db {db}: no such SQLite file")
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+                row = conn.execute(sql + "rowid = ?", (rowid,)).fetchone()
         except sqlite3.OperationalError as exc:
-            raise UsageError(f"{db}, table {table!r}: {exc}; rows say where they came from "
-                             "when their sink has lineage = true") from None
+            raise UsageError(problem.format(exc)) from None
     if row is None:
-        raise NotFound(f"{db}, table {table!r}: no row {rowid}")
+        raise NotFound(f"{where}, table {table!r}: no row {rowid}")
     return row[0], json.loads(row[1])
 
 

@@ -464,6 +464,12 @@ def show(ctx: click.Context, run_ref: str, listed: bool, status: str | None, aft
         click.echo(f"\n{note}")
 
 
+def last_attempt(p: Any, *fields: str) -> list[Any]:
+    """`fields` of a partition's latest attempt (None each, before its first)."""
+    attempt = p.attempts[-1] if p.attempts else {}
+    return [attempt.get(f) for f in fields]
+
+
 def show_partitions(ctx: click.Context, parts: Iterator[Any]) -> None:
     """The partitions as a table, then the errors of their attempts, a page at a time."""
     page: list[Any] = []
@@ -474,9 +480,10 @@ def show_partitions(ctx: click.Context, parts: Iterator[Any]) -> None:
             continue
         click.echo("")
         table([[p.index, json.dumps(p.key), p.status, len(p.attempts), p.records_in,
-                p.records_out, p.seconds,
-                p.attempts[-1]["code_version"] if p.attempts else None] for p in page],
-              ["#", "KEY", "STATUS", "ATTEMPTS", "IN", "OUT", "SECONDS", "CODE"])
+                p.records_out, p.seconds, *last_attempt(p, "host", "code_version",
+                                                         "fingerprint")] for p in page],
+              ["#", "KEY", "STATUS", "ATTEMPTS", "IN", "OUT", "SECONDS", "HOST", "CODE",
+               "INPUT"])
         for p in page:
             for a in p.attempts:
                 if a["error"]:
@@ -587,10 +594,11 @@ def pause_or_resume(action: str, pipeline: str | None, as_json: bool, home: str 
 @cli.command()
 @click.argument("run_ref", metavar="RUN", required=False)
 @click.option("--partition", help="With RUN: its key or its index, from `show`.")
-@click.option("--db", type=click.Path(dir_okay=False), help="A SQLite file a sink wrote with "
-              "lineage = true ...")
+@click.option("--db", help="A SQLite file, or a PostgreSQL URL, a sink with lineage = true "
+              "wrote into ...")
 @click.option("--table", help="... its table ...")
-@click.option("--rowid", type=int, help="... and the row.")
+@click.option("--rowid", type=int, help="... and the row: its rowid (SQLite), its id column "
+              "(PostgreSQL).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @project_options
 def lineage(run_ref: str | None, partition: str | None, db: str | None, table: str | None,

@@ -501,6 +501,8 @@ class Dashboard:
                 f"#{a['attempt']} {e(a['host'])} pid {a['pid']}, {status(a['status'])}"
                 + (f" in {e(duration(a['seconds']))}" if a.get("seconds") is not None else "")
                 + (f": {e(a['error'])}" if a.get("error") else "")
+                + (f"<br><small>code {e(a.get('code_version'))}, input "
+                   f"{e(a['fingerprint'])}</small>" if a.get("fingerprint") else "")
                 + (f"<br><small>steps: {e(steps)}</small>" if steps else "")
                 + (f"<details><summary>traceback</summary><pre>{e(a['traceback'])}</pre>"
                    "</details>" if a.get("traceback") else ""))

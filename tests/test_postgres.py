@@ -96,6 +96,10 @@ def test_an_incremental_run_rereads_only_the_key_ranges_whose_rows_changed(proje
     assert query(pg_target, "SELECT twice, _runex_run, _runex_partition FROM out "
                  "WHERE id = 1500") == [(14, changed, "[1001,2001]")]
     assert query(pg_target, "SELECT COUNT(*), COUNT(DISTINCT id) FROM out")[0] == (2500, 2500)
+    found = rx.lineage(db=pg_target, table="out", rowid=1500)  # where the row came from
+    assert (found["run_id"], found["partition"]["key"]) == (changed, [1001, 2001])
+    assert json.loads(runex_cli("lineage", "--db", pg_target, "--table", "out", "--rowid",
+                                "1500", "--json", cwd=project, check=True).stdout) == found
     assert query(pg_target, "SELECT DISTINCT _runex_run FROM out WHERE id < 1001") == [
         (first,)]  # the unchanged ranges' rows are the first run's
     with psycopg.connect(pg_target) as conn:  # the last range is gone from the source
