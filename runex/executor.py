@@ -289,11 +289,11 @@ def run_one(state: WorkerState, claim: Claim, cancel: Cancellation, timeout: flo
             log().debug("partition.skipped", fingerprint=fingerprint)
         return Outcome(claim, "skipped", started=began, code_version=plan.code_version,
                        fingerprint=fingerprint), 0.0
-    incremental = plan.pipeline.options.incremental
     return Outcome(claim, "succeeded", stats.records_in, stats.records_out,
                    started=began, code_version=plan.code_version,
                    steps=stats.step_rows(), fingerprint=fingerprint,
-                   output=(plan.target, plan.inputs_version) if incremental else None), 0.0
+                   output=(plan.target, plan.inputs_version,
+                           plan.pipeline.options.incremental)), 0.0
 
 
 def fingerprint_of(plan: Plan, claim: Claim) -> str | None:

@@ -301,7 +301,9 @@ class Outcome:
     code_version: str | None = None  # of the code it ran (`extensions.code_version`)
     steps: list[list[float]] | None = None  # per step: records in, records out, seconds
     fingerprint: str | None = None  # of the input it read (JSON), if its source tells
-    output: tuple[str, str] | None = None  # an incremental run's (target, inputs version)
+    # Where it committed and with what (sink target, inputs version), and whether its run is
+    # incremental (which records it; another run updates only a record that is there)
+    output: tuple[str, str, bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -743,15 +745,24 @@ class Ledger:
                   o.error, o.traceback, o.code_version,
                   o.steps and json.dumps(o.steps, separators=(",", ":")), o.fingerprint,
                   run_id, o.claim.index, o.claim.attempt) for o, ok, _ in ended])
-            conn.executemany(  # what the next incremental run compares with
+            # The last commit of each key into each sink, which the next incremental run
+            # compares with: recorded by incremental runs, kept up to date by the others.
+            commits = [(o.output, key_text(o.claim.key), o.fingerprint, o.claim.index,
+                        o.claim.attempt) for o, ok, status in ended
+                       if ok and status == "succeeded" and o.output]
+            conn.executemany(
                 "INSERT INTO outputs (target, key, fingerprint, version, run_id, idx, attempt, "
                 "committed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (target, key) DO "
                 "UPDATE SET fingerprint = excluded.fingerprint, version = excluded.version, "
                 "run_id = excluded.run_id, idx = excluded.idx, attempt = excluded.attempt, "
                 "committed_at = excluded.committed_at",
-                [(o.output[0], key_text(o.claim.key), o.fingerprint, o.output[1], run_id,
-                  o.claim.index, o.claim.attempt, now)
-                 for o, ok, status in ended if ok and status == "succeeded" and o.output])
+                [(out[0], key, fp, out[1], run_id, idx, attempt, now)
+                 for out, key, fp, idx, attempt in commits if out[2]])
+            conn.executemany(
+                "UPDATE outputs SET fingerprint = ?, version = ?, run_id = ?, idx = ?, "
+                "attempt = ?, committed_at = ? WHERE target = ? AND key = ?",
+                [(fp, out[1], run_id, idx, attempt, now, out[0], key)
+                 for out, key, fp, idx, attempt in commits if not out[2]])
             moved["running"] = -sum(applied)
             moved["queued"] = len(released)
             for o, ok, status in ended:

@@ -305,3 +305,24 @@ def test_a_jsonl_sink_by_partition_rewrites_only_the_changed_keys_part(project):
     assert run(rx).counts == {"skipped": 2}
     assert sorted(p.name for p in parts.iterdir()) == names[:2]  # March's part pruned
     assert len((project / "out" / "all.jsonl").read_text().splitlines()) == 6
+
+
+def test_a_full_run_between_incremental_ones_is_the_last_commit_they_compare_with(project):
+    write(project / "extensions" / "k.py", KERNEL)
+    write(project / "pipelines" / "monthly.toml", MONTHLY.replace("incremental = true", ""))
+    (project / "data").mkdir()
+    month(project, 1)
+
+    def changed_run():
+        runex_cli("run", "pipelines/monthly.toml", "--changed", "-w", "1", cwd=project,
+                  check=True)
+        return Runex().show("last").counts
+
+    assert changed_run() == {"succeeded": 1}
+    write(project / "extensions" / "k.py", KERNEL.replace(".upper()", ".lower()"))
+    runex_cli("run", "pipelines/monthly.toml", "-w", "1", cwd=project, check=True)  # all
+    assert rows(project)[0][1] == "line 1 0"
+    write(project / "extensions" / "k.py", KERNEL)  # back to the first code: the table holds
+    assert changed_run() == {"succeeded": 1}         # the other's rows, so it runs again
+    assert rows(project)[0][1] == "LINE 1 0"
+    assert changed_run() == {"skipped": 1}
