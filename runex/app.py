@@ -567,10 +567,11 @@ class Runex:
                 db: str | os.PathLike | None = None, table: str | None = None,
                 rowid: int | None = None) -> dict[str, Any]:
         """Where output came from: a partition of a run (`run`, `partition`: its key or
-        index), or a row of a SQLite table written by a sink with `lineage = true` (`db`,
-        `table`, `rowid`). The run and pipeline, the partition, the attempt that committed it
-        (host, pid, when), the code version it ran and the files of that code, the
-        fingerprint of the input it read, and the parameters of its source, steps and sink."""
+        index), or a row that a sink with `lineage = true` wrote (`db`: a SQLite file or a
+        PostgreSQL URL, `table`, `rowid`: its rowid, or its `id` column in PostgreSQL). The
+        run and pipeline, the partition, the attempt that committed it (host, pid, when),
+        the code version it ran and the files of that code, the fingerprint of the input it
+        read, and the parameters of its source, steps and sink."""
         if db is not None:
             run, key = _stamp_of(str(db), table, rowid)
         run_id = self.ledger.resolve_run_id(run or "")
