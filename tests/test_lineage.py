@@ -283,7 +283,7 @@ def test_a_jsonl_sink_by_partition_rewrites_only_the_changed_keys_part(project):
     write(project / "extensions" / "k.py", KERNEL)
     write(project / "pipelines" / "monthly.toml", MONTHLY.replace(
         'use = "sqlite"\n    path = "out/m.db"\n    table = "lines"',
-        'use = "jsonl"\n    path = "out/parts"\n    merge = "out/all.jsonl"'))
+        'use = "jsonl"\n    path = "out/parts"\n    merge = "out/all.jsonl"\n    lineage = true'))
     (project / "data").mkdir()
     for m in (1, 2, 3):
         month(project, m)
@@ -297,8 +297,11 @@ def test_a_jsonl_sink_by_partition_rewrites_only_the_changed_keys_part(project):
     assert run(rx).counts == {"skipped": 2, "succeeded": 1}
     changed = [p.name for p in parts.iterdir() if p.stat().st_mtime_ns != stamps[p.name]]
     assert changed == [names[1]]  # only February's part was written again
-    merged = [json.loads(line)["text"] for line in
-              (project / "out" / "all.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in
+             (project / "out" / "all.jsonl").read_text().splitlines()]
+    merged = [line["text"] for line in lines]
+    assert lines[3]["_runex_partition"] == '"data/2026-02.txt"'
+    assert lines[3]["_runex_run"] == Runex().show("last").id != lines[0]["_runex_run"]
     assert merged == ["LINE 1 0", "LINE 1 1", "LINE 1 2", "CHANGED 2 0", "CHANGED 2 1",
                       "CHANGED 2 2", "LINE 3 0", "LINE 3 1", "LINE 3 2"]
     (project / "data" / "2026-03.txt").unlink()

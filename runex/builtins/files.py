@@ -300,14 +300,15 @@ lines_source = DataSourceSpec(name="lines", partitions=file_partitions, read=rea
 
 # -- sinks ---------------------------------------------------------------------------------
 
-def configure_files(path, merge=None, mode="append", prune_missing=False):
+def configure_files(path, merge=None, mode="append", prune_missing=False, lineage=False):
     if not isinstance(path, str) or not path:
         raise ValueError("path must name the folder the part files go in")
     if mode not in ("append", "replace", "partition"):
         raise ValueError(f"mode must be append, replace or partition, not {mode!r}")
     if prune_missing and mode != "partition":
         raise ValueError(f'prune_missing is for mode = "partition" (mode is {mode!r})')
-    return {"path": path, "merge": merge, "mode": mode, "prune_missing": bool(prune_missing)}
+    return {"path": path, "merge": merge, "mode": mode, "prune_missing": bool(prune_missing),
+            "lineage": bool(lineage)}
 
 
 def parts_folder(ctx):
@@ -336,16 +337,27 @@ def part_of(ctx, ext):
     return part_name(parts_folder(ctx), ctx.index, ext)
 
 
+def stamped(ctx, records):
+    """With `lineage = true`: each record with the run and the partition key that wrote it
+    (`_runex_run`, `_runex_partition`, as the database sinks' columns)."""
+    if not ctx.params.get("lineage"):
+        return records
+    stamp = {"_runex_run": ctx.run_id,
+             "_runex_partition": json.dumps(ctx.partition, sort_keys=True,
+                                            separators=(",", ":"))}
+    return ({**record, **stamp} for record in records)
+
+
 def write_jsonl(ctx, records):
     dumps = json.dumps
     with atomic_write(part_of(ctx, "jsonl")) as f:
-        f.writelines(dumps(r, default=str) + "\n" for r in records)
+        f.writelines(dumps(r, default=str) + "\n" for r in stamped(ctx, records))
 
 
 def write_csv(ctx, records):
     with atomic_write(part_of(ctx, "csv")) as f:
         writer = None
-        for record in records:
+        for record in stamped(ctx, records):
             if writer is None:
                 writer = csv.DictWriter(f, fieldnames=list(record))
                 writer.writeheader()
