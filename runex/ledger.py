@@ -745,24 +745,8 @@ class Ledger:
                   o.error, o.traceback, o.code_version,
                   o.steps and json.dumps(o.steps, separators=(",", ":")), o.fingerprint,
                   run_id, o.claim.index, o.claim.attempt) for o, ok, _ in ended])
-            # The last commit of each key into each sink, which the next incremental run
-            # compares with: recorded by incremental runs, kept up to date by the others.
-            commits = [(o.output, key_text(o.claim.key), o.fingerprint, o.claim.index,
-                        o.claim.attempt) for o, ok, status in ended
-                       if ok and status == "succeeded" and o.output]
-            conn.executemany(
-                "INSERT INTO outputs (target, key, fingerprint, version, run_id, idx, attempt, "
-                "committed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (target, key) DO "
-                "UPDATE SET fingerprint = excluded.fingerprint, version = excluded.version, "
-                "run_id = excluded.run_id, idx = excluded.idx, attempt = excluded.attempt, "
-                "committed_at = excluded.committed_at",
-                [(out[0], key, fp, out[1], run_id, idx, attempt, now)
-                 for out, key, fp, idx, attempt in commits if out[2]])
-            conn.executemany(
-                "UPDATE outputs SET fingerprint = ?, version = ?, run_id = ?, idx = ?, "
-                "attempt = ?, committed_at = ? WHERE target = ? AND key = ?",
-                [(fp, out[1], run_id, idx, attempt, now, out[0], key)
-                 for out, key, fp, idx, attempt in commits if not out[2]])
+            self._record_outputs(conn, run_id, now, [o for o, ok, status in ended
+                                                     if ok and status == "succeeded"])
             moved["running"] = -sum(applied)
             moved["queued"] = len(released)
             for o, ok, status in ended:
@@ -778,6 +762,32 @@ class Ledger:
             over = any(ok and not o.requeue for o, ok in zip(outcomes, applied, strict=True))
             complete = over and self._complete(conn, run_id)
         return Recorded(applied, complete)
+
+    @staticmethod
+    def _record_outputs(conn: Any, run_id: str, now: float, done: list[Outcome]) -> None:
+        """The last commit of each key into each sink, which the next incremental run
+        compares with: recorded by incremental runs, kept up to date by the others (where
+        an incremental run into their sink recorded some: one look per chunk otherwise)."""
+        done = [o for o in done if o.output]
+        if not done:
+            return
+        target, _, incremental = done[0].output  # a run has one sink
+        if not incremental and not conn.execute(
+                "SELECT 1 FROM outputs WHERE target = ? LIMIT 1", (target,)).fetchone():
+            return
+        rows = [(o.fingerprint, o.output[1], run_id, o.claim.index, o.claim.attempt, now,
+                 target, key_text(o.claim.key)) for o in done]
+        if incremental:
+            conn.executemany(
+                "INSERT INTO outputs (fingerprint, version, run_id, idx, attempt, "
+                "committed_at, target, key) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT "
+                "(target, key) DO UPDATE SET fingerprint = excluded.fingerprint, version = "
+                "excluded.version, run_id = excluded.run_id, idx = excluded.idx, attempt = "
+                "excluded.attempt, committed_at = excluded.committed_at", rows)
+        else:
+            conn.executemany(
+                "UPDATE outputs SET fingerprint = ?, version = ?, run_id = ?, idx = ?, "
+                "attempt = ?, committed_at = ? WHERE target = ? AND key = ?", rows)
 
     @staticmethod
     def _complete(conn: Any, run_id: str) -> bool:
