@@ -476,7 +476,7 @@ class Dashboard:
                 + "</h2>",
                 table(["index", "key", "status", "attempts"],
                       [[num(p.index), e(json.dumps(p.key)), status(p.status),
-                        self.attempts_cell(run.id, p, spec)
+                        self.attempts_cell(p)
                         + (self.form(f"/runs/{run.id}/retry", "retry", partition=p.index)
                            if p.status in RETRYABLE else "")]
                        for p in shown]),
@@ -491,7 +491,8 @@ class Dashboard:
                 f"<pre>{e(json.dumps(spec, indent=2))}</pre>"]
         return page(f"run {run.id}", body)
 
-    def attempts_cell(self, run_id: str, p: Any, spec: dict[str, Any]) -> str:
+    @staticmethod
+    def attempts_cell(p: Any) -> str:
         """A partition's attempts: where each ran, how long, how it ended, its error and
         traceback, and the time of each step."""
         lines = []
@@ -672,9 +673,8 @@ def clock(ts: float | None, precise: bool = False) -> str | None:
     """A Unix time as this machine's local time."""
     if ts is None:
         return None
-    shown = dt.datetime.fromtimestamp(ts).isoformat(" ", "milliseconds" if precise else
-                                                     "seconds")
-    return shown
+    return dt.datetime.fromtimestamp(ts).isoformat(" ", "milliseconds" if precise else
+                                                    "seconds")
 
 
 def duration(seconds: float | None) -> str | None:
