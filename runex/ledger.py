@@ -19,6 +19,7 @@ from typing import Any
 
 from runex import trace
 from runex.errors import NotFound, RunexError, Unreachable
+from runex.registry import key_text
 from runex.storage import engine_for
 
 TERMINAL_RUN = ("succeeded", "failed", "cancelled")  # a run in one of these is over
@@ -259,11 +260,6 @@ SCHEMA = [
     ],
 ]
 ALL_WORK = "*"  # the target of a pause of all work
-
-
-def key_text(key: Any) -> str:
-    """A partition key as the `outputs` table keeps it."""
-    return json.dumps(key, sort_keys=True, separators=(",", ":"))
 
 
 def new_run_id() -> str:

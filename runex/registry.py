@@ -7,6 +7,7 @@ and outside of loading into `default_registry`, for pipelines built in Python.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -60,6 +61,12 @@ class DataSourceSpec:
     def __post_init__(self) -> None:
         if self.origin == "?":
             self.origin = origin_of(2)
+
+
+def key_text(key: Any) -> str:
+    """A partition key as JSON text, the same for the same key: how rows carry it (sinks'
+    `_runex_partition`), part files are named by it, and the ledger's `outputs` keeps it."""
+    return json.dumps(key, sort_keys=True, separators=(",", ":"))
 
 
 @dataclass

@@ -35,6 +35,7 @@ import zlib
 
 from runex import DataSourceSpec, SinkSpec, atomic_write
 from runex.durable import fsync_dir, make_dirs
+from runex.registry import key_text
 
 # The last element of a `csv` chunk's key `[path, start, end, RECORDS]`: start and end are
 # where records begin. A key of three elements comes from a runex that cut chunks at line ends.
@@ -326,7 +327,7 @@ def part_name(folder, index, ext):
 def key_part(folder, key, ext):
     """`mode = "partition"`: the part file of a partition key, whichever run wrote it last:
     `part-<the key, made a file name>-<a hash of it>`."""
-    text = json.dumps(key, sort_keys=True, separators=(",", ":"))
+    text = key_text(key)
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_.")[:60]
     return os.path.join(folder, f"part-{slug}-{zlib.crc32(text.encode()):08x}.{ext}")
 
@@ -342,9 +343,7 @@ def stamped(ctx, records):
     (`_runex_run`, `_runex_partition`, as the database sinks' columns)."""
     if not ctx.params.get("lineage"):
         return records
-    stamp = {"_runex_run": ctx.run_id,
-             "_runex_partition": json.dumps(ctx.partition, sort_keys=True,
-                                            separators=(",", ":"))}
+    stamp = {"_runex_run": ctx.run_id, "_runex_partition": key_text(ctx.partition)}
     return ({**record, **stamp} for record in records)
 
 

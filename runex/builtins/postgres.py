@@ -23,13 +23,13 @@ returns (the server syncs it), so the sink needs no `sync`.
 """
 
 import contextlib
-import json
 import os
 import time
 
 from runex import DataSourceSpec, SinkSpec
 from runex.errors import Unreachable
 from runex.postgres import ALIVE, first_line, is_url, lost, psycopg
+from runex.registry import key_text
 
 
 @contextlib.contextmanager
@@ -355,10 +355,6 @@ def _prune_missing(ctx):
         conn.execute(f"DELETE FROM {quote(table)} t WHERE NOT EXISTS (SELECT 1 FROM "
                      f"runex_keys k WHERE k.key = t.{PARTITION})")
 
-
-def key_text(key):
-    """A partition key as the `_runex_partition` column holds it (and the ledger's lineage)."""
-    return json.dumps(key, sort_keys=True, separators=(",", ":"))
 
 
 def _replace(ctx):

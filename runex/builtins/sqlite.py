@@ -31,7 +31,6 @@ not grow with the partition and the write lock is held only for the final copy.
 
 import contextlib
 import itertools
-import json
 import operator
 import os
 import re
@@ -40,6 +39,7 @@ import time
 
 from runex import DataSourceSpec, SinkSpec
 from runex.durable import fsync_dir, make_dirs, sync_log
+from runex.registry import key_text
 from runex.storage import BUSY_TIMEOUT, begin_immediate, tune
 
 
@@ -232,11 +232,6 @@ def tagged(batches, stamp):
         for record in batch:
             record.update(stamp)
         yield batch
-
-
-def key_text(key):
-    """A partition key as the `_runex_partition` column holds it (and the ledger's lineage)."""
-    return json.dumps(key, sort_keys=True, separators=(",", ":"))
 
 
 def batched(records, size):
