@@ -10,10 +10,11 @@ import datetime as dt
 import functools
 import itertools
 import json
+import multiprocessing
 import os
+import signal
 import sqlite3
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -270,13 +271,13 @@ class Runex:
                                reap_every=reap_every, jobs=jobs,
                                stop_when=(lambda: any(f() for f in stops)) if stops else None,
                                stop_on_full=bool(stops))
-        server = self._serve_beside(web) if web is not None else None
+        dashboard = self._serve_beside(web) if web is not None else None
         try:
             runner.run()
         finally:
-            if server is not None:
-                server.shutdown()
-                server.server_close()
+            if dashboard is not None:
+                dashboard.terminate()
+                dashboard.join(10)
         with contextlib.suppress(StorageError):  # done: the logs back to their small size
             retention.settle(self.ledger, self.huey)
         if runner.disk_full and runner.stop_on_full:
@@ -288,17 +289,23 @@ class Runex:
         return runner
 
     def _serve_beside(self, web: dict[str, Any]) -> Any:
-        """The dashboard, serving from a thread of this process: over a copy of this `Runex`
-        with the same extensions and its own ledger connection."""
+        """The dashboard, bound here (an address in use fails at once) and served by a child
+        process forked now, before the workers are: over a copy of this `Runex` with the
+        same extensions and its own ledger connection. (Not a thread: a process that forks
+        workers must not have threads, whose locks a fork would copy held.) It dies with
+        this process."""
         viewer = copy.copy(self)
         viewer._ledger, viewer._huey, viewer._plans = None, None, {}
         server = viewer.web(**web).server()
-        threading.Thread(target=server.serve_forever, name="runex-web", daemon=True).start()
+        child = multiprocessing.get_context("fork").Process(
+            target=_serve_dashboard, args=(server, os.getpid()), name="runex-web", daemon=True)
+        child.start()
+        server.socket.close()  # the child's now
         host, port = server.server_address[:2]
         url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
         trace.logger().info("web.started", url=url)
         trace.tell_operator(f"dashboard on {url}")
-        return server
+        return child
 
     def _say_started(self, workers: int, profile: str | None) -> None:
         """The operator's first lines: what this consumer is, and what failed to load."""
@@ -863,6 +870,14 @@ class Replay:
             source = plan.source_read(self.key, **plan.source_read_params)
             for batch in stream(source, plan, Stats()):
                 yield from batch
+
+
+def _serve_dashboard(server: Any, parent: int) -> None:
+    """A `runex worker --web` dashboard's process: answers until its consumer stops it (or
+    dies: the kernel stops it then), leaving Ctrl-C to the consumer."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    consumer.start_child(None, parent)
+    server.serve_forever()
 
 
 OPENLINEAGE_PRODUCER = f"urn:runex:{__version__}"

@@ -667,7 +667,7 @@ def replay(ctx: click.Context, run_ref: str, partition: str, limit: int | None, 
         click.echo(f"written to the sink as attempt {part['attempts'][-1]['attempt']}: "
                    f"{part['status']}, {part['records_out']} records"
                    + (f"; {part['error']}" if part["error"] else ""), err=True)
-        if part["status"] != "succeeded":
+        if part["status"] not in ("succeeded", "skipped"):
             ctx.exit(errors.EXIT_RUN_FAILED)
 
 

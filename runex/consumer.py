@@ -30,11 +30,12 @@ PAUSE_CHECK = 1.0  # seconds between looks at the ledger for a pause of all work
 
 
 def start_child(huey: Any, consumer: int) -> None:
-    """First thing in a process the consumer (pid `consumer`) forked, worker or scheduler:
-    its own queue connection (never the parent's), and, on Linux, a SIGKILL from the kernel
-    when the consumer dies, so that a killed consumer leaves no orphan consuming the queue
-    (the reaper recovers what it held)."""
-    huey_private.forget_connection(huey.storage)
+    """First thing in a process the consumer (pid `consumer`) forked, worker, scheduler or
+    dashboard: its own queue connection (never the parent's; `huey` None: it has none), and,
+    on Linux, a SIGKILL from the kernel when the consumer dies, so that a killed consumer
+    leaves no orphan consuming the queue (the reaper recovers what it held)."""
+    if huey is not None:
+        huey_private.forget_connection(huey.storage)
     if not sys.platform.startswith("linux"):
         return
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG

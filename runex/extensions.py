@@ -134,6 +134,15 @@ def code_version(files: dict[str, str], spec: Any = None) -> str:
     return digest.hexdigest()[:12]
 
 
+def digest(value: Any) -> str:
+    """A short hash of a JSON-able value (a sink and its parameters: where output goes),
+    the same from one runex version to the next."""
+    import hashlib  # noqa: PLC0415 - as in `code_version`
+
+    text = json.dumps(value, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 _digests: dict[tuple[str, int, int], bytes] = {}  # (path, mtime, size) -> its content's hash
 
 

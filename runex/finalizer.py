@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from runex import trace
 from runex.errors import Unreachable
@@ -42,14 +44,14 @@ def finalize_run(state: WorkerState, run_id: str) -> None:
             if plan.sink_finalize is not None:
                 ctx = SinkContext(run_id=run_id, pipeline=run["pipeline"],
                                   params=plan.sink_params, partition_count=total,
-                                  partition_keys=lambda: (
-                                      json.loads(p["key"])
-                                      for p in state.ledger.partitions(run_id)))
+                                  partition_keys=lambda: keys_of(state.ledger, run_id))
                 with chdir(Path(run["project_dir"])), state.holding.finalizing(
                         state.ledger, run_id, holder()):
                     plan.sink_finalize(ctx)
                     if plan.sink_sync is not None:  # durable before the run is recorded
                         plan.sink_sync(ctx)
+                if plan.sink_params.get("prune_missing"):  # their rows went: so their record
+                    state.ledger.forget_outputs(plan.target, keys_of(state.ledger, run_id))
         except Unreachable:  # a database away: finalized again once it is back
             raise
         except Exception as exc:  # noqa: BLE001 - reported as the run's error
@@ -64,3 +66,11 @@ def finalize_run(state: WorkerState, run_id: str) -> None:
            seconds=round(time.time() - began, 3), error=error)
     state.ledger.finish_run(run_id, status, error)
     state.ledger.sync()  # on disk before anyone reads that the run is over
+
+
+def keys_of(ledger: Any, run_id: str, page: int = 1000) -> Iterator[Any]:
+    """The run's partition keys in index order, read a page at a time."""
+    after = -1
+    while rows := ledger.partitions(run_id, after, page):
+        yield from (json.loads(p["key"]) for p in rows)
+        after = rows[-1]["idx"]

@@ -23,8 +23,8 @@ from runex.registry import key_text
 from runex.storage import engine_for
 
 TERMINAL_RUN = ("succeeded", "failed", "cancelled")  # a run in one of these is over
-# A partition is over unless it is `queued` or `running`: succeeded, failed, cancelled or
-# quarantined.
+# A partition is over unless it is `queued` or `running`: succeeded, skipped, failed,
+# cancelled or quarantined.
 LEASE_SECONDS = 60.0  # a claim not renewed for this long is lost (`lease` in runex.toml)
 # The conditions of the partial indexes, written the same in every query that uses them (an
 # engine uses such an index only for a query whose WHERE has the index's condition).
@@ -186,7 +186,9 @@ SCHEMA = [
         "records_in, records_out, error, queued_at, started_at, finished_at FROM partitions",
         "DROP TABLE partitions",
         "ALTER TABLE partitions_4 RENAME TO partitions",
-        f"CREATE INDEX partitions_unsettled ON partitions (run_id, status) WHERE {UNSETTLED}",
+        # (the condition of its time: version 7 makes the index again with today's)
+        "CREATE INDEX partitions_unsettled ON partitions (run_id, status) WHERE "
+        "status != 'succeeded'",
         """CREATE TABLE attempts_4 (
             run_id TEXT NOT NULL,
             idx INTEGER NOT NULL,
@@ -805,6 +807,16 @@ class Ledger:
         return self._rows("SELECT run_id, idx, attempt, host, pid, pid_started, boot_id, "
                           f"lease_until FROM attempts WHERE {RUNNING}")
 
+    def forget_outputs(self, target: str, keys: Iterable[Any]) -> int:
+        """Forget the last commits into `target` of every key but `keys` (their rows were
+        pruned: a key that comes back is run again); returns how many."""
+        keep = {key_text(k) for k in keys}
+        gone = [(target, k) for (k,) in self.conn.execute(
+            "SELECT key FROM outputs WHERE target = ?", (target,)).fetchall() if k not in keep]
+        with self.tx() as conn:
+            conn.executemany("DELETE FROM outputs WHERE target = ? AND key = ?", gone)
+        return len(gone)
+
     def last_output(self, target: str, key: Any) -> tuple[str | None, str] | None:
         """(fingerprint, inputs version) of the last commit of partition `key` into `target`
         by an incremental run, or None."""
@@ -1282,7 +1294,7 @@ class Ledger:
         """{minute (Unix seconds // 60): partitions that ended in it} since `since`, read
         from the partitions of the runs still going or over since then only."""
         return dict(self.conn.execute(
-            "SELECT CAST(p.finished_at AS INTEGER) / 60 AS m, COUNT(*) FROM partitions p "
+            "SELECT CAST(p.finished_at AS BIGINT) / 60 AS m, COUNT(*) FROM partitions p "
             "WHERE p.finished_at >= ? AND p.run_id IN (SELECT id FROM runs WHERE "
             f"finished_at >= ? OR ({OPEN_RUN})) GROUP BY m", (since, since)).fetchall())
 

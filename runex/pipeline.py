@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 from runex.cron import Schedule
 from runex.durations import duration_seconds
 from runex.errors import PipelineError, RunexError, ScheduleError, suggest
-from runex.extensions import code_files, code_version
+from runex.extensions import code_files, code_version, digest
 from runex.registry import Kernel, Registry, display_path
 
 SECTIONS = ("source", "steps", "sink", "options")
@@ -414,11 +414,11 @@ def check(pipeline: Pipeline, registry: Registry) -> Plan:
                                     f"dict (they become ctx.params), not {sink_params!r}")
     if pipeline.options.incremental and not problems:
         mode = sink_params.get("mode")
-        if mode not in (None, "partition", "upsert"):
+        if mode not in (None, "partition"):
             problems.append(f"options.incremental: the sink {sink.name!r} with mode = {mode!r} "
-                            "would keep the rows of a changed partition's earlier commit, or "
-                            'lose those of one it skips: use mode = "partition" (a newer commit '
-                            "of a key replaces its rows)")
+                            "would keep rows of a changed partition's earlier commit, or lose "
+                            'those of one it skips: use mode = "partition" (a newer commit of '
+                            "a key replaces its rows)")
         if source.fingerprint is None:
             problems.append(f"options.incremental: the source {source.name!r} ({source.origin})"
                             " gives no fingerprint of its partitions' input, so none can be "
@@ -448,5 +448,5 @@ def check(pipeline: Pipeline, registry: Registry) -> Plan:
         source_fingerprint=source.fingerprint,
         source_fingerprint_params=print_sig.select(pipeline.source.params) if print_sig else {},
         inputs_version=code_version(files, {k: spec[k] for k in ("source", "steps", "sink")}),
-        target=code_version({}, {"sink": pipeline.sink.use, "params": sink_params}),
+        target=digest({"sink": pipeline.sink.use, "params": sink_params}),
     )

@@ -21,7 +21,7 @@ PARTITION_STATUSES = ("queued", "running", "succeeded", "skipped", "failed", "ti
 class Partition:
     index: int
     key: Any
-    status: str  # queued running succeeded failed timeout cancelled quarantined
+    status: str  # queued running succeeded skipped failed timeout cancelled quarantined
     attempts: list[dict[str, Any]]  # each as `runex show --json` prints it
     records_in: int | None
     records_out: int | None
@@ -52,7 +52,7 @@ def steps_of(stored: str | None, spec: dict[str, Any]) -> list[dict[str, Any]]:
 # Reads partitions, in index order, from the first after index `after`: at most `limit`, of
 # one `status`, or (`unsettled`) those that did not succeed; each as `Partition.to_dict`.
 Fetch = Callable[..., list[dict[str, Any]]]
-PAGE = 250
+PAGE = 250  # partitions read at a time (a page of a dashboard's or `show --json`'s stream)
 
 
 class Partitions(Sequence[Partition]):

@@ -49,7 +49,8 @@ def _run_events(ledger: Ledger, run: dict[str, Any], base: dict[str, Any]
             "ts": run["finished_at"], "event": "run.finished",
             "level": "info" if run["status"] == "succeeded" else "warning", **base,
             "status": run["status"], "partitions": run["partition_count"],
-            "failed": run["partition_count"] - counts.get("succeeded", 0),
+            "failed": run["partition_count"] - counts.get("succeeded", 0)
+            - counts.get("skipped", 0),
             "records_in": run["records_in"], "records_out": run["records_out"],
             "seconds": round(run["finished_at"] - (run["started_at"] or run["created_at"]), 3),
             "error": run["error"]})

@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
-from urllib.parse import parse_qs, quote, urlencode, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 from runex import __version__, _standing_in, trace
 
@@ -258,7 +258,7 @@ class Dashboard:
             raise PermissionError("this dashboard is read-only (runex web --read-only)")
         if not same(form.get("csrf", ""), self.csrf):
             raise PermissionError("the form's CSRF token is missing or stale: reload the page")
-        parts = path.strip("/").split("/")
+        parts = [unquote(part) for part in path.strip("/").split("/")]
         source = f"web {client}"
         rx = self.rx
         rx.ensure_trace()
@@ -460,7 +460,7 @@ class Dashboard:
                 if retryable else "",
                 f'<p id="summary">{e(run.pipeline)}: '
                 f'<span id="live" data-over="{int(run.over)}" '
-                f'data-progress="/api/runs/{e(run.id)}/progress">{progress_text(run)}</span>'
+                f'data-progress="/api/runs/{e(run.id)}/progress">{e(progress_text(run))}</span>'
                 f"; records {num(run.records_in)} in, {num(run.records_out)} out. Created "
                 f"{e(clock(run.created_at))}"
                 + (f", fire time {e(run.scheduled_for)}" if run.scheduled_for else "")
@@ -865,9 +865,10 @@ class Request(BaseHTTPRequestHandler):
             return
         parts = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-        if "token" in query and self.dashboard.token:  # once: then the cookie
+        token = self.dashboard.token
+        if "token" in query and token and same(query["token"], token):  # once: the cookie
             self.send_response(HTTPStatus.SEE_OTHER)
-            self.send_header("Set-Cookie", f"runex_token={query['token']}; HttpOnly; "
+            self.send_header("Set-Cookie", f"runex_token={token}; HttpOnly; "
                              "SameSite=Strict; Path=/")
             self.send_header("Location", parts.path or "/")
             self._end()

@@ -2,6 +2,7 @@
 the partitions whose input, code and parameters are those of their last commit."""
 
 import json
+import os
 import sqlite3
 
 import pytest
@@ -89,11 +90,17 @@ def test_twelve_monthly_files_run_again_only_where_input_or_code_changed(project
     write(project / "extensions" / "k.py", KERNEL + "    # edited\n")  # its code changes
     assert run(rx).counts == {"succeeded": 12}
 
-    (project / "data" / "2026-12.txt").unlink()  # gone from the source: its rows too
+    december = project / "data" / "2026-12.txt"
+    kept = december.read_bytes(), december.stat().st_mtime_ns
+    december.unlink()  # gone from the source: its rows too
     last = run(rx)
     assert last.counts == {"skipped": 11}
     assert {r[2] for r in rows(project)} == {f'"data/2026-{m:02}.txt"' for m in range(1, 12)}
     assert rx.ledger.partitions_by_status()["skipped"] == 12 + 11 + 11
+    december.write_bytes(kept[0])  # back as it was (a backup restored): it runs again
+    os.utime(december, ns=(kept[1], kept[1]))
+    assert run(rx).counts == {"skipped": 11, "succeeded": 1}
+    assert len(rows(project)) == 36
 
 
 def test_run_changed_makes_a_pipeline_incremental_from_the_command_line(project):
@@ -115,7 +122,7 @@ def test_run_changed_makes_a_pipeline_incremental_from_the_command_line(project)
 @pytest.mark.sqlite_only("a check of the pipeline alone")
 @pytest.mark.parametrize("sink, source, message", [
     ({"use": "sqlite", "path": "x.db", "table": "t"}, {"use": "range", "stop": 3},
-     "options.incremental: the sink 'sqlite' with mode = 'append' would keep the rows"),
+     "options.incremental: the sink 'sqlite' with mode = 'append' would keep rows"),
     ({"use": "null"}, {"use": "plain"},
      "options.incremental: the source 'plain' (here) gives no fingerprint"),
 ])
@@ -329,3 +336,37 @@ def test_a_full_run_between_incremental_ones_is_the_last_commit_they_compare_wit
     assert changed_run() == {"succeeded": 1}         # the other's rows, so it runs again
     assert rows(project)[0][1] == "LINE 1 0"
     assert changed_run() == {"skipped": 1}
+
+
+def test_chunks_of_a_large_csv_file_have_fingerprints_and_are_skipped_when_unchanged(project):
+    (project / "data").mkdir()
+    (project / "data" / "big.csv").write_text(
+        "n,text\n" + "".join(f"{i},row {i}\n" for i in range(2000)))
+    write(project / "p.toml", '[source]\nuse = "csv"\npath = "data/*.csv"\nchunk_bytes = 8000\n'
+          'fingerprint = "content"\n\n[sink]\nuse = "sqlite"\npath = "out/c.db"\ntable = "t"\n'
+          'mode = "partition"\n\n[options]\nincremental = true\n')
+    rx = Runex()
+    first = rx.run("p.toml", workers=0)
+    assert first.status == "succeeded" and len(first.partitions) > 2
+    assert first.records_out == 2000
+    fingerprint = json.loads(first.partitions[1].attempts[0]["fingerprint"])
+    assert isinstance(fingerprint, str) and len(fingerprint) == 64  # a sha256 of its bytes
+    assert set(rx.run("p.toml", workers=0).counts) == {"skipped"}
+
+
+def test_prune_missing_deletes_nothing_when_the_source_has_no_partitions(project):
+    (project / "data").mkdir()
+    with sqlite3.connect(project / "data" / "in.db") as conn:
+        conn.execute("CREATE TABLE items (n INTEGER)")
+        conn.executemany("INSERT INTO items VALUES (?)", [(i,) for i in range(5)])
+    write(project / "p.toml", '[source]\nuse = "sqlite"\npath = "data/in.db"\ntable = "items"\n'
+          'rows = 2\n\n[sink]\nuse = "sqlite"\npath = "out/o.db"\ntable = "t"\n'
+          'mode = "partition"\nprune_missing = true\n')
+    rx = Runex()
+    assert rx.run("p.toml", workers=0).status == "succeeded"
+    with sqlite3.connect(project / "data" / "in.db") as conn:
+        conn.execute("DELETE FROM items")  # emptied by mistake
+    emptied = rx.run("p.toml", workers=0)
+    assert emptied.status == "failed" and "nothing was deleted" in emptied.summary()["error"]
+    with sqlite3.connect(project / "out" / "o.db") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM t").fetchone() == (5,)

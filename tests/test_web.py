@@ -224,6 +224,8 @@ def test_it_refuses_other_hosts_tokens_missing_and_writes(served, tmp_path):
         assert get(other, "/api/runs")[0].status == 401
         assert get(other, "/api/runs", {"Authorization": "Bearer wrong"})[0].status == 401
         assert get(other, "/api/runs", {"Authorization": "Bearer s3cret"})[0].status == 200
+        response, _ = get(other, "/runs?token=wrong")
+        assert response.status == 401 and response.getheader("Set-Cookie") is None
         response, _ = get(other, "/runs?token=s3cret")
         assert response.status == 303 and response.getheader("Location") == "/runs"
         cookie = response.getheader("Set-Cookie").split(";")[0]
@@ -345,6 +347,11 @@ def test_a_schedule_is_run_now_paused_and_resumed_and_all_work_too(served, proje
         assert post(port, dashboard, "/work/resume", back="https://elsewhere") == (303, "/")
         assert rx.paused()["all"] is None
         assert post(port, dashboard, "/schedules/nope/pause")[0] == 404
+        write(project / "pipelines" / "night shift.toml", '[source]\nuse = "range"\nstop = 2\n'
+              '\n[sink]\nuse = "null"\n\n[options]\nschedule = "0 4 * * *"\n')
+        assert post(port, dashboard, "/schedules/night%20shift/pause") == (303, "/schedules")
+        assert "night shift" in rx.paused()["schedules"]
+        rx.resume("night shift")
         assert post(port, dashboard, "/work/stop")[0] == 404
     finally:
         server.shutdown()
@@ -352,7 +359,7 @@ def test_a_schedule_is_run_now_paused_and_resumed_and_all_work_too(served, proje
     assert [(a["action"], a["client"]) for a in traced(project, "web.acted")] == [
         ("pause", "127.0.0.1"), ("resume", "127.0.0.1"), ("run", "127.0.0.1"),
         ("pause all work", "127.0.0.1"), ("resume all work", "127.0.0.1"),
-        ("pause", "127.0.0.1")]
+        ("pause", "127.0.0.1"), ("pause", "127.0.0.1")]
 
 
 def test_the_workers_page_shows_consumers_and_what_runs_and_a_running_run_is_live(served):

@@ -31,11 +31,10 @@ import os
 import re
 import shutil
 import time
-import zlib
 
 from runex import DataSourceSpec, SinkSpec, atomic_write
 from runex.durable import fsync_dir, make_dirs
-from runex.registry import key_text
+from runex.registry import NOTHING_TO_KEEP, PARTITION, RUN, key_text
 
 # The last element of a `csv` chunk's key `[path, start, end, RECORDS]`: start and end are
 # where records begin. A key of three elements comes from a runex that cut chunks at line ends.
@@ -272,7 +271,7 @@ def file_fingerprint(partition, fingerprint="stat"):
     """What a file partition's input is now: its file's size and modification time
     (`fingerprint = "stat"`, a stat call), or a hash of its bytes (`"content"`: a chunk's
     only, for a chunk of a large file)."""
-    name, start, end = (partition, 0, None) if isinstance(partition, str) else partition
+    name, start, end = (partition, 0, None) if isinstance(partition, str) else partition[:3]
     if fingerprint == "stat":
         st = os.stat(name)
         return [st.st_size, st.st_mtime_ns]
@@ -326,10 +325,13 @@ def part_name(folder, index, ext):
 
 def key_part(folder, key, ext):
     """`mode = "partition"`: the part file of a partition key, whichever run wrote it last:
-    `part-<the key, made a file name>-<a hash of it>`."""
+    `part-<the key, made a file name>-<a hash of it>` (the hash tells keys apart)."""
+    import hashlib  # noqa: PLC0415 - OpenSSL's library: for this mode only
+
     text = key_text(key)
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_.")[:60]
-    return os.path.join(folder, f"part-{slug}-{zlib.crc32(text.encode()):08x}.{ext}")
+    digest = hashlib.sha256(text.encode()).hexdigest()[:20]
+    return os.path.join(folder, f"part-{slug}-{digest}.{ext}")
 
 
 def part_of(ctx, ext):
@@ -343,7 +345,7 @@ def stamped(ctx, records):
     (`_runex_run`, `_runex_partition`, as the database sinks' columns)."""
     if not ctx.params.get("lineage"):
         return records
-    stamp = {"_runex_run": ctx.run_id, "_runex_partition": key_text(ctx.partition)}
+    stamp = {RUN: ctx.run_id, PARTITION: key_text(ctx.partition)}
     return ({**record, **stamp} for record in records)
 
 
@@ -380,6 +382,8 @@ def prune_parts(ctx, ext):
     """`mode = "partition"`: remove the part files of keys the source no longer has."""
     folder = ctx.params["path"]
     keep = {os.path.basename(key_part(folder, k, ext)) for k in ctx.partition_keys()}
+    if not keep:  # an empty source more likely a mistake than the truth
+        raise RuntimeError(NOTHING_TO_KEEP)
     gone = [name for name in os.listdir(folder) if name.startswith("part-")
             and name.endswith(f".{ext}") and name not in keep] if os.path.isdir(folder) else []
     for name in gone:

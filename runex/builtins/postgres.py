@@ -29,7 +29,7 @@ import time
 from runex import DataSourceSpec, SinkSpec
 from runex.errors import Unreachable
 from runex.postgres import ALIVE, first_line, is_url, lost, psycopg
-from runex.registry import key_text
+from runex.registry import NOTHING_TO_KEEP, PARTITION, RUN, key_text
 
 
 @contextlib.contextmanager
@@ -135,8 +135,6 @@ OUTPUTS = """CREATE TABLE IF NOT EXISTS _runex_outputs (
     run_id TEXT NOT NULL,
     replaced_at DOUBLE PRECISION NOT NULL)"""
 MODES = ("append", "replace", "upsert", "partition")
-PARTITION = "_runex_partition"  # mode = "partition", lineage: each row's partition key (JSON)
-RUN = "_runex_run"  # lineage: the run that wrote each row
 
 _connections = {}  # (pid, url, ddl) -> connection, two per worker process and database
 
@@ -241,7 +239,10 @@ def _write(ctx, records):
         if ctx.params.get("lineage"):
             stamp[RUN] = ctx.run_id
         if ctx.params["mode"] == "partition" and PARTITION in existing_columns(conn, table):
-            # a newer commit of the key replaces its rows
+            # a newer commit of the key replaces its rows; commits of one key take turns
+            # (two at once would each miss the rows the other has not committed yet)
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))",
+                         (f"{table} {stamp[PARTITION]}",))
             conn.execute(f"DELETE FROM {quote(table)} WHERE {PARTITION} = %s",
                          (stamp[PARTITION],))
         for batch in batches:
@@ -304,10 +305,8 @@ def ensure_columns(conn, table, sample, key):
         conn.execute(f"CREATE TABLE IF NOT EXISTS {quote(table)} ("
                      + ", ".join(f"{quote(c)} {column_type(v)}" for c, v in sample.items())
                      + ")")
-        if PARTITION in sample:  # rows are deleted by it
-            conn.execute(f"CREATE INDEX IF NOT EXISTS "
-                         f"{quote('_runex_part_' + table.rsplit('.', 1)[-1])} ON "
-                         f"{quote(table)} ({PARTITION})")
+        if PARTITION in sample:
+            index_partitions(conn, table)
         if key:
             missing = [k for k in key if k not in sample]
             if missing:
@@ -318,6 +317,14 @@ def ensure_columns(conn, table, sample, key):
                          f"{quote(table)} ({', '.join(quote(k) for k in key)})")
         return
     widen(conn, table, sample, have)
+    if PARTITION in sample and PARTITION not in have:  # mode = "partition" on a table of old
+        index_partitions(conn, table)
+
+
+def index_partitions(conn, table):
+    """An index on the partition key column, which a commit of a key deletes its rows by."""
+    conn.execute(f"CREATE INDEX IF NOT EXISTS {quote('_runex_part_' + table.rsplit('.', 1)[-1])}"
+                 f" ON {quote(table)} ({PARTITION})")
 
 
 def widen(conn, table, sample, have=None):
@@ -351,10 +358,12 @@ def _prune_missing(ctx):
                      "ON COMMIT DELETE ROWS")
         with conn.cursor() as cur:
             cur.executemany("INSERT INTO runex_keys (key) VALUES (%s) ON CONFLICT DO NOTHING",
-                            [(key_text(k),) for k in ctx.partition_keys()])
-        conn.execute(f"DELETE FROM {quote(table)} t WHERE NOT EXISTS (SELECT 1 FROM "
-                     f"runex_keys k WHERE k.key = t.{PARTITION})")
-
+                            ((key_text(k),) for k in ctx.partition_keys()))
+        if conn.execute("SELECT 1 FROM runex_keys LIMIT 1").fetchone() is None:
+            raise RuntimeError(NOTHING_TO_KEEP)
+        # rows without a key (written before mode = "partition") are not the source's
+        conn.execute(f"DELETE FROM {quote(table)} t WHERE t.{PARTITION} IS NOT NULL AND NOT "
+                     f"EXISTS (SELECT 1 FROM runex_keys k WHERE k.key = t.{PARTITION})")
 
 
 def _replace(ctx):

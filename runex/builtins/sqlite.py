@@ -39,7 +39,7 @@ import time
 
 from runex import DataSourceSpec, SinkSpec
 from runex.durable import fsync_dir, make_dirs, sync_log
-from runex.registry import key_text
+from runex.registry import NOTHING_TO_KEEP, PARTITION, RUN, key_text
 from runex.storage import BUSY_TIMEOUT, begin_immediate, tune
 
 
@@ -86,11 +86,18 @@ def read_sqlite(partition, path, table=None, query=None, columns="*", where=None
 
 def sqlite_fingerprint(partition, path, table=None, query=None, where=None):
     """A cheap change marker of a partition's rows: how many there are and their highest
-    rowid (rows added or removed), and the file's size and time for a query's one partition.
-    A row changed in place is not seen: use `fingerprint` of your own where rows are."""
+    rowid (rows added or removed), and for a query's one partition the size and time of the
+    file and of its write-ahead log (where the latest commits may still be). A row changed
+    in place is not seen: use `fingerprint` of your own where rows are."""
     if partition is None:
-        st = os.stat(path)
-        return [st.st_size, st.st_mtime_ns]
+        marks = []
+        for name in (path, path + "-wal"):
+            try:
+                st = os.stat(name)
+            except FileNotFoundError:
+                continue
+            marks += [st.st_size, st.st_mtime_ns]
+        return marks
     with contextlib.closing(open_readonly(path)) as conn:
         return list(conn.execute(
             f"SELECT COUNT(*), MAX(rowid) FROM {quote(table)} WHERE rowid >= ? AND rowid < ?"
@@ -146,8 +153,6 @@ _logs = {}  # see `runex.durable.sync_log`
 
 
 MODES = ("append", "replace", "upsert", "partition")
-PARTITION = "_runex_partition"  # mode = "partition", lineage: each row's partition key (JSON)
-RUN = "_runex_run"  # lineage: the run that wrote each row
 
 
 def configure_sqlite(path, table, spill_rows=50_000, wal=True, mode="append", key=None,
@@ -467,8 +472,12 @@ def prune_missing(ctx):
         conn.execute("DELETE FROM temp.runex_keys")
         conn.executemany("INSERT OR IGNORE INTO temp.runex_keys (key) VALUES (?)",
                          ((key_text(k),) for k in ctx.partition_keys()))
-        conn.execute(f"DELETE FROM {quote(table)} WHERE {PARTITION} NOT IN "
-                     "(SELECT key FROM temp.runex_keys)")
+        if conn.execute("SELECT 1 FROM temp.runex_keys LIMIT 1").fetchone() is None:
+            conn.execute("ROLLBACK")  # an empty source more likely a mistake than the truth
+            raise RuntimeError(NOTHING_TO_KEEP)
+        # rows without a key (written before mode = "partition") are not the source's
+        conn.execute(f"DELETE FROM {quote(table)} WHERE {PARTITION} IS NOT NULL AND "
+                     f"{PARTITION} NOT IN (SELECT key FROM temp.runex_keys)")
         conn.execute("DELETE FROM temp.runex_keys")
         conn.execute("COMMIT")
     except BaseException:
