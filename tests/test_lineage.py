@@ -76,6 +76,8 @@ def test_twelve_monthly_files_run_again_only_where_input_or_code_changed(project
     again = run(rx)  # nothing changed: nothing runs, the output is as it was
     assert again.counts == {"skipped": 12} and again.records_in == 0
     assert rows(project) == before
+    (finished,) = [e for e in rx.trace(again.id) if e["event"] == "run.finished"]
+    assert (finished["status"], finished["failed"]) == ("succeeded", 0)
 
     month(project, 5, text="changed")  # one file of twelve changes
     third = run(rx)
@@ -370,3 +372,18 @@ def test_prune_missing_deletes_nothing_when_the_source_has_no_partitions(project
     assert emptied.status == "failed" and "nothing was deleted" in emptied.summary()["error"]
     with sqlite3.connect(project / "out" / "o.db") as conn:
         assert conn.execute("SELECT COUNT(*) FROM t").fetchone() == (5,)
+
+
+@pytest.mark.sqlite_only("a source's fingerprint alone")
+def test_a_sqlite_query_source_sees_commits_still_in_the_write_ahead_log(tmp_path):
+    from runex.builtins.sqlite import sqlite_fingerprint
+
+    path = tmp_path / "in.db"
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("PRAGMA journal_mode=WAL")
+    writer.execute("PRAGMA wal_autocheckpoint=0")  # commits stay in the log
+    writer.execute("CREATE TABLE t (n INTEGER)")
+    before = sqlite_fingerprint(None, str(path), query="SELECT * FROM t")
+    writer.execute("INSERT INTO t VALUES (1)")
+    assert sqlite_fingerprint(None, str(path), query="SELECT * FROM t") != before
+    writer.close()
