@@ -18,6 +18,10 @@ from runex.project import chdir
 from runex.registry import SinkContext
 from runex.worker import WorkerState
 
+NOTHING_TO_KEEP = ("prune_missing: the run has no partitions, and deleting every row is more "
+                   "likely a mistake (an empty or unreachable source) than what is meant; "
+                   "nothing was deleted")
+
 
 def finalize_run(state: WorkerState, run_id: str) -> None:
     """Called when the last partition of a run is over; exactly one process proceeds (and
@@ -38,6 +42,8 @@ def finalize_run(state: WorkerState, run_id: str) -> None:
         first = next((p for p in bad if p["error"]), None)
         if first is not None:  # what to read first
             error = f"partition {first['idx']} ({first['key']}): {first['error']}; {error}"
+    elif total == 0 and json.loads(run["spec"])["sink"]["params"].get("prune_missing"):
+        error = NOTHING_TO_KEEP  # an empty source is more likely a mistake than the truth
     else:
         try:
             plan = state.plan(run_id, json.loads(run["spec"]))

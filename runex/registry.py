@@ -66,9 +66,6 @@ class DataSourceSpec:
 # What the built-in sinks add to each row with `mode = "partition"` or `lineage = true`.
 PARTITION = "_runex_partition"  # the key of the partition that wrote it (`key_text`)
 RUN = "_runex_run"  # the run that wrote it (lineage)
-NOTHING_TO_KEEP = ("prune_missing: the run has no partitions, and deleting every row is more "
-                   "likely a mistake (an empty or unreachable source) than what is meant; "
-                   "nothing was deleted")
 
 
 def key_text(key: Any) -> str:

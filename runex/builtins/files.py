@@ -34,7 +34,7 @@ import time
 
 from runex import DataSourceSpec, SinkSpec, atomic_write
 from runex.durable import fsync_dir, make_dirs
-from runex.registry import NOTHING_TO_KEEP, PARTITION, RUN, key_text
+from runex.registry import PARTITION, RUN, key_text
 
 # The last element of a `csv` chunk's key `[path, start, end, RECORDS]`: start and end are
 # where records begin. A key of three elements comes from a runex that cut chunks at line ends.
@@ -382,8 +382,6 @@ def prune_parts(ctx, ext):
     """`mode = "partition"`: remove the part files of keys the source no longer has."""
     folder = ctx.params["path"]
     keep = {os.path.basename(key_part(folder, k, ext)) for k in ctx.partition_keys()}
-    if not keep:  # an empty source more likely a mistake than the truth
-        raise RuntimeError(NOTHING_TO_KEEP)
     gone = [name for name in os.listdir(folder) if name.startswith("part-")
             and name.endswith(f".{ext}") and name not in keep] if os.path.isdir(folder) else []
     for name in gone:

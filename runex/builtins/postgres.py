@@ -29,7 +29,7 @@ import time
 from runex import DataSourceSpec, SinkSpec
 from runex.errors import Unreachable
 from runex.postgres import ALIVE, first_line, is_url, lost, psycopg
-from runex.registry import NOTHING_TO_KEEP, PARTITION, RUN, key_text
+from runex.registry import PARTITION, RUN, key_text
 
 
 @contextlib.contextmanager
@@ -359,8 +359,6 @@ def _prune_missing(ctx):
         with conn.cursor() as cur:
             cur.executemany("INSERT INTO runex_keys (key) VALUES (%s) ON CONFLICT DO NOTHING",
                             ((key_text(k),) for k in ctx.partition_keys()))
-        if conn.execute("SELECT 1 FROM runex_keys LIMIT 1").fetchone() is None:
-            raise RuntimeError(NOTHING_TO_KEEP)
         # rows without a key (written before mode = "partition") are not the source's
         conn.execute(f"DELETE FROM {quote(table)} t WHERE t.{PARTITION} IS NOT NULL AND NOT "
                      f"EXISTS (SELECT 1 FROM runex_keys k WHERE k.key = t.{PARTITION})")

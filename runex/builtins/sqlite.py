@@ -39,7 +39,7 @@ import time
 
 from runex import DataSourceSpec, SinkSpec
 from runex.durable import fsync_dir, make_dirs, sync_log
-from runex.registry import NOTHING_TO_KEEP, PARTITION, RUN, key_text
+from runex.registry import PARTITION, RUN, key_text
 from runex.storage import BUSY_TIMEOUT, begin_immediate, tune
 
 
@@ -472,9 +472,6 @@ def prune_missing(ctx):
         conn.execute("DELETE FROM temp.runex_keys")
         conn.executemany("INSERT OR IGNORE INTO temp.runex_keys (key) VALUES (?)",
                          ((key_text(k),) for k in ctx.partition_keys()))
-        if conn.execute("SELECT 1 FROM temp.runex_keys LIMIT 1").fetchone() is None:
-            conn.execute("ROLLBACK")  # an empty source more likely a mistake than the truth
-            raise RuntimeError(NOTHING_TO_KEEP)
         # rows without a key (written before mode = "partition") are not the source's
         conn.execute(f"DELETE FROM {quote(table)} WHERE {PARTITION} IS NOT NULL AND "
                      f"{PARTITION} NOT IN (SELECT key FROM temp.runex_keys)")
