@@ -16,7 +16,6 @@ import signal
 import sqlite3
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -609,6 +608,8 @@ class Runex:
         COMPLETE, FAIL or ABORT (cancelled), with its job (namespace `runex`, the pipeline's
         name), its input and output datasets (from the source's and sink's `path`, `table`
         or `url`), the code version and files it ran, and its error."""
+        import uuid  # noqa: PLC0415 - 3 ms that no other command needs
+
         run = self.ledger.run(self.ledger.resolve_run_id(ref))
         spec = json.loads(run["spec"])
         code = json.loads(run["code"]) if run["code"] else {}
