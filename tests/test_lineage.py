@@ -151,6 +151,16 @@ PICKY = """
 """
 
 
+def picky(project, sink=""):
+    """p.toml: the lines of data/*.txt through `picky` into out/p.db (table t, and `sink`'s
+    lines), no retries; an empty data/."""
+    write(project / "extensions" / "k.py", PICKY)
+    write(project / "p.toml", '[source]\nuse = "lines"\npath = "data/*.txt"\n\n'
+          '[[steps]]\nuse = "picky"\n\n[sink]\nuse = "sqlite"\npath = "out/p.db"\n'
+          f'table = "t"\n{sink}\n[options]\nretries = 0\n')
+    (project / "data").mkdir()
+
+
 def read_until(fd, marker, timeout=30.0):
     """What a pseudo-terminal's program wrote, up to `marker`."""
     import os
@@ -173,11 +183,7 @@ def test_a_failed_partition_is_replayed_debugged_and_written_to_its_sink(project
     import pty
     import sys
 
-    write(project / "extensions" / "k.py", PICKY)
-    write(project / "p.toml", '[source]\nuse = "lines"\npath = "data/*.txt"\n\n'
-          '[[steps]]\nuse = "picky"\n\n[sink]\nuse = "sqlite"\npath = "out/p.db"\n'
-          'table = "t"\nmode = "partition"\n\n[options]\nretries = 0\n')
-    (project / "data").mkdir()
+    picky(project, 'mode = "partition"\n')
     (project / "data" / "a.txt").write_text("one\ntwo\n")
     (project / "data" / "b.txt").write_text("fine\nbad line\n")
     rx = Runex()
@@ -261,11 +267,7 @@ def test_a_row_says_which_run_attempt_code_and_input_made_it(project):
 def test_a_run_exports_as_openlineage_events(project):
     import uuid
 
-    write(project / "extensions" / "k.py", PICKY)
-    write(project / "p.toml", '[source]\nuse = "lines"\npath = "data/*.txt"\n\n'
-          '[[steps]]\nuse = "picky"\n\n[sink]\nuse = "sqlite"\npath = "out/p.db"\n'
-          'table = "t"\n\n[options]\nretries = 0\n')
-    (project / "data").mkdir()
+    picky(project)
     (project / "data" / "a.txt").write_text("one\n")
     rx = Runex()
     good = rx.run("p.toml", workers=0)
